@@ -1,0 +1,31 @@
+# `make run`: install (once) and run the main job; `make test`: install (once) and run every test.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export MLFLOW_DISABLE_TELEMETRY=1 RAY_USAGE_STATS_ENABLED=0 DVC_NO_ANALYTICS=1
+
+.PHONY: install run test unit clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@# Fashion-MNIST (the default dataset) from Debian when we can; otherwise data/raw/ (see README).
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1) || \
+	  echo "note: could not install dataset-fashion-mnist; put the files in data/raw/fashion-mnist/"; fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	.venv/bin/drtune fit --config params.yaml --output runs/default
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf runs .pytest_cache

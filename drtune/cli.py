@@ -1,0 +1,62 @@
+"""The ``drtune`` command: fine-tune once from ``params.yaml`` and write metrics.
+
+    drtune fit --config params.yaml --set train.epochs=3 --set train.method=ce --output runs/ce
+
+writes ``<output>/config.yaml`` (resolved), ``last.pt`` (resumable checkpoint), ``model.pt``
+(inference model state dict), ``metrics.json`` (per-epoch validation and the final test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from drtune.backbones import data_config
+from drtune.config import ConfigError, load_params
+from drtune.data import build_loader
+from drtune.sources import few_label_splits, load_source
+from drtune.train import evaluate, fit, pick_device
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    params = load_params(args.config, args.set)
+    d = params.data
+    raw = load_source(d.dataset, d.root, d.seed)
+    train, val, test = few_label_splits(raw, labels_per_class=d.labels_per_class, label_fraction=d.label_fraction,
+                                        val_fraction=d.val_fraction, seed=d.seed)
+    out = Path(args.output)
+    result = fit(params, train, val, raw.classes, out, resume=args.resume)
+    model = result.task.inference_model()
+    best = max(result.history, key=lambda m: m["val_top1"])
+    loader = build_loader(test, data_config(model.encoder), params.train.image_size, 256, train=False)
+    test_metrics = evaluate(model, loader, pick_device(params.train.device))
+    torch.save(model.state_dict(), out / "model.pt")
+    summary = {"history": result.history, "best_val_top1": best["val_top1"], "best_epoch": best["epoch"],
+               "final_test": test_metrics, "n_train": len(train), "n_val": len(val), "n_test": len(test)}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({"best_val_top1": best["val_top1"], "test_top1_last_epoch": test_metrics["top1"]}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="drtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_fit = sub.add_parser("fit", help="fine-tune once")
+    p_fit.add_argument("--config", default=None, help="params.yaml to read (default: built-in defaults)")
+    p_fit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a parameter")
+    p_fit.add_argument("--output", default="runs/fit", help="output directory (default: %(default)s)")
+    p_fit.add_argument("--resume", action="store_true", help="continue from <output>/last.pt if present")
+    args = parser.parse_args(argv)
+    try:
+        return cmd_fit(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"drtune: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

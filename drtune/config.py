@@ -1,0 +1,169 @@
+"""Validated configuration: the ``params.yaml`` sections the library reads, checked once at the edge.
+
+Every field has a range; a bad value fails before any compute with a message naming the field,
+the value and what is allowed (``train.epochs = 0: Input should be greater than or equal to 1``).
+Deep code trusts these objects. :func:`resolve` turns the user's choices into the numbers the
+loop actually uses (the ``reference`` preset) so the resolved config written next to the outputs
+says exactly what ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drtune.task import TaskSettings
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: str = Field("fashion-mnist", description="digits | fashion-mnist | imagefolder:<path> | a torchvision name")
+    root: str = Field("data/raw", description="where raw dataset files are looked for")
+    prepared_dir: str = Field("data/prepared", description="output of the prepare stage")
+    labels_per_class: int | None = Field(60, ge=1, description="few-label setting: training images kept per class")
+    label_fraction: float | None = Field(None, gt=0, le=1, description="alternative: fraction of labels kept per class")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the kept training images held out for validation")
+    seed: int = Field(0, ge=0, description="seed of the subsampling and of the validation split")
+    skip_bad: bool = Field(False, description="skip unreadable images (counted in stats.json) instead of failing")
+
+    @model_validator(mode="after")
+    def _one_label_budget(self) -> DataConfig:
+        if self.labels_per_class is not None and self.label_fraction is not None:
+            raise ValueError("set only one of data.labels_per_class and data.label_fraction (the other to null)")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = Field("tf_efficientnet_lite0", description="any timm model name")
+    pretrained: str = Field("bundled", description="bundled | hub | none | path to a checkpoint")
+
+
+class TrainConfig(Section):
+    method: Literal["drtune", "ce", "linear_probe", "l2sp", "bss"] = "drtune"
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=2, le=65_536, description="per worker; the global batch is this × workers")
+    image_size: int = Field(64, ge=16, le=1024)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr_backbone: float = Field(0.01, gt=0, le=10, description="real step size of the encoder")
+    lr_head: float = Field(0.1, gt=0, le=100, description="real step size of the linear head")
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0, le=64, description="data-loader processes per training worker")
+    bf16: bool = Field(True, description="bf16 autocast and channels_last on CUDA (ignored on CPU)")
+    progress: bool = True
+
+
+class DRTuneConfig(Section):
+    preset: Literal["custom", "reference"] = Field(
+        "custom", description="reference: λ = K/B and the authors' learning rates, converted exactly"
+    )
+    lam: float = Field(1.0, ge=0, le=1e4, description="λ of Eq. 14, the weight of R_DR")
+    queue_size: int = Field(1024, ge=1, le=1_000_000, description="K, bank slots (any K; writes wrap)")
+    dr: bool = True
+    sc: bool = True
+    rotate: bool = True
+    translate: bool = True
+    confidence: bool = True
+    rotation_every: int = Field(10, ge=0, le=1_000_000, description="0 = never rotate")
+    rotation_between: Literal["skip", "reuse"] = "skip"
+
+
+class BaselinesConfig(Section):
+    l2sp_alpha: float = Field(0.01, ge=0, le=100)
+    l2sp_beta: float = Field(0.01, ge=0, le=100)
+    bss_eta: float = Field(0.001, ge=0, le=100)
+    bss_k: int = Field(1, ge=1, le=64)
+
+
+class Params(Section):
+    """The whole ``params.yaml`` as far as the library reads it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    drtune: DRTuneConfig = DRTuneConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{field}{shown}: {e['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read ``params.yaml`` (or defaults), apply ``section.key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def resolve(params: Params, world_size: int = 1) -> tuple[Params, TaskSettings]:
+    """Apply the preset and return (resolved params, task settings).
+
+    The ``reference`` preset reproduces the authors' update exactly. Their loss is
+    ``(L_CE + λ R_DR)/(1 + λ)`` with ``λ = K/B`` (B the global batch), backbone rate ``r``,
+    head rate ``r (1 + K/B)`` and weight decay ``wd``. For SGD (momentum and Nesterov included)
+    dividing the gradient by ``1 + λ`` is the same as dividing both rates by ``1 + λ`` and
+    multiplying the weight decay by ``1 + λ``, so with ``train.lr_backbone = r`` and
+    ``train.weight_decay = wd`` read as the reference's values the preset sets
+    ``lr_backbone = r/(1+λ)``, ``lr_head = r`` and ``weight_decay = wd (1+λ)``.
+    """
+    params = params.model_copy(deep=True)
+    dr = params.drtune
+    if params.train.method == "drtune" and dr.preset == "reference":
+        lam = dr.queue_size / (params.train.batch_size * world_size)
+        base = params.train.lr_backbone
+        params.drtune.lam = lam
+        params.train.lr_backbone = base / (1 + lam)
+        params.train.lr_head = base
+        params.train.weight_decay = params.train.weight_decay * (1 + lam)
+    b = params.baselines
+    settings = TaskSettings(
+        method=params.train.method, lam=params.drtune.lam, queue_size=dr.queue_size, dr=dr.dr, sc=dr.sc,
+        rotate=dr.rotate, translate=dr.translate, confidence=dr.confidence, rotation_every=dr.rotation_every,
+        rotation_between=dr.rotation_between, l2sp_alpha=b.l2sp_alpha, l2sp_beta=b.l2sp_beta,
+        bss_eta=b.bss_eta, bss_k=b.bss_k,
+    )
+    return params, settings
+
+
+def dump(params: Params, path: str | Path) -> None:
+    """Write the resolved configuration next to the outputs (the timm ``args.yaml`` habit)."""
+    Path(path).write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,92 @@
+"""Images in memory, transforms from the backbone's config, and loaders (single process or DDP).
+
+Datasets here are uint8 arrays (N × H × W × C) with integer labels — what the ``prepare``
+stage writes — so a loader step is a crop and a normalisation, cheap enough on 2 cores.
+Augmentation follows the reference code: RandomResizedCrop(scale=(0.4, 1)) + horizontal flip
+for training; resize to ``size / crop_pct`` then centre crop for evaluation. Mean, std and
+interpolation come from the backbone's pretrained config, never hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+
+@dataclass
+class ArraySplit:
+    """One split: ``images`` uint8 N × H × W × C (C = 1 or 3), ``labels`` int64 N."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class ImageArrayDataset(Dataset):
+    """Serves (transformed image, label); grey images become three channels."""
+
+    def __init__(self, split: ArraySplit, transform: T.Transform) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = torch.from_numpy(np.ascontiguousarray(self.split.images[i])).permute(2, 0, 1)
+        if img.shape[0] == 1:
+            img = img.expand(3, -1, -1)
+        return self.transform(img), int(self.split.labels[i])
+
+
+def build_transform(data_cfg: dict, image_size: int, train: bool) -> T.Transform:
+    """Reference augmentation (train) or resize + centre crop (eval), normalised per ``data_cfg``."""
+    interp = InterpolationMode(data_cfg.get("interpolation", "bilinear"))
+    if train:
+        geometry = [T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=interp, antialias=True),
+                    T.RandomHorizontalFlip()]
+    else:
+        resize = int(round(image_size / data_cfg.get("crop_pct", 0.875)))
+        geometry = [T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(image_size)]
+    return T.Compose([*geometry, T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(mean=list(data_cfg["mean"]), std=list(data_cfg["std"]))])
+
+
+def build_loader(
+    split: ArraySplit,
+    data_cfg: dict,
+    image_size: int,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    distributed: bool = False,
+) -> DataLoader:
+    """A loader over ``split``. Training loaders shuffle with a seeded generator and drop the last
+    partial batch, so every rank enqueues the same number of rows; set the epoch with
+    :func:`set_epoch` for a different, reproducible order each epoch."""
+    dataset = ImageArrayDataset(split, build_transform(data_cfg, image_size, train))
+    generator = torch.Generator().manual_seed(seed)
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+    elif train:
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                      num_workers=num_workers, generator=generator, persistent_workers=False)
+
+
+def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make the loader's shuffling and worker seeds a function of (seed, epoch): exact resume."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(seed * 100_003 + epoch)

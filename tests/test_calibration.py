@@ -1,0 +1,138 @@
+"""Semantic calibration: parity with the authors' cases and with the loop-and-SVD reference, and its geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from drtune.calibration import class_translation, procrustes_rotate, procrustes_rotation_matrix, semantic_calibrate
+from drtune.reference import reference_semantic_calibrate
+
+CASES = Path(__file__).parent / "data" / "semantic_calibration_cases.npz"
+
+
+def _cases() -> list[str]:
+    with np.load(CASES) as z:
+        return sorted({k.split("/")[0] for k in z.files})
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name", _cases())
+def test_reproduces_reference_cases(name: str) -> None:
+    with np.load(CASES) as z:
+        g = {k.split("/")[1]: torch.from_numpy(np.asarray(z[k])) for k in z.files if k.startswith(name + "/")}
+    scale = g["batch_down_feat"].norm(dim=1).mean()
+    out = semantic_calibrate(g["pre_queue"], g["down_queue"], g["labels"], g["head_weight"], scale,
+                             rotate=bool(g["rotate"]))
+    assert out.shape == g["calibrated"].shape
+    assert rel_err(out, g["calibrated"]) <= 1e-4
+
+
+def _banks(k: int, d: int, c: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=gen)
+    labels = torch.arange(k) % c
+    pre = centres[labels] + 0.7 * torch.randn(k, d, generator=gen)
+    down = pre @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen) / d**0.5) + 0.5 * torch.randn(k, d, generator=gen)
+    head = torch.randn(c, d, generator=gen)
+    return pre, down, labels, head
+
+
+@pytest.mark.parametrize("k,d,c", [(300, 40, 7), (64, 200, 5), (150, 160, 12), (41, 40, 3)])
+@pytest.mark.parametrize("rotate,translate,confidence", [(True, True, True), (False, True, True), (True, False, True),
+                                                         (True, True, False), (False, False, False)])
+def test_matches_loop_and_svd_reference(k: int, d: int, c: int, rotate: bool, translate: bool, confidence: bool) -> None:
+    """Both rotation paths (K ≥ 0.8 D: D × D SVD with reflection fix; K < 0.8 D: thin QRs) and every switch."""
+    pre, down, labels, head = _banks(k, d, c)
+    kw = dict(rotate=rotate, translate=translate, confidence=confidence)
+    ours = semantic_calibrate(pre, down, labels, head, 2.5, **kw)
+    ref = reference_semantic_calibrate(pre.double(), down.double(), labels, head.double(), 2.5, **kw)
+    assert rel_err(ours, ref) <= 1e-4
+    assert torch.allclose(ours.norm(dim=1), torch.full((k,), 2.5), atol=1e-4)
+
+
+def test_reflection_fix_is_applied() -> None:
+    """A downstream bank that is a mirror image of the pretrained one: det S < 0, R must stay a rotation."""
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(200, 6, generator=gen)
+    mirror = torch.eye(6)
+    mirror[0, 0] = -1
+    down = pre @ mirror
+    x = F.normalize(pre, dim=1)
+    y = F.normalize(down, dim=1)
+    rotated = procrustes_rotate(x, y)
+    r = procrustes_rotation_matrix(x, y)
+    assert torch.linalg.det(r.double()).item() == pytest.approx(1.0, abs=1e-6)
+    assert rel_err(rotated, (x - x.mean(0)) @ r.T) <= 1e-5
+    # a proper rotation cannot reproduce a reflection exactly
+    assert rel_err(rotated, y - y.mean(0)) > 0.05
+
+
+@pytest.mark.parametrize("k,d", [(500, 32), (40, 64)])
+def test_planted_rotation_is_recovered(k: int, d: int) -> None:
+    """down = R_true · pre (centred): the rotated pretrained bank lands exactly on the downstream bank."""
+    gen = torch.Generator().manual_seed(1)
+    pre = F.normalize(torch.randn(k, d, generator=gen), dim=1)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    if torch.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    down = pre @ q.T  # rows R v, norms unchanged
+    rotated = procrustes_rotate(pre, down)
+    assert rel_err(rotated, down - down.mean(0)) <= 1e-4
+    if k > d:  # with K > D the rotation itself is unique
+        r = procrustes_rotation_matrix(pre, down)
+        assert torch.allclose(r, q, atol=1e-4)
+
+
+def test_translation_puts_class_means_on_weighted_centres() -> None:
+    pre, down, labels, head = _banks(90, 12, 4)
+    down = F.normalize(down, dim=1)
+    moved = class_translation(pre, down, labels, head, confidence=True)
+    w_norm = F.normalize(head, dim=1)
+    for c in range(4):
+        m = labels == c
+        weights = torch.softmax(down[m] @ w_norm[c], dim=0)
+        target = (weights[:, None] * down[m]).sum(0)
+        assert torch.allclose(moved[m].mean(0), target, atol=1e-5)
+        # a translation: within-class offsets are unchanged
+        assert torch.allclose(moved[m] - moved[m].mean(0), pre[m] - pre[m].mean(0), atol=1e-5)
+    plain = class_translation(pre, down, labels, head, confidence=False)
+    assert torch.allclose(plain[labels == 0].mean(0), down[labels == 0].mean(0), atol=1e-5)
+
+
+def test_one_entry_and_empty_classes() -> None:
+    pre, down, labels, head = _banks(30, 8, 3)
+    labels = labels.clone()
+    labels[7] = 4  # class 4 has exactly one entry; class 3 has none; head has 6 rows
+    head = torch.cat([head, torch.randn(3, 8)])
+    down_n = F.normalize(down, dim=1)
+    moved = class_translation(pre, down_n, labels, head)
+    assert torch.allclose(moved[7], down_n[7], atol=1e-6)  # the reference bug would not do this
+    others = labels != 4
+    ref = reference_semantic_calibrate(pre[others], down[others], labels[others], head, 1.0, rotate=False)
+    ours = semantic_calibrate(pre, down, labels, head, 1.0, rotate=False)[others]
+    assert rel_err(ours, ref) <= 1e-5  # the lone entry does not disturb the other classes
+    assert torch.isfinite(ours).all()
+
+
+def test_normalized_flag_skips_only_normalisation() -> None:
+    pre, down, labels, head = _banks(120, 24, 5)
+    a = semantic_calibrate(pre, down, labels, head, 1.7)
+    b = semantic_calibrate(F.normalize(pre, dim=1), F.normalize(down, dim=1), labels, head, 1.7, normalized=True)
+    assert rel_err(b, a) <= 1e-6
+
+
+def test_reused_rotation_equals_fresh_rotation_on_same_bank() -> None:
+    pre, down, labels, head = _banks(200, 16, 4)
+    x, y = F.normalize(pre, dim=1), F.normalize(down, dim=1)
+    r = procrustes_rotation_matrix(x, y)
+    fresh = semantic_calibrate(x, y, labels, head, 1.0, normalized=True)
+    reused = semantic_calibrate(x, y, labels, head, 1.0, normalized=True, rotation=r)
+    assert rel_err(reused, fresh) <= 1e-5

@@ -1,0 +1,167 @@
+"""Banks, the DR-Tune objective and its reference equivalence, gradients, the frozen encoder, baselines."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from drtune.bank import FeatureBank
+from drtune.config import load_params, resolve
+from drtune.objectives import bss_penalty, concatenated_cross_entropy, dr_tune_loss
+from drtune.task import FineTuneTask, TaskSettings
+from drtune.train import build_optimizer
+
+
+def test_bank_fifo_order_and_wrap_around() -> None:
+    bank = FeatureBank(size=5, dim=2)
+    rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    bank.enqueue(rows, rows, torch.tensor([0, 1, 2]))
+    assert not bank.full and int(bank.ptr) == 3
+    more = torch.tensor([[0.0, 4.0], [5.0, 0.0], [0.0, 6.0]])
+    bank.enqueue(more, more, torch.tensor([3, 4, 5]))  # 3 rows into 2 free slots: wraps to slot 0
+    assert bank.full and int(bank.ptr) == 1
+    assert bank.labels.tolist() == [5, 1, 2, 3, 4]
+    assert torch.allclose(bank.pre[0], torch.tensor([0.0, 1.0]))  # stored normalised
+    assert torch.allclose(bank.down.norm(dim=1), torch.ones(5))
+    big = torch.randn(12, 2)
+    bank.enqueue(big, big, torch.arange(12))  # larger than the bank: its last 5 rows survive
+    assert sorted(bank.labels.tolist()) == [7, 8, 9, 10, 11]
+
+
+def _task(encoder, method: str = "drtune", **kw) -> FineTuneTask:
+    settings = TaskSettings(method=method, queue_size=kw.pop("queue_size", 24), **kw)
+    return FineTuneTask(encoder, num_classes=3, settings=settings)
+
+
+def _loader(n: int = 10, batch: int = 4) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 8, 8, generator=gen)
+    y = torch.arange(n) % 3
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True, generator=gen)
+
+
+def test_warm_up_fills_bank_when_dataset_is_smaller_than_k(tiny_encoder) -> None:
+    task = _task(tiny_encoder, queue_size=24)
+    batches = task.warm_up(_loader(n=10, batch=4), torch.device("cpu"))  # 2 batches (8 rows) per pass, K = 24
+    assert task.bank.full and batches == 6  # three passes; the reference would stop after one
+    assert torch.allclose(task.bank.pre, task.bank.down)  # both banks start from pretrained features
+    assert torch.allclose(task.bank.pre.norm(dim=1), torch.ones(24))
+
+
+def test_dr_loss_equals_concatenated_cross_entropy_scaled() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits, bank_logits = torch.randn(8, 5, generator=gen), torch.randn(40, 5, generator=gen)
+    y, yb = torch.randint(0, 5, (8,), generator=gen), torch.randint(0, 5, (40,), generator=gen)
+    lam = 40 / 8
+    ours, _, _ = dr_tune_loss(logits, y, bank_logits, yb, lam)
+    assert torch.allclose(ours / (1 + lam), concatenated_cross_entropy(logits, y, bank_logits, yb), atol=1e-6)
+
+
+def test_reference_preset_takes_the_authors_step(tiny_encoder) -> None:
+    """Two SGD-Nesterov steps of our Eq. 14 with the reference preset equal the authors' concatenated-CE steps."""
+    k, b = 24, 4
+    params = load_params(None, ["drtune.preset=reference", f"drtune.queue_size={k}", f"train.batch_size={b}",
+                                "train.lr_backbone=0.05", "train.weight_decay=0.001"])
+    resolved, settings = resolve(params)
+    assert settings.lam == pytest.approx(k / b)
+    task = FineTuneTask(tiny_encoder, 3, settings)
+    task.warm_up(_loader(), torch.device("cpu"))
+    ref_task = copy.deepcopy(task)
+    opt, _ = build_optimizer(task, resolved)
+    # The authors: backbone lr r, head lr r (1 + K/B), weight decay wd, loss = concatenated CE.
+    r, wd = 0.05, 0.001
+    ref_opt = torch.optim.SGD([{"params": ref_task.model.encoder.parameters(), "lr": r},
+                               {"params": ref_task.model.head.parameters(), "lr": r * (1 + k / b)}],
+                              lr=r, momentum=0.9, nesterov=True, weight_decay=wd)
+    x, y = next(iter(_loader()))
+    for _ in range(2):
+        task.train()
+        opt.zero_grad()
+        task.step(task.model, x, y)["loss"].backward()
+        opt.step()
+        ref_task.train()
+        features, logits = ref_task.model(x, return_features=True)
+        calibrated = ref_task._calibrated_bank(features)
+        loss = concatenated_cross_entropy(logits, y, ref_task.model.head(calibrated), ref_task.bank.labels)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        task.steps += 1
+        ref_task.steps += 1
+    for (name, p), q in zip(task.model.named_parameters(), ref_task.model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name
+    moved = sum((p - q).abs().sum() for p, q in zip(task.model.parameters(), task.frozen.parameters()))
+    assert moved > 1e-3  # the step did something
+
+
+def test_dr_gradient_reaches_only_the_head(tiny_encoder) -> None:
+    task = _task(tiny_encoder)
+    task.warm_up(_loader(), torch.device("cpu"))
+    task.train()
+    x, y = next(iter(_loader()))
+    features, logits = task.model(x, return_features=True)
+    calibrated = task._calibrated_bank(features)
+    reg = F.cross_entropy(task.model.head(calibrated), task.bank.labels)
+    reg.backward()
+    assert task.model.head.weight.grad is not None and task.model.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in task.model.encoder.parameters())
+
+
+def test_frozen_encoder_never_changes(tiny_encoder) -> None:
+    task = _task(tiny_encoder)
+    task.warm_up(_loader(), torch.device("cpu"))
+    before = copy.deepcopy(task.frozen.state_dict())  # includes BN running stats
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.5)
+    task.train()
+    assert not task.frozen.training
+    for x, y in _loader():
+        opt.zero_grad()
+        task.step(task.model, x, y)["loss"].backward()
+        opt.step()
+        task.after_step()
+    after = task.frozen.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad for p in task.frozen.parameters())
+    assert not torch.equal(task.model.encoder.conv.weight, task.frozen.conv.weight)
+
+
+def test_step_enqueues_after_the_update(tiny_encoder) -> None:
+    task = _task(tiny_encoder, queue_size=8)
+    task.warm_up(_loader(), torch.device("cpu"))
+    ptr = int(task.bank.ptr)
+    x, y = next(iter(_loader()))
+    task.train()
+    task.step(task.model, x, y)
+    assert int(task.bank.ptr) == ptr  # the step uses the bank as it was before this batch
+    task.after_step()
+    assert int(task.bank.ptr) == (ptr + 4) % 8
+    assert task.bank.labels[ptr: ptr + 4].tolist() == y.tolist()
+
+
+def test_linear_probe_trains_only_the_head(tiny_encoder) -> None:
+    task = _task(tiny_encoder, method="linear_probe")
+    backbone, head = task.param_groups()
+    assert backbone == [] and len(head) == 2
+    task.train()
+    assert not task.model.encoder.training  # BN statistics stay the pretrained ones
+
+
+def test_l2sp_is_zero_at_start_and_grows(tiny_encoder) -> None:
+    task = _task(tiny_encoder, method="l2sp", l2sp_alpha=1.0, l2sp_beta=0.0)
+    x, y = next(iter(_loader()))
+    task.train()
+    assert task.step(task.model, x, y)["reg"].item() == pytest.approx(0.0)
+    with torch.no_grad():
+        task.model.encoder.conv.weight.add_(0.1)
+    expected = 0.5 * (0.1**2) * task.model.encoder.conv.weight.numel()
+    assert task.step(task.model, x, y)["reg"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_bss_penalises_the_smallest_singular_value() -> None:
+    f = torch.diag(torch.tensor([3.0, 2.0, 0.5]))
+    assert bss_penalty(f, eta=2.0, k=1).item() == pytest.approx(2.0 * 0.25)
+    assert bss_penalty(f, eta=1.0, k=2).item() == pytest.approx(4.0 + 0.25)
