@@ -37,7 +37,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raw = f.read()
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
 def fashion_mnist_dir(root: str | Path) -> Path:

@@ -1,0 +1,107 @@
+"""The training loop: exact resume, DDP banks across ranks, NaN failure, config errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from drtune.cli import main as cli_main
+from drtune.config import ConfigError, load_params
+from drtune.sources import few_label_splits, load_source
+from drtune.train import fit
+
+QUICK = ["data.dataset=digits", "data.labels_per_class=40", "model.name=test_efficientnet", "model.pretrained=none",
+         "train.image_size=16", "train.batch_size=16", "train.epochs=3", "drtune.queue_size=64",
+         "drtune.rotation_every=2", "train.progress=false"]
+
+
+def _data(seed: int = 0):
+    raw = load_source("digits", seed=seed)
+    train, val, _ = few_label_splits(raw, labels_per_class=40, label_fraction=None, val_fraction=0.25, seed=seed)
+    return train, val, raw.classes
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path) -> None:
+    params = load_params(None, QUICK)
+    train, val, classes = _data()
+    full = fit(params, train, val, classes, tmp_path / "full", resume=False).history
+
+    def stop_after_two(metrics, _ckpt):
+        if metrics["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(params, train, val, classes, tmp_path / "cut", report=stop_after_two)
+    resumed = fit(params, train, val, classes, tmp_path / "cut", resume=True).history
+    assert [m["epoch"] for m in resumed] == [1, 2, 3]
+    for key in ("train_loss", "val_loss", "val_top1"):
+        assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-6, abs=1e-7), key
+    assert full[2]["train_loss"] != full[1]["train_loss"]
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    params = load_params(None, [*QUICK, "train.epochs=1", "drtune.queue_size=50"])  # 50: wraps mid-batch
+    train, val, classes = _data()
+    result = fit(params, train, val, classes, out, resume=False)
+    bank = result.task.bank
+    torch.save({"pre": bank.pre, "down": bank.down, "labels": bank.labels, "ptr": bank.ptr, "count": bank.count,
+                "head": result.task.model.head.weight.detach(), "val": result.history[-1]["val_top1"]},
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_hold_identical_banks(tmp_path) -> None:
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("pre", "down", "labels", "ptr", "count", "head"):
+        assert torch.equal(a[key], b[key]), key
+    assert a["val"] == b["val"]  # validation metrics are all-reduced
+    # both ranks' batches went in: 300 training images = 150 per rank = 9 batches of 16 per rank;
+    # warm-up wrote 2 gathered batches of 32 (64 rows >= K = 50), training 2 x 9 x 16 = 288 rows
+    assert int(a["count"]) == 64 + 288
+    assert int(a["ptr"]) == (64 + 288) % 50
+
+
+def test_nan_loss_fails_with_a_clear_error(tmp_path) -> None:
+    params = load_params(None, [*QUICK, "train.lr_backbone=10", "train.lr_head=100", "train.epochs=3"])
+    train, val, classes = _data()
+    with pytest.raises(FloatingPointError, match="loss became"):
+        fit(params, train, val, classes, tmp_path, resume=False)
+
+
+@pytest.mark.parametrize("override,field", [("train.epochs=0", "train.epochs"), ("drtune.lam=-1", "drtune.lam"),
+                                            ("train.method=sgd", "train.method"), ("train.lr_head=0", "train.lr_head"),
+                                            ("drtune.bogus=1", "drtune.bogus")])
+def test_config_errors_name_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_params(None, [override])
+
+
+def test_both_label_budgets_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="labels_per_class"):
+        load_params(None, ["data.label_fraction=0.1"])
+
+
+def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", "train.epochs=1",
+                     "--set", "drtune.preset=reference", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 1 and 0 <= metrics["final_test"]["top1"] <= 1
+    resolved = (out / "config.yaml").read_text()
+    assert "lam: 4.0" in resolved  # reference preset: λ = K/B = 64/16
+    assert (out / "model.pt").exists() and (out / "last.pt").exists()
+    assert cli_main(["fit", "--set", "train.epochs=-2", "--output", str(out)]) == 2
+    assert "train.epochs" in capsys.readouterr().err
