@@ -82,7 +82,12 @@ class FineTuneTask(nn.Module):
         self.bank = FeatureBank(settings.queue_size, backbone.num_features) if settings.method == "drtune" else None
         if settings.method == "linear_probe":
             backbone.requires_grad_(False)
-        self.register_buffer("rotation", torch.zeros(0))  # last rotation, for rotation_between="reuse"
+        if self.bank is not None and settings.rotation_between == "reuse":
+            # The last rotation, applied between recomputations; in the checkpoint with the banks.
+            self.register_buffer("rotation", torch.zeros(backbone.num_features, backbone.num_features))
+            self.register_buffer("has_rotation", torch.zeros((), dtype=torch.bool))
+        else:
+            self.rotation = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._pending: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -106,11 +111,13 @@ class FineTuneTask(nn.Module):
         scale = batch_down.detach().norm(dim=1).mean()
         if not s.sc:
             return bank.pre * scale
-        due = s.rotate and s.rotation_every > 0 and int(self.steps) % s.rotation_every == 0
+        rotating = s.rotate and s.rotation_every > 0
+        due = rotating and int(self.steps) % s.rotation_every == 0
         rotation = None
-        if s.rotate and s.rotation_between == "reuse":
-            if due or self.rotation.numel() == 0:
-                self.rotation = procrustes_rotation_matrix(bank.pre, bank.down)
+        if rotating and self.rotation is not None:
+            if due or not bool(self.has_rotation):
+                self.rotation.copy_(procrustes_rotation_matrix(bank.pre, bank.down))
+                self.has_rotation.fill_(True)
             rotation = self.rotation
         return semantic_calibrate(
             bank.pre, bank.down, bank.labels, self.model.head.weight.detach(), scale,

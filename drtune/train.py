@@ -133,6 +133,20 @@ def load_checkpoint_state(path: Path) -> dict:
     return state
 
 
+# Settings that may change between a run and its resumption; any other difference is an error.
+_RESUMABLE_CHANGES = {"train.epochs", "train.progress", "train.num_workers", "train.device"}
+
+
+def _check_same_run(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint written under different settings, naming each field."""
+    diffs = [f"{section}.{key}: checkpoint {value!r}, now {current.get(section, {}).get(key)!r}"
+             for section, values in saved.items() if isinstance(values, dict)
+             for key, value in values.items()
+             if f"{section}.{key}" not in _RESUMABLE_CHANGES and current.get(section, {}).get(key) != value]
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: it was written with other settings:\n  " + "\n  ".join(diffs))
+
+
 def fit(
     params: Params,
     train: ArraySplit,
@@ -177,6 +191,7 @@ def fit(
     ckpt = out / "last.pt"
     if resume and ckpt.exists():
         state = load_checkpoint_state(ckpt)
+        _check_same_run(state["params"], resolved.model_dump(mode="json"), ckpt)
         task.load_state_dict(state["task"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

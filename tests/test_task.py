@@ -165,3 +165,21 @@ def test_bss_penalises_the_smallest_singular_value() -> None:
     f = torch.diag(torch.tensor([3.0, 2.0, 0.5]))
     assert bss_penalty(f, eta=2.0, k=1).item() == pytest.approx(2.0 * 0.25)
     assert bss_penalty(f, eta=1.0, k=2).item() == pytest.approx(4.0 + 0.25)
+
+
+def test_reused_rotation_is_recomputed_on_schedule(tiny_encoder) -> None:
+    task = _task(tiny_encoder, queue_size=8, rotation_every=3, rotation_between="reuse")
+    task.warm_up(_loader(), torch.device("cpu"))
+    task.train()
+    seen = []
+    for i, (x, y) in enumerate([next(iter(_loader()))] * 4):
+        with torch.no_grad():
+            task.model.encoder.proj.weight.add_(0.2 * (i + 1))  # the downstream encoder drifts
+        task.step(task.model, x, y)
+        task.after_step()
+        seen.append(task.rotation.clone())
+    assert bool(task.has_rotation)
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])  # reused between recomputations
+    assert not torch.equal(seen[2], seen[3])  # step 3: recomputed from the drifted bank
+    assert torch.allclose(seen[3] @ seen[3].T, torch.eye(16), atol=1e-5)
+    assert "rotation" in task.state_dict()

@@ -105,3 +105,10 @@ def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
     assert (out / "model.pt").exists() and (out / "last.pt").exists()
     assert cli_main(["fit", "--set", "train.epochs=-2", "--output", str(out)]) == 2
     assert "train.epochs" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused(tmp_path) -> None:
+    train, val, classes = _data()
+    fit(load_params(None, [*QUICK, "train.epochs=1"]), train, val, classes, tmp_path)
+    with pytest.raises(ValueError, match=r"drtune\.lam: checkpoint 1\.0, now 2\.0"):
+        fit(load_params(None, [*QUICK, "train.epochs=2", "drtune.lam=2.0"]), train, val, classes, tmp_path)
