@@ -4,6 +4,9 @@
   It has no official test split, so a stratified quarter (seeded) is held out as test.
 * ``fashion-mnist`` — the standard idx files, looked up in ``<root>/fashion-mnist/`` and in
   ``/usr/share/datasets/fashion-mnist/`` (Debian's ``dataset-fashion-mnist``).
+* ``imagefolder:<path>`` — one folder per class (jpg, png, webp, bmp; any mode becomes RGB;
+  files in nested sub-folders belong to their top-level class). With ``train/`` and ``test/``
+  sub-folders those are the splits; otherwise a stratified, seeded fifth is held out as test.
 """
 
 from __future__ import annotations
@@ -14,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from PIL import Image
+from tqdm import tqdm
+
 from drtune.data import ArraySplit
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -30,6 +38,7 @@ class RawDataset:
     train: ArraySplit
     test: ArraySplit
     classes: list[str]
+    skipped_bad: int = 0  # unreadable files skipped (data.skip_bad)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -94,13 +103,98 @@ def stratified_take(labels: np.ndarray, *, fraction: float | None = None, per_cl
     return np.sort(np.concatenate(chosen))
 
 
-def load_source(dataset: str, root: str | Path = "data/raw", seed: int = 0) -> RawDataset:
-    """Load a dataset by name (``digits`` or ``fashion-mnist``)."""
+class BadImagesError(ValueError):
+    """Some image files cannot be decoded; the message lists them."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        shown = "\n  ".join(str(p) for p in paths[:20]) + (f"\n  … ({len(paths)} in all)" if len(paths) > 20 else "")
+        super().__init__(f"{len(paths)} unreadable image file(s) (set data.skip_bad: true to skip them):\n  {shown}")
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """Decode to RGB, resize the shorter side to ``size`` and centre-crop to ``size`` × ``size``."""
+    with Image.open(path) as img:
+        img.load()
+        rgb = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
+    w, h = rgb.size
+    scale = size / min(w, h)
+    rgb = rgb.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    w, h = rgb.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _scan_classes(folder: Path) -> list[tuple[str, list[Path]]]:
+    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+    out = []
+    for d in classes:
+        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        out.append((d.name, files))
+    if len(out) < 2:
+        raise ValueError(f"{folder} has {len(out)} class folder(s); image classification needs at least two")
+    return out
+
+
+def _read_folder(scanned: list[tuple[str, list[Path]]], classes: list[str], size: int, skip_bad: bool,
+                 bad: list[Path]) -> ArraySplit:
+    images, labels = [], []
+    total = sum(len(files) for _, files in scanned)
+    with tqdm(total=total, desc="reading images", disable=total < 500, leave=False) as bar:
+        for name, files in scanned:
+            for f in files:
+                try:
+                    images.append(_read_image(f, size))
+                    labels.append(classes.index(name))
+                except (OSError, ValueError, Image.DecompressionBombError):
+                    bad.append(f)
+                bar.update()
+    if bad and not skip_bad:
+        raise BadImagesError(bad)
+    return ArraySplit(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+                      np.asarray(labels, dtype=np.int64))
+
+
+def load_image_folder(folder: str | Path, size: int = 96, skip_bad: bool = False, seed: int = 0) -> RawDataset:
+    """A dataset from a folder of class folders; see the module docstring."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    bad: list[Path] = []
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        train_scan, test_scan = _scan_classes(folder / "train"), _scan_classes(folder / "test")
+        classes = [name for name, _ in train_scan]
+        missing = sorted(set(classes) - {name for name, _ in test_scan})
+        if missing:
+            raise ValueError(f"{folder / 'test'} has no folder for class(es) {', '.join(missing)}")
+        train = _read_folder(train_scan, classes, size, skip_bad, bad)
+        test = _read_folder(test_scan, classes, size, skip_bad, bad)
+    else:
+        scan = _scan_classes(folder)
+        classes = [name for name, _ in scan]
+        everything = _read_folder(scan, classes, size, skip_bad, bad)
+        test_idx = stratified_take(everything.labels, fraction=0.2, seed=seed)
+        keep = np.setdiff1d(np.arange(len(everything)), test_idx)
+        train = ArraySplit(everything.images[keep], everything.labels[keep])
+        test = ArraySplit(everything.images[test_idx], everything.labels[test_idx])
+    return RawDataset(train, test, classes, skipped_bad=len(bad))
+
+
+KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>")
+
+
+def load_source(dataset: str, root: str | Path = "data/raw", seed: int = 0, *, image_size: int = 96,
+                skip_bad: bool = False) -> RawDataset:
+    """Load a dataset by name; see the module docstring for the names."""
     if dataset == "digits":
         return load_digits_dataset(seed)
     if dataset == "fashion-mnist":
         return load_fashion_mnist(root)
-    raise ValueError(f"data.dataset = {dataset!r}: unknown; known: digits, fashion-mnist")
+    if dataset.startswith("imagefolder:"):
+        return load_image_folder(dataset.split(":", 1)[1], image_size, skip_bad, seed)
+    raise ValueError(f"data.dataset = {dataset!r}: unknown; known: {', '.join(KNOWN_DATASETS)}")
 
 
 def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fraction: float | None,
@@ -116,4 +210,13 @@ def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fra
     val_idx = kept[val_local]
     train_idx = np.setdiff1d(kept, val_idx)
     pick = lambda idx: ArraySplit(raw.train.images[idx], raw.train.labels[idx])  # noqa: E731
-    return pick(train_idx), pick(val_idx), raw.test
+    splits = pick(train_idx), pick(val_idx), raw.test
+    for split_name, split in zip(("train", "validation", "test"), splits, strict=True):
+        counts = np.bincount(split.labels, minlength=len(raw.classes))
+        empty = [raw.classes[c] for c in np.flatnonzero(counts == 0)]
+        if empty:
+            raise ValueError(
+                f"class(es) {', '.join(empty)} have no {split_name} images after splitting; raise "
+                "data.labels_per_class / data.label_fraction or data.val_fraction, or add images"
+            )
+    return splits

@@ -1,0 +1,110 @@
+"""Data: sources, seeded stratified splits, the prepare stage, and each bad input's own error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from drtune.config import load_params
+from drtune.sources import BadImagesError, few_label_splits, fashion_mnist_dir, load_source
+from pipeline.prepare import load_prepared, prepare
+
+
+def _folder(root, classes=("cat", "dog", "owl"), per_class=10):
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "RGBA", "P"]
+    for ci, name in enumerate(classes):
+        for i in range(per_class):
+            sub = root / name / ("nested" if i % 3 == 0 else "")
+            sub.mkdir(parents=True, exist_ok=True)
+            arr = rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)
+            img = Image.fromarray(arr).convert(modes[i % 4])
+            img.save(sub / f"{i}.{['png', 'jpg', 'webp', 'bmp'][i % 4] if modes[i % 4] != 'RGBA' else 'png'}")
+    return root
+
+
+def _cfg(tmp_path, **kw):
+    overrides = [f"data.{k}={v}" for k, v in kw.items()]
+    return load_params(None, [*overrides, f"data.prepared_dir={tmp_path / 'prepared'}"]).data
+
+
+def test_digits_splits_are_disjoint_stratified_and_seeded(tmp_path) -> None:
+    cfg = _cfg(tmp_path, dataset="digits", labels_per_class=30, val_fraction=0.2)
+    stats = prepare(cfg)
+    assert stats["counts"]["train"] == [24] * 10 and stats["counts"]["val"] == [6] * 10
+    train, val, test, classes, _ = load_prepared(cfg.prepared_dir)
+    rows = lambda s: {a.tobytes() + bytes([int(b)]) for a, b in zip(s.images, s.labels)}  # noqa: E731
+    assert not rows(train) & rows(val)
+    again = prepare(cfg)
+    assert again["sha256"] == stats["sha256"]
+    other = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, seed=1))
+    assert other["sha256"]["train"] != stats["sha256"]["train"]
+
+
+def test_label_fraction_counts_are_exact() -> None:
+    raw = load_source("digits")
+    train, val, _ = few_label_splits(raw, labels_per_class=None, label_fraction=0.5, val_fraction=0.25, seed=0)
+    per_class = np.bincount(raw.train.labels)
+    kept = np.bincount(train.labels) + np.bincount(val.labels)
+    assert (kept == np.round(per_class * 0.5)).all()
+
+
+def test_image_folder_any_mode_nested(tmp_path) -> None:
+    root = _folder(tmp_path / "imgs")
+    raw = load_source(f"imagefolder:{root}", image_size=16)
+    assert raw.classes == ["cat", "dog", "owl"]
+    assert raw.train.images.shape[1:] == (16, 16, 3) and len(raw.train) + len(raw.test) == 30
+    assert np.bincount(raw.test.labels).tolist() == [2, 2, 2]
+
+
+def test_corrupt_image_fails_listing_it_or_is_skipped(tmp_path) -> None:
+    root = _folder(tmp_path / "imgs")
+    bad = root / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(BadImagesError, match="broken.jpg"):
+        load_source(f"imagefolder:{root}", image_size=16)
+    stats = prepare(_cfg(tmp_path, dataset=f"imagefolder:{root}", labels_per_class="null", skip_bad="true", store_size=16))
+    assert stats["skipped_bad_files"] == 1
+
+
+def test_empty_class_and_single_class_are_errors(tmp_path) -> None:
+    root = _folder(tmp_path / "imgs")
+    (root / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no images"):
+        load_source(f"imagefolder:{root}")
+    one = _folder(tmp_path / "one", classes=("only",))
+    with pytest.raises(ValueError, match="at least two"):
+        load_source(f"imagefolder:{one}")
+
+
+def test_a_class_left_without_validation_images_is_an_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no validation images"):
+        prepare(_cfg(tmp_path, dataset="digits", labels_per_class=1, val_fraction=0.2))
+
+
+def test_unknown_dataset_lists_known_ones(tmp_path) -> None:
+    with pytest.raises(ValueError, match="known: digits, fashion-mnist"):
+        prepare(_cfg(tmp_path, dataset="imagenet-42"))
+
+
+def test_failed_prepare_keeps_previous_output(tmp_path) -> None:
+    good = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30))
+    with pytest.raises(ValueError):
+        prepare(_cfg(tmp_path, dataset="digits", labels_per_class=1))
+    stats = json.loads((tmp_path / "prepared" / "stats.json").read_text())
+    assert stats["sha256"] == good["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no staging folder left behind
+
+
+def test_fashion_mnist_when_installed(tmp_path) -> None:
+    try:
+        fashion_mnist_dir(tmp_path)
+    except FileNotFoundError as err:
+        assert "train-images-idx3-ubyte.gz" in str(err)
+        pytest.skip("Fashion-MNIST files are not installed on this machine")
+    raw = load_source("fashion-mnist", root=tmp_path)
+    assert raw.train.images.shape == (60000, 28, 28, 1) and raw.test.images.shape == (10000, 28, 28, 1)
+    assert np.bincount(raw.train.labels).tolist() == [6000] * 10
