@@ -25,7 +25,7 @@ from drtune.train import evaluate, fit, pick_device
 def cmd_fit(args: argparse.Namespace) -> int:
     params = load_params(args.config, args.set)
     d = params.data
-    raw = load_source(d.dataset, d.root, d.seed)
+    raw = load_source(d.dataset, d.root, d.seed, image_size=d.store_size, skip_bad=d.skip_bad)
     train, val, test = few_label_splits(raw, labels_per_class=d.labels_per_class, label_fraction=d.label_fraction,
                                         val_fraction=d.val_fraction, seed=d.seed)
     out = Path(args.output)
