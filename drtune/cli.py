@@ -18,16 +18,13 @@ import torch
 from drtune.backbones import data_config
 from drtune.config import ConfigError, load_params
 from drtune.data import build_loader
-from drtune.sources import few_label_splits, load_source
+from drtune.sources import load_splits
 from drtune.train import evaluate, fit, pick_device
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     params = load_params(args.config, args.set)
-    d = params.data
-    raw = load_source(d.dataset, d.root, d.seed, image_size=d.store_size, skip_bad=d.skip_bad)
-    train, val, test = few_label_splits(raw, labels_per_class=d.labels_per_class, label_fraction=d.label_fraction,
-                                        val_fraction=d.val_fraction, seed=d.seed)
+    raw, (train, val, test) = load_splits(params.data)
     out = Path(args.output)
     result = fit(params, train, val, raw.classes, out, resume=args.resume)
     model = result.task.inference_model()

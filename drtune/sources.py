@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from PIL import Image
 from tqdm import tqdm
 
+from drtune.config import DataConfig
 from drtune.data import ArraySplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -144,10 +144,11 @@ def _read_folder(scanned: list[tuple[str, list[Path]]], classes: list[str], size
     total = sum(len(files) for _, files in scanned)
     with tqdm(total=total, desc="reading images", disable=total < 500, leave=False) as bar:
         for name, files in scanned:
+            label = classes.index(name)
             for f in files:
                 try:
                     images.append(_read_image(f, size))
-                    labels.append(classes.index(name))
+                    labels.append(label)
                 except (OSError, ValueError, Image.DecompressionBombError):
                     bad.append(f)
                 bar.update()
@@ -220,3 +221,10 @@ def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fra
                 "data.labels_per_class / data.label_fraction or data.val_fraction, or add images"
             )
     return splits
+
+
+def load_splits(cfg: DataConfig) -> tuple[RawDataset, tuple[ArraySplit, ArraySplit, ArraySplit]]:
+    """The source named by ``data.*`` and its (train, val, test) splits: what ``prepare`` writes."""
+    raw = load_source(cfg.dataset, cfg.root, cfg.seed, image_size=cfg.store_size, skip_bad=cfg.skip_bad)
+    return raw, few_label_splits(raw, labels_per_class=cfg.labels_per_class, label_fraction=cfg.label_fraction,
+                                 val_fraction=cfg.val_fraction, seed=cfg.seed)

@@ -22,7 +22,7 @@ import numpy as np
 
 from drtune.config import ConfigError, DataConfig, load_params
 from drtune.data import ArraySplit
-from drtune.sources import few_label_splits, load_source
+from drtune.sources import load_splits
 
 
 def _sha256(split: ArraySplit) -> str:
@@ -34,10 +34,8 @@ def _sha256(split: ArraySplit) -> str:
 
 def prepare(cfg: DataConfig) -> dict:
     """Load, split and write the prepared dataset; returns the stats written to ``stats.json``."""
-    raw = load_source(cfg.dataset, cfg.root, cfg.seed, image_size=cfg.store_size, skip_bad=cfg.skip_bad)
-    splits = dict(zip(("train", "val", "test"), few_label_splits(
-        raw, labels_per_class=cfg.labels_per_class, label_fraction=cfg.label_fraction,
-        val_fraction=cfg.val_fraction, seed=cfg.seed), strict=True))
+    raw, parts = load_splits(cfg)
+    splits = dict(zip(("train", "val", "test"), parts, strict=True))
     stats = {
         "dataset": cfg.dataset, "classes": raw.classes, "image_shape": list(raw.train.images.shape[1:]),
         "skipped_bad_files": raw.skipped_bad,
