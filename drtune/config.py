@@ -35,6 +35,7 @@ class DataConfig(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the kept training images held out for validation")
     seed: int = Field(0, ge=0, description="seed of the subsampling and of the validation split")
     skip_bad: bool = Field(False, description="skip unreadable images (counted in stats.json) instead of failing")
+    download: bool = Field(True, description="download a missing fashion-mnist / torchvision dataset when online")
     store_size: int = Field(96, ge=8, le=1024, description="image folders: stored side length (shorter side, centre crop)")
 
     @model_validator(mode="after")

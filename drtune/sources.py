@@ -7,6 +7,8 @@
 * ``imagefolder:<path>`` — one folder per class (jpg, png, webp, bmp; any mode becomes RGB;
   files in nested sub-folders belong to their top-level class). With ``train/`` and ``test/``
   sub-folders those are the splits; otherwise a stratified, seeded fifth is held out as test.
+* the paper's benchmarks by name (``cifar10``, ``dtd``, …) through torchvision: see
+  :mod:`drtune.named_datasets`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from drtune.config import DataConfig
 from drtune.data import ArraySplit
+from drtune.named_datasets import NAMED_DATASETS, load_named, square_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -49,20 +52,32 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
-def fashion_mnist_dir(root: str | Path) -> Path:
-    """The first directory holding all four Fashion-MNIST files, or a FileNotFoundError saying where to put them."""
+def fashion_mnist_dir(root: str | Path, download: bool = False) -> Path:
+    """The first directory holding all four Fashion-MNIST files; downloads them into
+    ``<root>/fashion-mnist`` when allowed (checksums verified), else a FileNotFoundError saying
+    where to put them."""
     candidates = [Path(root) / "fashion-mnist", SYSTEM_DATASETS / "fashion-mnist"]
     for folder in candidates:
         if all((folder / name).is_file() for name in FASHION_MNIST_FILES):
             return folder
-    raise FileNotFoundError(
-        "Fashion-MNIST not found offline: put " + ", ".join(FASHION_MNIST_FILES)
-        + f" in {candidates[0]} (or install Debian's dataset-fashion-mnist, which puts them in {candidates[1]})"
-    )
+    where = (", ".join(FASHION_MNIST_FILES) + f" in {candidates[0]} (or install Debian's dataset-fashion-mnist, "
+             f"which puts them in {candidates[1]})")
+    if not download:
+        raise FileNotFoundError(f"Fashion-MNIST not found and data.download is off: put {where}")
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import download_url
+
+    try:
+        for name, md5 in FashionMNIST.resources:
+            if not (candidates[0] / name).is_file():
+                download_url(FashionMNIST.mirrors[0] + name, candidates[0], name, md5)
+    except (OSError, RuntimeError) as err:
+        raise FileNotFoundError(f"Fashion-MNIST not found offline and the download failed ({err}): put {where}") from None
+    return candidates[0]
 
 
-def load_fashion_mnist(root: str | Path) -> RawDataset:
-    folder = fashion_mnist_dir(root)
+def load_fashion_mnist(root: str | Path, download: bool = False) -> RawDataset:
+    folder = fashion_mnist_dir(root, download)
     arrays = [_read_idx(folder / name) for name in FASHION_MNIST_FILES]
     return RawDataset(
         train=ArraySplit(arrays[0][..., None], arrays[1].astype(np.int64)),
@@ -116,13 +131,7 @@ def _read_image(path: Path, size: int) -> np.ndarray:
     """Decode to RGB, resize the shorter side to ``size`` and centre-crop to ``size`` × ``size``."""
     with Image.open(path) as img:
         img.load()
-        rgb = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
-    w, h = rgb.size
-    scale = size / min(w, h)
-    rgb = rgb.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-    w, h = rgb.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        return square_rgb(img, size)
 
 
 def _scan_classes(folder: Path) -> list[tuple[str, list[Path]]]:
@@ -175,26 +184,33 @@ def load_image_folder(folder: str | Path, size: int = 96, skip_bad: bool = False
     else:
         scan = _scan_classes(folder)
         classes = [name for name, _ in scan]
-        everything = _read_folder(scan, classes, size, skip_bad, bad)
-        test_idx = stratified_take(everything.labels, fraction=0.2, seed=seed)
-        keep = np.setdiff1d(np.arange(len(everything)), test_idx)
-        train = ArraySplit(everything.images[keep], everything.labels[keep])
-        test = ArraySplit(everything.images[test_idx], everything.labels[test_idx])
+        train, test = _hold_out_test(_read_folder(scan, classes, size, skip_bad, bad), seed)
     return RawDataset(train, test, classes, skipped_bad=len(bad))
 
 
-KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>")
+KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", *NAMED_DATASETS)
+
+
+def _hold_out_test(train: ArraySplit, seed: int) -> tuple[ArraySplit, ArraySplit]:
+    test_idx = stratified_take(train.labels, fraction=0.2, seed=seed)
+    keep = np.setdiff1d(np.arange(len(train)), test_idx)
+    return ArraySplit(train.images[keep], train.labels[keep]), ArraySplit(train.images[test_idx], train.labels[test_idx])
 
 
 def load_source(dataset: str, root: str | Path = "data/raw", seed: int = 0, *, image_size: int = 96,
-                skip_bad: bool = False) -> RawDataset:
+                skip_bad: bool = False, download: bool = False) -> RawDataset:
     """Load a dataset by name; see the module docstring for the names."""
     if dataset == "digits":
         return load_digits_dataset(seed)
     if dataset == "fashion-mnist":
-        return load_fashion_mnist(root)
+        return load_fashion_mnist(root, download)
     if dataset.startswith("imagefolder:"):
         return load_image_folder(dataset.split(":", 1)[1], image_size, skip_bad, seed)
+    if dataset in NAMED_DATASETS:
+        train, test, classes = load_named(dataset, root, size=image_size, download=download)
+        if test is None:
+            train, test = _hold_out_test(train, seed)
+        return RawDataset(train, test, classes)
     raise ValueError(f"data.dataset = {dataset!r}: unknown; known: {', '.join(KNOWN_DATASETS)}")
 
 
@@ -210,7 +226,7 @@ def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fra
     val_local = stratified_take(labels[kept], fraction=val_fraction, seed=seed + 1)
     val_idx = kept[val_local]
     train_idx = np.setdiff1d(kept, val_idx)
-    pick = lambda idx: ArraySplit(raw.train.images[idx], raw.train.labels[idx])  # noqa: E731
+    pick = lambda idx: ArraySplit(raw.train.images[idx], raw.train.labels[idx])
     splits = pick(train_idx), pick(val_idx), raw.test
     for split_name, split in zip(("train", "validation", "test"), splits, strict=True):
         counts = np.bincount(split.labels, minlength=len(raw.classes))
@@ -225,6 +241,7 @@ def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fra
 
 def load_splits(cfg: DataConfig) -> tuple[RawDataset, tuple[ArraySplit, ArraySplit, ArraySplit]]:
     """The source named by ``data.*`` and its (train, val, test) splits: what ``prepare`` writes."""
-    raw = load_source(cfg.dataset, cfg.root, cfg.seed, image_size=cfg.store_size, skip_bad=cfg.skip_bad)
+    raw = load_source(cfg.dataset, cfg.root, cfg.seed, image_size=cfg.store_size, skip_bad=cfg.skip_bad,
+                      download=cfg.download)
     return raw, few_label_splits(raw, labels_per_class=cfg.labels_per_class, label_fraction=cfg.label_fraction,
                                  val_fraction=cfg.val_fraction, seed=cfg.seed)

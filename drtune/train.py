@@ -53,7 +53,7 @@ def _distributed() -> tuple[bool, int, int]:
 def pick_device(choice: str) -> torch.device:
     """``auto`` is CUDA when available (the local rank's GPU under torchrun/Ray), else CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
 
 

@@ -7,7 +7,12 @@ import timm
 import torch
 from PIL import Image
 
-from drtune.backbones import CheckpointMismatchError, create_backbone, data_config, load_checkpoint
+from drtune.backbones import (
+    CheckpointMismatchError,
+    create_backbone,
+    data_config,
+    load_checkpoint,
+)
 
 
 def test_bundled_lite0_weights_are_real_imagenet_weights() -> None:

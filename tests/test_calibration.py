@@ -9,7 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drtune.calibration import class_translation, procrustes_rotate, procrustes_rotation_matrix, semantic_calibrate
+from drtune.calibration import (
+    class_translation,
+    procrustes_rotate,
+    procrustes_rotation_matrix,
+    semantic_calibrate,
+)
 from drtune.reference import reference_semantic_calibrate
 
 CASES = Path(__file__).parent / "data" / "semantic_calibration_cases.npz"

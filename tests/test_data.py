@@ -9,7 +9,12 @@ import pytest
 from PIL import Image
 
 from drtune.config import load_params
-from drtune.sources import BadImagesError, few_label_splits, fashion_mnist_dir, load_source
+from drtune.sources import (
+    BadImagesError,
+    fashion_mnist_dir,
+    few_label_splits,
+    load_source,
+)
 from pipeline.prepare import load_prepared, prepare
 
 
@@ -36,7 +41,7 @@ def test_digits_splits_are_disjoint_stratified_and_seeded(tmp_path) -> None:
     stats = prepare(cfg)
     assert stats["counts"]["train"] == [24] * 10 and stats["counts"]["val"] == [6] * 10
     train, val, test, classes, _ = load_prepared(cfg.prepared_dir)
-    rows = lambda s: {a.tobytes() + bytes([int(b)]) for a, b in zip(s.images, s.labels)}  # noqa: E731
+    rows = lambda s: {a.tobytes() + bytes([int(b)]) for a, b in zip(s.images, s.labels)}
     assert not rows(train) & rows(val)
     again = prepare(cfg)
     assert again["sha256"] == stats["sha256"]
@@ -108,3 +113,40 @@ def test_fashion_mnist_when_installed(tmp_path) -> None:
     raw = load_source("fashion-mnist", root=tmp_path)
     assert raw.train.images.shape == (60000, 28, 28, 1) and raw.test.images.shape == (10000, 28, 28, 1)
     assert np.bincount(raw.train.labels).tolist() == [6000] * 10
+
+
+def _fake_dtd(root, classes=("banded", "dotted", "woven"), per_class=6):
+    """A folder in torchvision's DTD layout (images/<class>/, labels/{train,val,test}1.txt)."""
+    base = root / "dtd" / "dtd"
+    rng = np.random.default_rng(1)
+    lists = {"train": [], "val": [], "test": []}
+    for c in classes:
+        (base / "images" / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 50 + i, 3), dtype=np.uint8)).save(base / "images" / c / f"{c}_{i}.jpg")
+            lists[("train", "train", "val", "val", "test", "test")[i]].append(f"{c}/{c}_{i}.jpg")
+    (base / "labels").mkdir()
+    for split, lines in lists.items():
+        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_torchvision_dataset_keeps_official_split(tmp_path) -> None:
+    _fake_dtd(tmp_path)
+    raw = load_source("dtd", root=tmp_path, image_size=24)
+    assert raw.classes == ["banded", "dotted", "woven"]
+    assert raw.train.images.shape == (12, 24, 24, 3)  # DTD's train + val parts
+    assert raw.test.images.shape == (6, 24, 24, 3) and np.bincount(raw.test.labels).tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("name, expected", [("cifar10", "cifar-10-batches-py"), ("oxford-pets", "oxford-iiit-pet")])
+def test_missing_torchvision_dataset_says_where_to_put_it(tmp_path, name, expected) -> None:
+    with pytest.raises(FileNotFoundError, match=expected) as err:
+        load_source(name, root=tmp_path, download=False)
+    assert "data.download is off" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_missing_fashion_mnist_offline_names_the_files(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("drtune.sources.SYSTEM_DATASETS", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.gz") as err:
+        fashion_mnist_dir(tmp_path, download=False)
+    assert str(tmp_path / "fashion-mnist") in str(err.value)
