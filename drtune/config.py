@@ -120,8 +120,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read ``params.yaml`` (or defaults), apply ``section.key=value`` overrides, validate."""
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[Params] = Params) -> Params:
+    """Read ``params.yaml`` (or defaults), apply ``section.key=value`` overrides, validate against ``schema``."""
     tree: dict[str, Any] = {}
     if path is not None:
         tree = yaml.safe_load(Path(path).read_text()) or {}
@@ -131,7 +132,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw))
     try:
-        return Params.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
 

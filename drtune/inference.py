@@ -1,0 +1,88 @@
+"""From a training checkpoint to predictions: the inference model alone, and batches of raw images.
+
+The inference model is the downstream encoder + head only: a checkpoint's frozen copy and banks
+are training state and are dropped. Inputs are the images a user has, not tensors prepared for
+the network: uint8 H × W × C arrays (C = 1 or 3, any size; a batch N × H × W × C or a list of
+differently sized images) or float N × C × H × W in [0, 1]. Each is resized and centre-cropped
+to the trained image size and normalised with the backbone's mean and std, exactly as the
+validation images were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from drtune.backbones import create_backbone, data_config
+from drtune.data import build_transform
+from drtune.task import Classifier
+
+
+@dataclass
+class Predictor:
+    """An inference model with what it needs to read raw images."""
+
+    model: Classifier
+    classes: list[str]
+    image_size: int
+    data_cfg: dict
+
+    @torch.no_grad()
+    def predict_proba(self, images: np.ndarray | list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+        """Class probabilities, N × classes, for a batch of images (see the module docstring)."""
+        transform = build_transform(self.data_cfg, self.image_size, train=False)
+        tensors = [transform(t) for t in to_chw(images)]
+        self.model.eval()
+        out = [torch.softmax(self.model(torch.stack(tensors[i:i + batch_size])).float(), dim=1)
+               for i in range(0, len(tensors), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+
+def to_chw(images: np.ndarray | list[np.ndarray]) -> list[torch.Tensor]:
+    """uint8/integer HWC (0–255) or float NCHW ([0, 1]) → a list of uint8 3 × H × W tensors."""
+    if isinstance(images, np.ndarray) and images.dtype != object and np.issubdtype(images.dtype, np.floating):
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"float input must be N × C × H × W in [0, 1] with C = 1 or 3, got shape {images.shape}")
+        batch = torch.from_numpy(np.clip(images, 0, 1) * 255).round().to(torch.uint8)
+        return [b.expand(3, -1, -1) for b in batch]
+    items = list(images) if not isinstance(images, np.ndarray) or images.dtype == object or images.ndim == 4 else [images]
+    out = []
+    for i, img in enumerate(items):
+        a = np.asarray(img)
+        if a.ndim == 2:
+            a = a[..., None]
+        if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+            raise ValueError(f"image {i}: expected H × W × C (C = 1, 3 or 4) integers 0–255, got shape {a.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(np.clip(a[..., :3], 0, 255).astype(np.uint8))).permute(2, 0, 1)
+        out.append(t.expand(3, -1, -1) if t.shape[0] == 1 else t)
+    return out
+
+
+def classifier_from_state(task_state: dict, model_name: str, num_classes: int) -> Classifier:
+    """The encoder + head of a ``FineTuneTask`` state dict (no frozen copy, no banks)."""
+    model = Classifier(create_backbone(model_name, "none"), num_classes)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in task_state.items() if k.startswith("model.")})
+    return model.eval()
+
+
+def load_predictor(checkpoint: str | Path) -> Predictor:
+    """A :class:`Predictor` from a ``last.pt`` written by :func:`drtune.train.fit`."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    params, classes = state["params"], state["classes"]
+    model = classifier_from_state(state["task"], params["model"]["name"], len(classes))
+    return Predictor(model, classes, params["train"]["image_size"], data_config(model.encoder))
+
+
+
+
+
+def save_inference_checkpoint(checkpoint: str | Path, target: str | Path) -> Path:
+    """Strip a training checkpoint to what inference needs: encoder + head weights, params, classes."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    slim = {"params": state["params"], "classes": state["classes"], "history": state.get("history", []),
+            "task": {k: v for k, v in state["task"].items() if k.startswith("model.")}}
+    torch.save(slim, target)
+    return Path(target)

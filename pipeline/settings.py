@@ -1,0 +1,116 @@
+"""The pipeline's ``params.yaml`` sections (``tune``, ``ray``, ``mlflow``) on top of the library's.
+
+Validated once, when a stage starts: an unknown key, a value out of range or a search range that
+cannot work fails with the field's name before Ray or MLflow start. Cross-field rules live here
+too: every queue size must be a multiple of the global batch (``train.batch_size`` ×
+``ray.workers_per_trial``), so the bank's FIFO writes stay aligned with the batches that fill it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from drtune.config import ConfigError, Params, Section, load_params
+
+
+class Range(Section):
+    """A log-uniform search range ``[low, high]``."""
+
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class TuneSettings(Section):
+    num_samples: int = Field(6, ge=1, le=100_000, description="trials in the search")
+    seed: int = Field(0, ge=0, description="seed of Optuna's TPE sampler")
+    startup_trials: int = Field(3, ge=1, le=10_000, description="random trials before TPE starts modelling")
+    max_concurrent_trials: int = Field(0, ge=0, le=10_000, description="0 = as many as the cluster's resources fit")
+    early_stopping: bool = Field(True, description="ASHA on (stop weak trials at rungs) or off (every trial runs all epochs)")
+    grace_period: int = Field(3, ge=1, le=10_000, description="ASHA: epochs every trial gets before its first rung")
+    reduction_factor: float = Field(3.0, gt=1, le=100, description="ASHA: keep the top 1/reduction_factor at each rung")
+    lam: Range = Field(Range(low=0.1, high=40.0), description="λ, log-uniform")
+    queue_sizes: list[int] = Field([256, 512, 1024], min_length=1, description="K choices, multiples of the global batch")
+    lr_backbone: Range = Field(Range(low=1e-4, high=3e-2), description="real backbone step size, log-uniform")
+    lr_head: Range = Field(Range(low=3e-3, high=0.3), description="real head step size, log-uniform")
+    weight_decay: Range | None = Field(None, description="searched when set, else train.weight_decay")
+    points_to_evaluate: list[dict[str, float]] = Field(
+        default_factory=list, description="trials run first, e.g. the library defaults (keys lam, queue_size, lr_backbone, …)"
+    )
+
+    @field_validator("queue_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError("every queue size must be ≥ 1")
+        return v
+
+
+class RaySettings(Section):
+    address: str | None = Field(None, description="null: a local Ray (or RAY_ADDRESS / the job's cluster); auto; ray://…")
+    num_cpus: int | None = Field(None, ge=1, le=100_000, description="local Ray only: CPUs to use (null = all)")
+    workers_per_trial: int = Field(1, ge=1, le=4096, description="Ray Train data-parallel workers per trial")
+    cpus_per_worker: float = Field(2.0, gt=0, le=1024, description="CPUs per Train worker (torch threads follow it)")
+    gpus_per_worker: float = Field(0.0, ge=0, le=64, description="GPUs per Train worker; > 0 uses nccl and CUDA")
+    storage_path: str = Field("runs/ray", description="Ray Tune/Train results and checkpoints; shared storage on a cluster")
+    max_failures: int = Field(1, ge=0, le=100, description="Ray Train: restarts of a trial's workers from its last checkpoint")
+    start_timeout_s: int = Field(300, ge=10, le=86_400, description="fail a trial whose worker group cannot start in time")
+
+
+class MLflowSettings(Section):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="overridden by MLFLOW_TRACKING_URI")
+    experiment: str | None = Field(None, description="MLflow experiment; null = drtune-<dataset>")
+    registered_model: str | None = Field(None, description="registry name; null = drtune-<dataset>")
+    timeout_s: float = Field(10.0, gt=0, le=600, description="how long to wait for a tracking server before failing")
+
+
+class PipelineParams(Params):
+    """All of ``params.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    tune: TuneSettings = TuneSettings()
+    ray: RaySettings = RaySettings()
+    mlflow: MLflowSettings = MLflowSettings()
+
+    @model_validator(mode="after")
+    def _queue_sizes_divide(self) -> PipelineParams:
+        batch = self.train.batch_size * self.ray.workers_per_trial
+        bad = [k for k in self.tune.queue_sizes if k % batch]
+        if bad:
+            raise ValueError(f"tune.queue_sizes {bad} are not multiples of the global batch {batch} "
+                             f"(train.batch_size {self.train.batch_size} × ray.workers_per_trial {self.ray.workers_per_trial})")
+        if self.tune.grace_period > self.train.epochs:
+            raise ValueError(f"tune.grace_period = {self.tune.grace_period} exceeds train.epochs = {self.train.epochs}")
+        return self
+
+    def dataset_slug(self) -> str:
+        """The dataset's name made safe for MLflow names (``imagefolder:/a/pets`` → ``pets``)."""
+        name = self.data.dataset.split(":", 1)[-1].rstrip("/")
+        return "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(name).name) or "dataset"
+
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or f"drtune-{self.dataset_slug()}"
+
+    def model_name(self) -> str:
+        return self.mlflow.registered_model or f"drtune-{self.dataset_slug()}"
+
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow.tracking_uri
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> PipelineParams:
+    """Validated pipeline params; raises :class:`ConfigError` naming the field."""
+    params = load_params(path, overrides, schema=PipelineParams)
+    assert isinstance(params, PipelineParams)
+    return params
+
+
+__all__ = ["ConfigError", "MLflowSettings", "PipelineParams", "RaySettings", "Range", "TuneSettings", "load"]

@@ -1,0 +1,159 @@
+"""The ``tune`` stage: search DR-Tune's hyperparameters, record every trial, keep the best checkpoint.
+
+    python -m pipeline.tune --params params.yaml [--set tune.num_samples=4]
+
+Order matters: parameters are validated, the prepared data is found and the tracking store is
+checked (an unreachable server fails here, before Ray starts), then the search runs or, when the
+same search was interrupted, resumes. Outputs:
+
+* ``models/best.pt`` — the best trial's final model: encoder + head, params, classes, history
+  (the trial chosen by :func:`pipeline.search.select_best`);
+* ``metrics/tune.json`` — the winner, its hyperparameters and validation score, trial counts, wall time;
+* ``metrics/tune_curve.csv``, ``metrics/landscape.csv`` — DVC plots (learning curve, search landscape);
+* ``plots/learning_curve.png``, ``plots/landscape.png`` — the same as pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from drtune.config import ConfigError
+from drtune.inference import save_inference_checkpoint
+from pipeline import plots
+from pipeline.prepare import load_prepared
+from pipeline.search import METRIC, build_tuner, experiment_name, search_space, select_best, start_ray
+from pipeline.settings import PipelineParams, load
+from pipeline.tracking import TrialRuns, connect, experiment_id, git_commit, log_params, parent_run
+
+
+def data_checksum(stats: dict) -> str:
+    """One checksum of the prepared splits (from ``stats.json``)."""
+    return "-".join(stats["sha256"][k][:16] for k in ("train", "val", "test"))
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class Progress(Callback):
+    """One line per finished trial (what the user, and the resume test, watch for)."""
+
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs = max_epochs
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        r = trial.last_result or {}
+        how = "completed" if r.get("epoch", 0) >= self.max_epochs else "stopped by ASHA"
+        print(f"trial {trial.trial_id} {how} after {r.get('epoch')} epochs: val top-1 {r.get(METRIC, float('nan')):.4f}",
+              flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        print(f"trial {trial.trial_id} failed (its error is in the trial's MLflow run); the search goes on", flush=True)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(p: PipelineParams, root: Path = Path(".")) -> dict:
+    """Run (or resume) the search and write the stage's outputs under ``root``."""
+    prepared = (root / p.data.prepared_dir).resolve()
+    *_, stats = load_prepared(prepared)
+    data_sha = data_checksum(stats)
+    client = connect(p.tracking_uri(), p.mlflow.timeout_s)
+    space = search_space(p)  # validates tune.points_to_evaluate before Ray starts
+    start_ray(p)
+    storage = (root / p.ray.storage_path).resolve()
+    name = experiment_name(p, data_sha)
+    exp = experiment_id(client, p.experiment_name())
+    parent = parent_run(client, exp, str(storage / name), run_name=name, tags={
+        "git_commit": git_commit(root), "data_sha256": data_sha, "ray_experiment_path": str(storage / name),
+        "dataset": p.data.dataset, "method": p.train.method})
+    log_params(client, parent, flat(p.model_dump(mode="json", exclude={"mlflow": True})))
+    trial_runs, progress = TrialRuns(client, exp, parent, p.train.epochs), Progress(p.train.epochs)
+    tuner = build_tuner(p, prepared, storage, name, [trial_runs, progress])
+    start = time.time()
+    try:
+        results = tuner.fit()
+    finally:
+        trial_runs.close_open_runs()
+    if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
+        client.set_terminated(parent, "KILLED")
+        raise KeyboardInterrupt(f"search interrupted; run the stage again to resume it from {storage / name}")
+    wall = time.time() - start
+    best = select_best(results, p.train.epochs)
+
+    models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
+    for d in (models, metrics_dir, plots_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    save_inference_checkpoint(best.checkpoint, models / "best.pt")
+    keys = sorted(space)
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        status = "failed" if r.error is not None else ("completed" if m.get("epoch", 0) >= p.train.epochs else "stopped")
+        rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in keys},
+                     "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
+    curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in best.history
+             if "val_top1" in h]
+    _write_csv(metrics_dir / "tune_curve.csv", curve)
+    _write_csv(metrics_dir / "landscape.csv", rows)
+    plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best trial {best.trial_id}")
+    plots.search_landscape(rows, keys, plots_dir / "landscape.png")
+    summary = {
+        "best_trial": best.trial_id, "best_val_top1": best.metrics[METRIC], "best_val_loss": best.metrics["val_loss"],
+        "best_config": best.config, "trials": len(rows),
+        "completed": sum(r["status"] == "completed" for r in rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1),
+        "experiment_path": str(storage / name), "mlflow_parent_run_id": parent, "mlflow_experiment_id": exp,
+        "data_sha256": data_sha,
+    }
+    (metrics_dir / "tune.json").write_text(json.dumps(summary, indent=2))
+    client.log_metric(parent, "best_val_top1", best.metrics[METRIC])
+    client.set_tag(parent, "best_trial", best.trial_id)
+    client.set_terminated(parent, "FINISHED")
+    return summary
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        summary = run(load(args.params, args.set))
+    except (ConfigError, FileNotFoundError, RuntimeError) as err:
+        print(f"tune: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"tune: {err or 'interrupted'}; run it again to resume", file=sys.stderr)
+        return 130
+    print(json.dumps({k: summary[k] for k in ("best_trial", "best_val_top1", "completed", "stopped_early", "failed", "wall_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
