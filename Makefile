@@ -1,7 +1,10 @@
-# `make run`: install (once) and run the main job; `make test`: install (once) and run every test.
+# `make run`: install (once) and run the pipeline (dvc repro); `make test`: install (once) and run every test.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export MLFLOW_DISABLE_TELEMETRY=1 RAY_USAGE_STATS_ENABLED=0 DVC_NO_ANALYTICS=1
+# Stage commands say `python`, `dvc`, `ray`: the project's environment must come first on PATH.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 
 .PHONY: install run test unit clean
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	.venv/bin/drtune fit --config params.yaml --output runs/default
+	dvc repro
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -42,7 +42,7 @@ class TuneSettings(Section):
     lr_backbone: Range = Field(Range(low=1e-4, high=3e-2), description="real backbone step size, log-uniform")
     lr_head: Range = Field(Range(low=3e-3, high=0.3), description="real head step size, log-uniform")
     weight_decay: Range | None = Field(None, description="searched when set, else train.weight_decay")
-    points_to_evaluate: list[dict[str, float]] = Field(
+    points_to_evaluate: list[dict[str, int | float]] = Field(
         default_factory=list, description="trials run first, e.g. the library defaults (keys lam, queue_size, lr_backbone, …)"
     )
 

@@ -1,0 +1,246 @@
+"""The pipeline end to end on the quick parameters: ``dvc repro`` in a temporary copy of the project,
+the MLflow run tree, the registry's aliases and the pyfunc model, a NaN trial that fails alone,
+resuming an interrupted search, serving over HTTP, and ``ray job submit`` to a head started here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Diverges to NaN within the first epoch on the quick model (checked: loss nan at step 10).
+NAN_POINT = {"lam": 1.0, "queue_size": 64, "lr_backbone": 8.0, "lr_head": 80.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ)
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", DVC_SITE_CACHE_DIR=str(root / ".dvc" / "tmp" / "site"),
+               RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="1", DVC_NO_ANALYTICS="1",
+               MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _copy_project(dest: Path, **sections) -> Path:
+    """The committed and untracked project files (no results) in ``dest``, a git repo, quick params."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    dest.mkdir(parents=True)
+    for name in files:
+        if name.split("/")[0] in ("metrics", "plots") or name == "dvc.lock" or not (REPO / name).is_file():
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / name).read_bytes())
+    params = yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True)
+    return dest
+
+
+def _client(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """``dvc repro`` of the quick pipeline with 3 trials, the first of which diverges to NaN."""
+    root = _copy_project(tmp_path_factory.mktemp("e2e") / "project",
+                         tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT]})
+    start = time.time()
+    done = subprocess.run(["dvc", "repro"], cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (root / "repro_seconds").write_text(f"{time.time() - start:.1f}")
+    return root
+
+
+def test_dvc_repro_writes_metrics_plots_and_model(project: Path) -> None:
+    tune_summary = json.loads((project / "metrics" / "tune.json").read_text())
+    test = json.loads((project / "metrics" / "test.json").read_text())
+    baseline = json.loads((project / "metrics" / "baseline.json").read_text())
+    assert tune_summary["trials"] == 3 and tune_summary["failed"] == 1  # the NaN trial failed alone
+    assert 0.3 < tune_summary["best_val_top1"] <= 1 and 0.3 < test["test_top1"] <= 1  # 10 classes: chance is 0.1
+    assert test["lift_over_ce"] == pytest.approx(test["test_top1"] - baseline["test_top1"])
+    for picture in ("learning_curve.png", "landscape.png", "confusion_matrix.png"):
+        assert (project / "plots" / picture).stat().st_size > 5000
+    env = _env(project)
+    shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True)
+    assert "test_top1" in shown.stdout
+    plots = subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True)
+    assert "lambda_vs_val_top1" in plots.stdout and "metrics/tune_curve.csv" in plots.stdout
+    status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout
+
+
+def test_changing_a_tuning_knob_does_not_rerun_prepare_or_baseline(project: Path) -> None:
+    dry = subprocess.run(["dvc", "repro", "--dry", "-S", "tune.num_samples=4"], cwd=project, env=_env(project),
+                         capture_output=True, text=True, check=True)
+    assert "Running stage 'tune'" in dry.stdout
+    assert "Running stage 'prepare'" not in dry.stdout and "Running stage 'baseline'" not in dry.stdout
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
+
+
+def test_mlflow_run_tree(project: Path) -> None:
+    client = _client(project)
+    exp = client.get_experiment_by_name("drtune-digits")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("drtune.ray_experiment")]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trial_ids = [r.data.tags["drtune.trial_id"] for r in children]
+    assert len(children) == 3 and len(set(trial_ids)) == 3  # one run per trial, none twice
+    statuses = sorted(r.info.status for r in children)
+    assert statuses == ["FAILED", "FINISHED", "FINISHED"] and parent.info.status == "FINISHED"
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert "nan" in failed.data.tags["error"].lower() and float(failed.data.params["lr_backbone"]) == 8.0
+    for run in children:
+        if run.info.status == "FINISHED":
+            epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+            assert epochs == sorted(set(epochs)) and epochs[0] == 1
+    for tag in ("git_commit", "data_sha256", "ray_experiment_path"):
+        assert parent.data.tags[tag]
+    assert {"test_top1", "ce_baseline_test_top1", "lift_over_ce"} <= set(parent.data.metrics)
+    assert {"plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    baseline = [r for r in runs if r.data.tags.get("role") == "ce-baseline"]
+    assert len(baseline) == 1 and baseline[0].info.status == "FINISHED"
+
+
+def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger(project: Path) -> None:
+    import mlflow
+
+    client = _client(project)
+    v1 = client.get_model_version_by_alias("drtune-digits", "champion")
+    assert v1.version == "1" and float(v1.tags["test_top1"]) > 0.3 and "lift_over_ce" in v1.tags
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/drtune-digits@champion")
+    from pipeline.prepare import load_prepared
+
+    _, _, test, _, _ = load_prepared(project / "data" / "prepared")
+    images = np.repeat(test.images[:8], 3, axis=-1)
+    out = model.predict(images)
+    assert len(out) == 8 and set(out["label"]) <= {str(d) for d in range(10)}
+    # The same model registered again scores the same: it becomes challenger, not champion.
+    again = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", "params.yaml"], cwd=project,
+                           env=_env(project), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert client.get_model_version_by_alias("drtune-digits", "challenger").version == "2"
+    assert client.get_model_version_by_alias("drtune-digits", "champion").version == "1"
+    decision = json.loads((project / "metrics" / "test.json").read_text())
+    assert decision["promoted"] is False and decision["champion_test_top1_before"] == pytest.approx(float(v1.tags["test_top1"]))
+
+
+def test_mlflow_models_serve_answers_http(project: Path) -> None:
+    import requests
+
+    port = _free_port()
+    env = _env(project) | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/drtune-digits@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).tolist()
+        deadline = time.time() + 120
+        while True:
+            try:
+                reply = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images}, timeout=30)
+                break
+            except requests.ConnectionError:
+                assert time.time() < deadline and server.poll() is None, "mlflow models serve did not come up"
+                time.sleep(1)
+        assert reply.status_code == 200, reply.text
+        rows = reply.json()["predictions"]
+        assert len(rows) == 2 and {"label", "class_index", "probability", "probabilities"} <= set(rows[0])
+        assert abs(sum(rows[0]["probabilities"]) - 1) < 1e-4
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_interrupted_search_resumes_and_keeps_finished_trials(tmp_path) -> None:
+    root = _copy_project(tmp_path / "project", tune={"num_samples": 3, "early_stopping": False})
+    env = _env(root)
+    subprocess.run([sys.executable, "-m", "pipeline.prepare"], cwd=root, env=env, check=True, capture_output=True)
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=root, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finished = None
+    for line in first.stdout:
+        if line.startswith("trial ") and " completed after " in line:
+            finished = line.split()[1]
+            os.killpg(first.pid, signal.SIGINT)  # Ctrl-C, as a user stops `dvc repro`
+            break
+    first.stdout.read()
+    first.wait(timeout=120)
+    assert finished is not None and first.returncode != 0
+    client = _client(root)
+    exp = client.get_experiment_by_name("drtune-digits").experiment_id
+    assert not client.search_runs([exp], filter_string="attributes.status = 'RUNNING'")  # nothing left RUNNING
+    history_before = [m.step for r in client.search_runs([exp], filter_string=f"tags.`drtune.trial_id` = '{finished}'")
+                      for m in client.get_metric_history(r.info.run_id, "val_top1")]
+
+    second = subprocess.run([sys.executable, "-m", "pipeline.tune"], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"trial {finished} completed" not in second.stdout  # the finished trial was not run again
+    summary = json.loads((root / "metrics" / "tune.json").read_text())
+    assert summary["trials"] == 3 and summary["completed"] == 3
+    children = client.search_runs([exp], filter_string="tags.`drtune.trial_id` != ''")
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
+    run = next(r for r in children if r.data.tags["drtune.trial_id"] == finished)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == history_before == [1, 2, 3]
+
+
+def test_ray_job_submit_runs_the_pipeline_on_a_head_started_here(tmp_path) -> None:
+    root = _copy_project(tmp_path / "project")
+    env = _env(root) | {"RAY_AUTH_MODE": "disabled"}
+    dashboard, gcs = _free_port(), _free_port()
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+                             "--resources", json.dumps({"drtune_trial_driver": 100}), "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats"],
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        runtime_env = {"excludes": [".git", ".venv", "data/", "runs/", "mlflow.db", "mlruns/", "models/"],
+                       "env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
+                                    "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"), "DVC_NO_ANALYTICS": "1",
+                                    "RAY_USAGE_STATS_ENABLED": "0"}}
+        deadline = time.time() + 120
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
+               "--runtime-env-json", json.dumps(runtime_env), "--",
+               "bash", "-c", "git init -q && dvc config --local core.no_scm true && dvc repro"]
+        while True:
+            job = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+            if "Connection refused" not in job.stdout + job.stderr or time.time() > deadline:
+                break
+            time.sleep(2)  # the head's job server is still starting
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
+        champion = _client(root).get_model_version_by_alias("drtune-digits", "champion")
+        assert champion.version == "1" and float(champion.tags["test_top1"]) > 0.3
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # stops only the head this test started
+        head.wait(timeout=60)

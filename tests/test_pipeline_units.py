@@ -1,0 +1,139 @@
+"""Pipeline pieces without a cluster: settings, the Optuna/ASHA bridge, trial selection, the champion
+gate, the tracking check and the pyfunc model's inputs."""
+
+from __future__ import annotations
+
+import socket
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from ray import tune
+
+from drtune.config import ConfigError
+from drtune.inference import Predictor, to_chw
+from drtune.task import Classifier
+from pipeline.register import decide
+from pipeline.search import PruningOptunaSearch, search_space, select_best, trial_params
+from pipeline.serving import DRTuneClassifier
+from pipeline.settings import load
+from pipeline.tracking import TrackingUnavailableError, connect
+
+
+def test_queue_size_that_does_not_divide_the_global_batch_names_the_fields() -> None:
+    with pytest.raises(ConfigError, match=r"tune.queue_sizes \[100\].*global batch 64.*ray.workers_per_trial 2"):
+        load(None, ["train.batch_size=32", "ray.workers_per_trial=2", "tune.queue_sizes=[128, 100]"])
+
+
+def test_bad_ranges_and_keys_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"tune.lam.*must not exceed"):
+        load(None, ["tune.lam={low: 5, high: 1}"])
+    with pytest.raises(ConfigError, match=r"tune.lr_head.low.*greater than 0"):
+        load(None, ["tune.lr_head={low: 0, high: 1}"])
+    with pytest.raises(ConfigError, match=r"ray.bogus.*Extra inputs"):
+        load(None, ["ray.bogus=1"])
+    with pytest.raises(ConfigError, match=r"tune.grace_period = 5 exceeds train.epochs = 2"):
+        load(None, ["train.epochs=2", "tune.grace_period=5"])
+    p = load(None, ["tune.points_to_evaluate=[{lam: 1.0, lr_head: 0.1}]"])
+    with pytest.raises(ConfigError, match=r"tune.points_to_evaluate\[0\].*missing \['lr_backbone', 'queue_size'\]"):
+        search_space(p)
+
+
+def test_the_shipped_parameter_files_are_valid() -> None:
+    for path in ("params.yaml", "configs/quick.yaml"):
+        p = load(path)
+        search_space(p)
+    default = load("params.yaml")
+    lo, hi = default.tune.lr_backbone.low, default.tune.lr_backbone.high
+    reference_rate = default.train.lr_backbone / (1 + 1024 / default.train.batch_size)
+    assert lo <= reference_rate <= hi and lo <= default.train.lr_backbone <= hi  # reference and CE-like rates both inside
+
+
+def test_trial_params_sets_real_step_sizes_and_custom_preset() -> None:
+    base = load(None, ["drtune.preset=reference"])
+    p = trial_params(base, {"lam": 3.0, "queue_size": 512, "lr_backbone": 0.02, "lr_head": 0.2})
+    assert p.drtune.preset == "custom" and p.drtune.lam == 3.0 and p.drtune.queue_size == 512
+    assert p.train.lr_backbone == 0.02 and p.train.lr_head == 0.2 and p.train.device == "cpu"
+
+
+def _searcher(max_epochs: int = 4) -> PruningOptunaSearch:
+    s = PruningOptunaSearch(space={"x": tune.uniform(0, 1)}, metric="val_top1", mode="max",
+                            sampler=optuna.samplers.RandomSampler(seed=0), max_epochs=max_epochs)
+    return s
+
+
+def test_asha_stopped_trials_are_pruned_in_optuna_and_failures_fail() -> None:
+    s = _searcher()
+    for tid in ("full", "stopped", "nan", "error"):
+        s.suggest(tid)
+        s.on_trial_result(tid, {"val_top1": 0.5, "training_iteration": 1, "epoch": 1})
+    s.on_trial_complete("full", {"val_top1": 0.7, "epoch": 4})
+    s.on_trial_complete("stopped", {"val_top1": 0.9, "epoch": 1})
+    s.on_trial_complete("nan", {"val_top1": float("nan"), "epoch": 4})
+    s.on_trial_complete("error", {"val_top1": 0.8, "epoch": 2}, error=True)
+    states = [t.state for t in s._ot_study.trials]
+    TS = optuna.trial.TrialState
+    assert states == [TS.COMPLETE, TS.PRUNED, TS.FAIL, TS.FAIL]
+    assert s._ot_study.best_value == 0.7  # a stopped trial's early score never becomes "best"
+
+
+def _result(trial_id: str, top1: float, epoch: int, loss: float = 1.0, error=None):
+    metrics = {"val_top1": top1, "val_loss": loss, "epoch": epoch, "trial_id": trial_id, "checkpoint_path": f"/ck/{trial_id}"}
+    return SimpleNamespace(error=error, metrics=metrics, config={"lam": 1.0}, metrics_dataframe=pd.DataFrame([metrics]))
+
+
+def test_select_best_ignores_stopped_and_failed_trials() -> None:
+    results = [_result("a", 0.70, 10), _result("b", 0.95, 3), _result("c", 0.99, 10, error=RuntimeError("nan")),
+               _result("d", 0.70, 10, loss=0.5)]
+    best = select_best(results, max_epochs=10)
+    assert best.trial_id == "d" and str(best.checkpoint) == "/ck/d/last.pt"  # tie on top-1 → lower loss
+    with pytest.raises(RuntimeError, match="no trial completed all 10 epochs"):
+        select_best([_result("b", 0.95, 3)], max_epochs=10)
+
+
+def test_champion_gate() -> None:
+    assert decide(0.80, None, "no champion yet") == (True, "promoted: no champion yet")
+    promoted, why = decide(0.70, 0.75, "re-scored on this test split")
+    assert not promoted and "0.7000 ≤ champion's 0.7500" in why
+    assert not decide(0.75, 0.75, "re-scored")[0]  # a tie does not take champion
+    assert decide(0.76, 0.75, "re-scored")[0]
+    assert not decide(0.99, None, "champion was trained on other classes; not comparable")[0]
+
+
+def test_unreachable_tracking_server_fails_fast() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    start = time.time()
+    with pytest.raises(TrackingUnavailableError, match=f"127.0.0.1:{port} is unreachable"):
+        connect(f"http://127.0.0.1:{port}", timeout_s=2)
+    assert time.time() - start < 5
+    with pytest.raises(TrackingUnavailableError, match="needs a database"):
+        connect("file:./mlruns")
+
+
+def _predictor(tiny_encoder) -> Predictor:
+    return Predictor(Classifier(tiny_encoder, 3), ["cat", "dog", "owl"], 16,
+                     {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0})
+
+
+def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> None:
+    model = DRTuneClassifier()
+    model.predictor = _predictor(tiny_encoder)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (4, 20, 24, 3), dtype=np.uint8)
+    out = model.predict(None, batch)
+    assert list(out.columns) == ["label", "class_index", "probability", "probabilities"]
+    assert set(out["label"]) <= {"cat", "dog", "owl"} and np.allclose([sum(p) for p in out["probabilities"]], 1, atol=1e-5)
+    as_float = model.predict(None, batch.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    assert (as_float["class_index"] == out["class_index"]).all()  # same images, same answers
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = batch[0], rng.integers(0, 256, (40, 12), dtype=np.uint8)  # second one grey, other size
+    assert len(model.predict(None, ragged)) == 2
+    json_like = np.array(batch[:2].tolist(), dtype=object)  # what `mlflow models serve` hands over
+    assert (model.predict(None, json_like)["class_index"] == out["class_index"][:2]).all()
+    with pytest.raises(ValueError, match="N × C × H × W"):
+        to_chw(np.zeros((2, 8, 8, 3), np.float32))
