@@ -38,10 +38,11 @@ Report = Callable[[dict, Path], None]
 
 @dataclass
 class FitResult:
-    """Per-epoch validation history and the trained task."""
+    """Per-epoch validation history, the trained task and (``keep_best``) the best epoch's weights."""
 
     history: list[dict] = field(default_factory=list)
     task: FineTuneTask | None = None
+    best_state: dict | None = None  # encoder + head weights of the best-validation epoch of this call
 
 
 def _distributed() -> tuple[bool, int, int]:
@@ -156,12 +157,14 @@ def fit(
     *,
     report: Report | None = None,
     resume: bool = True,
+    keep_best: bool = False,
 ) -> FitResult:
     """Fine-tune once. Works alone, under torchrun and inside a Ray Train worker (gloo or nccl).
 
     ``report(metrics, checkpoint_path)`` is called after every epoch on every rank (metrics are
     already all-reduced). With ``resume`` and an existing ``output_dir/last.pt`` the run
-    continues from it.
+    continues from it. With ``keep_best`` the classifier's weights at the epoch with the best
+    validation top-1 (of the epochs run in this call) are kept in ``FitResult.best_state``.
     """
     distributed, rank, world = _distributed()
     out = Path(output_dir)
@@ -230,6 +233,9 @@ def fit(
         metrics.update(epoch=epoch + 1, train_loss=totals[0].item() / len(train_loader),
                        train_ce=totals[1].item() / len(train_loader), lr=lr_used)
         result.history.append(metrics)
+        earlier = [h["val_top1"] for h in result.history[:-1]]
+        if keep_best and (not earlier or metrics["val_top1"] > max(earlier)):  # the first of equal epochs, as max() picks
+            result.best_state = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
         if rank == 0:
             save_checkpoint(ckpt, task, opt, sched, epoch, resolved, classes, result.history)
         if show:

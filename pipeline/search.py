@@ -63,15 +63,36 @@ class PruningOptunaSearch(OptunaSearch):
 
 
 def search_space(p: PipelineParams) -> dict:
-    """Ray Tune distributions from ``tune.*``: real step sizes, so λ never rescales the backbone's rate."""
-    t = p.tune
-    space = {"lr_backbone": tune.loguniform(t.lr_backbone.low, t.lr_backbone.high),
-             "lr_head": tune.loguniform(t.lr_head.low, t.lr_head.high)}
-    if p.train.method == "drtune":
-        space["lam"] = tune.loguniform(t.lam.low, t.lam.high)
+    """Ray Tune distributions from ``tune.*`` for ``train.method``'s own hyperparameters.
+
+    Learning rates are real step sizes, so λ never rescales the backbone's rate. A linear probe
+    has no backbone rate; L2-SP adds α and β, BSS η, DR-Tune λ and K.
+    """
+    t, method = p.tune, p.train.method
+    log = lambda r: tune.loguniform(r.low, r.high)  # noqa: E731
+    if method == "drtune" and p.drtune.preset == "reference":
+        # The authors' parametrisation: only their base rate r (train.lr_backbone) and K are free;
+        # λ = K/B and the rates follow from them (drtune.config.resolve).
+        space = {"lr_backbone": log(t.lr_backbone), "queue_size": tune.choice(t.queue_sizes)}
+        _check_points(t, space)
+        return space
+    space = {"lr_head": log(t.lr_head)}
+    if method != "linear_probe":
+        space["lr_backbone"] = log(t.lr_backbone)
+    if method == "drtune":
+        space["lam"] = log(t.lam)
         space["queue_size"] = tune.choice(t.queue_sizes)
+    if method == "l2sp":
+        space["l2sp_alpha"], space["l2sp_beta"] = log(t.l2sp_alpha), log(t.l2sp_beta)
+    if method == "bss":
+        space["bss_eta"] = log(t.bss_eta)
     if t.weight_decay is not None:
         space["weight_decay"] = tune.loguniform(t.weight_decay.low, t.weight_decay.high)
+    _check_points(t, space)
+    return space
+
+
+def _check_points(t, space: dict) -> None:
     for i, point in enumerate(t.points_to_evaluate):
         unknown = sorted(set(point) - set(space))
         missing = sorted(set(space) - set(point))
@@ -80,18 +101,21 @@ def search_space(p: PipelineParams) -> dict:
                               f" (unknown {unknown}, missing {missing})")
         if "queue_size" in point and int(point["queue_size"]) not in t.queue_sizes:
             raise ConfigError(f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in tune.queue_sizes")
-    return space
 
 
 def trial_params(base: PipelineParams, config: dict) -> PipelineParams:
-    """The full params of one trial: the base with the sampled values (preset ``custom``)."""
+    """The full params of one trial: the base with the sampled values. The ``reference`` preset is
+    kept only when λ is not searched (its search space); otherwise the sampled rates are real step sizes."""
     p = base.model_copy(deep=True)
-    p.drtune.preset = "custom"
+    if "lam" in config or base.train.method != "drtune":
+        p.drtune.preset = "custom"
     p.train.progress = False
     p.train.device = "cuda" if base.ray.gpus_per_worker > 0 else "cpu"
     for key, value in config.items():
         if key in ("lam", "queue_size"):
             setattr(p.drtune, key, int(value) if key == "queue_size" else float(value))
+        elif key in ("l2sp_alpha", "l2sp_beta", "bss_eta"):
+            setattr(p.baselines, key, float(value))
         else:
             setattr(p.train, key, float(value))
     return p
@@ -202,7 +226,6 @@ class Best:
     config: dict
     metrics: dict
     checkpoint: Path
-    history: list[dict]
 
 
 def select_best(results: tune.ResultGrid, max_epochs: int) -> Best:
@@ -213,6 +236,5 @@ def select_best(results: tune.ResultGrid, max_epochs: int) -> Best:
         raise RuntimeError(f"no trial completed all {max_epochs} epochs: {len(results)} trials, "
                            f"{sum(r.error is not None for r in results)} failed; see the Ray logs under the experiment path")
     best = max(finished, key=lambda r: (r.metrics[METRIC], -r.metrics.get("val_loss", 0.0)))
-    history = best.metrics_dataframe.to_dict("records") if best.metrics_dataframe is not None else []
     return Best(trial_id=best.metrics["trial_id"], config=dict(best.config), metrics=dict(best.metrics),
-                checkpoint=Path(best.metrics["checkpoint_path"]) / "last.pt", history=history)
+                checkpoint=Path(best.metrics["checkpoint_path"]) / "last.pt")

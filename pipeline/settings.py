@@ -42,6 +42,9 @@ class TuneSettings(Section):
     lr_backbone: Range = Field(Range(low=1e-4, high=3e-2), description="real backbone step size, log-uniform")
     lr_head: Range = Field(Range(low=3e-3, high=0.3), description="real head step size, log-uniform")
     weight_decay: Range | None = Field(None, description="searched when set, else train.weight_decay")
+    l2sp_alpha: Range = Field(Range(low=1e-4, high=1.0), description="train.method l2sp: α, log-uniform")
+    l2sp_beta: Range = Field(Range(low=1e-4, high=1.0), description="train.method l2sp: β, log-uniform")
+    bss_eta: Range = Field(Range(low=1e-4, high=0.1), description="train.method bss: η, log-uniform")
     points_to_evaluate: list[dict[str, int | float]] = Field(
         default_factory=list, description="trials run first, e.g. the library defaults (keys lam, queue_size, lr_backbone, …)"
     )

@@ -7,7 +7,7 @@
   so a resumed search keeps writing to the same parent.
 * :class:`TrialRuns` is a Ray Tune callback (it runs in the driver, never in workers) that keeps
   one child run per trial: hyperparameters, per-epoch metrics, and a final status. A restored
-  trial gets its old run back, never a second one; :meth:`TrialRuns.close_open_runs` marks runs
+  trial gets its old run back (looked up by its trial tag), never a second one; :meth:`TrialRuns.close_open_runs` marks runs
   of an interrupted search KILLED so none is left RUNNING.
 """
 
@@ -93,17 +93,22 @@ class TrialRuns(Callback):
     def __init__(self, client: MlflowClient, experiment: str, parent_id: str, max_epochs: int) -> None:
         self.client, self.experiment, self.parent_id, self.max_epochs = client, experiment, parent_id, max_epochs
         self.runs: dict[str, str] = {}
-        for run in client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'"):
-            trial_id = run.data.tags.get(TRIAL_TAG)
-            if trial_id:
-                self.runs[trial_id] = run.info.run_id
 
     def _run(self, trial) -> str:
+        """The trial's run: cached, else found in the store (a restored search), else created.
+
+        The store is asked, not only the cache, because ``Tuner.restore`` brings back the callback
+        pickled when the search first started, with whatever it knew then.
+        """
         run_id = self.runs.get(trial.trial_id)
         if run_id is None:
-            run = self.client.create_run(self.experiment, run_name=f"trial-{trial.trial_id}",
-                                         tags={PARENT_TAG: self.parent_id, TRIAL_TAG: trial.trial_id})
-            run_id = self.runs[trial.trial_id] = run.info.run_id
+            found = self.client.search_runs(
+                [self.experiment], max_results=1,
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'")
+            run_id = found[0].info.run_id if found else self.client.create_run(
+                self.experiment, run_name=f"trial-{trial.trial_id}",
+                tags={PARENT_TAG: self.parent_id, TRIAL_TAG: trial.trial_id}).info.run_id
+            self.runs[trial.trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -131,6 +136,7 @@ class TrialRuns(Callback):
 
     def close_open_runs(self) -> None:
         """Mark child runs still RUNNING (an interrupted search) KILLED; a resume reopens them."""
-        for run_id in self.runs.values():
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_terminated(run_id, "KILLED")
+        running = self.client.search_runs(
+            [self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and attributes.status = 'RUNNING'")
+        for run in running:
+            self.client.set_terminated(run.info.run_id, "KILLED")

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from ray.tune import Callback
 
 from drtune.config import ConfigError
@@ -105,6 +106,7 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
     for d in (models, metrics_dir, plots_dir):
         d.mkdir(parents=True, exist_ok=True)
     save_inference_checkpoint(best.checkpoint, models / "best.pt")
+    history = torch.load(models / "best.pt", map_location="cpu", weights_only=False)["history"]  # every epoch, resumes included
     keys = sorted(space)
     rows = []
     for r in results:
@@ -112,8 +114,7 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
         status = "failed" if r.error is not None else ("completed" if m.get("epoch", 0) >= p.train.epochs else "stopped")
         rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in keys},
                      "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
-    curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in best.history
-             if "val_top1" in h]
+    curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
     _write_csv(metrics_dir / "tune_curve.csv", curve)
     _write_csv(metrics_dir / "landscape.csv", rows)
     plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best trial {best.trial_id}")

@@ -137,3 +137,17 @@ def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> No
     assert (model.predict(None, json_like)["class_index"] == out["class_index"][:2]).all()
     with pytest.raises(ValueError, match="N × C × H × W"):
         to_chw(np.zeros((2, 8, 8, 3), np.float32))
+
+
+@pytest.mark.parametrize("method, keys", [
+    ("drtune", {"lr_backbone", "lr_head", "lam", "queue_size"}), ("ce", {"lr_backbone", "lr_head"}),
+    ("linear_probe", {"lr_head"}), ("l2sp", {"lr_backbone", "lr_head", "l2sp_alpha", "l2sp_beta"}),
+    ("bss", {"lr_backbone", "lr_head", "bss_eta"})])
+def test_each_method_searches_its_own_hyperparameters(method, keys) -> None:
+    p = load(None, [f"train.method={method}"])
+    assert set(search_space(p)) == keys
+    values = {"lr_backbone": 0.02, "lr_head": 0.2, "lam": 2.0, "queue_size": 512, "l2sp_alpha": 0.3, "l2sp_beta": 0.4,
+              "bss_eta": 0.05}
+    trial = trial_params(p, {k: values[k] for k in keys})
+    assert trial.train.lr_head == 0.2 and (method != "l2sp" or trial.baselines.l2sp_beta == 0.4)
+    assert method != "bss" or trial.baselines.bss_eta == 0.05

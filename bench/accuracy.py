@@ -1,0 +1,174 @@
+"""Accuracy: DR-Tune against the baselines and the paper's ablations, each method tuned equally.
+
+    python bench/accuracy.py            # ImageNet Lite0 → Fashion-MNIST, 60 labels/class (params.yaml)
+    python bench/accuracy.py --quick    # digits + a tiny random model (configs/quick.yaml): a smoke check
+
+For every method (linear probe, CE-tuning, L2-SP, BSS, DR-Tune, DR-Tune with the authors'
+``reference`` parametrisation) the pipeline's search machinery (Ray Tune, Optuna TPE, ASHA) runs
+a search of the same size over that method's own hyperparameters on the validation split,
+starting from the method's defaults. The chosen setting is then trained with 3 seeds; each run
+keeps the weights of its best validation epoch, which are scored once on the test split.
+The ablations (Tables 6 and 7 of the paper: CE, CE + DR, CE + DR + SC, and SC without rotation,
+translation or confidence weights) re-use DR-Tune's chosen setting with one switch changed.
+
+Everything lands in ``runs/bench/accuracy/`` and ``bench/results/accuracy[-quick].json`` as it
+finishes; re-running skips finished runs and resumes an interrupted search (Tuner.restore).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from drtune.backbones import data_config
+from drtune.inference import Predictor
+from drtune.train import fit
+from pipeline.evaluation import score
+from pipeline.prepare import load_prepared, prepare
+from pipeline.search import build_tuner, select_best, start_ray, trial_params
+from pipeline.settings import PipelineParams, load
+
+# Budget of the full run (stated in the README): 64 px, 8 epochs, batch 32, 4 trials per search,
+# ASHA rungs at epochs 2 and 4, 3 seeds. About 75 minutes on 2 CPU cores.
+FULL = ["train.epochs=8", "tune.num_samples=4", "tune.grace_period=2", "tune.reduction_factor=2",
+        "tune.startup_trials=1", "train.progress=false", "ray.cpus_per_worker=2"]
+QUICK = ["tune.num_samples=2", "tune.startup_trials=1", "train.progress=false"]
+DEFAULT_POINTS = {
+    "linear_probe": {"lr_head": 0.1},
+    "ce": {"lr_backbone": 0.01, "lr_head": 0.1},
+    "l2sp": {"lr_backbone": 0.01, "lr_head": 0.1, "l2sp_alpha": 0.01, "l2sp_beta": 0.01},
+    "bss": {"lr_backbone": 0.01, "lr_head": 0.1, "bss_eta": 0.001},
+    "drtune": {"lr_backbone": 0.01, "lr_head": 0.1, "lam": 1.0, "queue_size": 1024},
+    "drtune-reference": {"lr_backbone": 0.01, "queue_size": 1024},
+}
+ABLATIONS = {  # the paper's Tables 6 and 7, at DR-Tune's chosen setting
+    "CE + DR (no calibration)": ["drtune.sc=false"],
+    "CE + DR + SC (DR-Tune)": [],
+    "SC without rotation": ["drtune.rotate=false"],
+    "SC without translation": ["drtune.translate=false"],
+    "SC without confidence weights": ["drtune.confidence=false"],
+}
+
+
+def row_params(base: PipelineParams, row: str) -> PipelineParams:
+    p = base.model_copy(deep=True)
+    p.train.method = "drtune" if row.startswith("drtune") else row
+    p.drtune.preset = "reference" if row == "drtune-reference" else "custom"
+    point = dict(DEFAULT_POINTS[row])
+    if "queue_size" in point and point["queue_size"] not in p.tune.queue_sizes:
+        point["queue_size"] = p.tune.queue_sizes[-1]
+    p.tune.points_to_evaluate = [point]
+    return p
+
+
+def search(p: PipelineParams, work: Path, name: str) -> dict:
+    """The method's search on validation; returns the chosen hyperparameters."""
+    tuner = build_tuner(p, work / p.data.prepared_dir, work / "ray", name, callbacks=[])
+    best = select_best(tuner.fit(), p.train.epochs)
+    return {"config": best.config, "val_top1": best.metrics["val_top1"]}
+
+
+def train_and_test(p: PipelineParams, work: Path, out_name: str) -> dict:
+    """One seed: fit, keep the best-validation epoch's weights, score them once on test."""
+    train, val, test, classes, _ = load_prepared(work / p.data.prepared_dir)
+    result = fit(p, train, val, classes, work / "runs" / out_name, resume=False, keep_best=True)
+    model = result.task.model
+    model.load_state_dict(result.best_state)
+    best = max(result.history, key=lambda h: h["val_top1"])
+    predictor = Predictor(model.eval(), classes, p.train.image_size, data_config(model.encoder))
+    scores = score(predictor.predict_proba(test.images), test)
+    return {"val_top1": best["val_top1"], "best_epoch": best["epoch"], "test_top1": scores["top1"]}
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_POINTS))
+    args = parser.parse_args()
+    base = load("configs/quick.yaml" if args.quick else "params.yaml", QUICK if args.quick else FULL)
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    tag = "accuracy-quick" if args.quick else "accuracy"
+    work = Path("runs/bench") / tag
+    base.data.prepared_dir = "data/prepared"
+    base.ray.storage_path = str((work / "ray").resolve())
+    results_path = Path("bench/results") / f"{tag}.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"searches": {}, "runs": {}}
+
+    def save() -> None:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))
+
+    if not (work / "data/prepared/stats.json").exists():
+        cfg = base.data.model_copy()
+        cfg.prepared_dir = str(work / "data/prepared")
+        prepare(cfg)
+    start_ray(base)
+    started = time.time()
+    for row in args.rows:
+        p = row_params(base, row)
+        if row not in results["searches"]:
+            results["searches"][row] = search(p, work.resolve(), f"search-{row}")
+            save()
+        chosen = trial_params(p, results["searches"][row]["config"])
+        for seed in seeds:
+            key = f"{row}/seed{seed}"
+            if key not in results["runs"]:
+                chosen.train.seed = seed
+                results["runs"][key] = train_and_test(chosen, work, key.replace("/", "-"))
+                save()
+                print(f"{key}: {results['runs'][key]}", flush=True)
+    if "drtune" in results["searches"]:
+        dr = trial_params(row_params(base, "drtune"), results["searches"]["drtune"]["config"])
+        for label, switches in ABLATIONS.items():
+            for seed in seeds:
+                key = f"ablation {label}/seed{seed}"
+                if key in results["runs"] or (not switches and f"drtune/seed{seed}" in results["runs"]):
+                    continue
+                p = dr.model_copy(deep=True)
+                for switch in switches:
+                    section, field = switch.split("=")[0].split(".")
+                    setattr(getattr(p, section), field, switch.endswith("true"))
+                p.train.seed = seed
+                results["runs"][key] = train_and_test(p, work, key.replace("/", "-").replace(" ", "_"))
+                save()
+                print(f"{key}: {results['runs'][key]}", flush=True)
+    results["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}"
+    results["wall_s_this_invocation"] = round(time.time() - started, 1)
+    save()
+    report_tables(results, seeds)
+
+
+def report_tables(results: dict, seeds: list[int]) -> None:
+    """Print the method table and the ablation table (mean ± std over seeds)."""
+    runs = results["runs"]
+    print(f"\n{'method':20s} {'val top-1':>18s} {'test top-1':>18s}  chosen on validation")
+    for row, found in results["searches"].items():
+        got = [runs[f"{row}/seed{s}"] for s in seeds if f"{row}/seed{s}" in runs]
+        if got:
+            chosen = ", ".join(f"{k}={v:.3g}" for k, v in found["config"].items())
+            print(f"{row:20s} {mean_std([g['val_top1'] for g in got]):>18s} {mean_std([g['test_top1'] for g in got]):>18s}  {chosen}")
+    print(f"\n{'ablation':32s} {'test top-1':>18s}")
+    ce = [runs[f"ce/seed{s}"]["test_top1"] for s in seeds if f"ce/seed{s}" in runs]
+    if ce:
+        print(f"{'CE-tuning':32s} {mean_std(ce):>18s}")
+    for label, switches in ABLATIONS.items():
+        keys = [f"drtune/seed{s}" if not switches else f"ablation {label}/seed{s}" for s in seeds]
+        got = [runs[k]["test_top1"] for k in keys if k in runs]
+        if got:
+            print(f"{label:32s} {mean_std(got):>18s}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()

@@ -1,0 +1,156 @@
+"""Training-step cost of DR-Tune against CE-tuning, with DR-Tune's extra work broken down.
+
+    python bench/step.py                                  # Lite0 (bundled) and ResNet-50 (random), 64 px, batch 32
+    python bench/step.py --models tf_efficientnet_lite0 --image-size 96 --steps 20
+    python bench/step.py --device cuda --models resnet50 --image-size 224 --batch-size 64 128 --queue-size 2048
+
+Both methods run the same backbone, image size, batch and optimiser on the same batches, in one
+process, interleaved by model. DR-Tune uses the reference rotation schedule (every 10th step)
+and, as a second row, rotation every step. The breakdown times the pieces DR-Tune adds by
+wrapping them (frozen encoder forward, semantic calibration, the linear head: on the batch, and for
+DR-Tune also on the K bank rows) and the backward pass; "trainable forward + optimiser" is the rest. On CUDA each timed piece is
+synchronised, the step runs under bf16 autocast with channels_last, and the table adds model
+FLOP utilisation (forward + backward FLOPs counted once by torch's FlopCounterMode, over the
+card's dense bf16 peak given by --peak-tflops). Prints a table and writes
+bench/results/step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from drtune.backbones import create_backbone
+from drtune.task import FineTuneTask, TaskSettings
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timers:
+    """Wall time accumulated by named pieces of the step (synchronised on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.total: dict[str, float] = defaultdict(float)
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        inner = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            sync(self.device)
+            self.total[name] += time.perf_counter() - start
+            return out
+
+        setattr(obj, attr, timed)
+
+
+def step_flops(task: FineTuneTask, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Forward + backward FLOPs of one training step, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        task.step(task.model, x, y)["loss"].backward()
+    task.zero_grad(set_to_none=True)
+    task._pending = None
+    return float(counter.get_total_flops())
+
+
+def run(model_name: str, pretrained: str, settings: TaskSettings, batches: list, warmup: int,
+        device: torch.device) -> dict:
+    torch.manual_seed(0)
+    task = FineTuneTask(create_backbone(model_name, pretrained), 10, settings).to(device)
+    amp = device.type == "cuda"
+    if amp:
+        task.to(memory_format=torch.channels_last)
+    timers = Timers(device)
+    timers.wrap(task.model.head, "forward", "head")
+    if task.frozen is not None:
+        timers.wrap(task.frozen, "forward", "frozen forward")
+        timers.wrap(task, "_calibrated_bank", "calibration")
+        task.warm_up(batches, device)
+    opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1e-3, momentum=0.9, nesterov=True)
+    task.train()
+    flops = step_flops(task, *batches[0]) if amp else 0.0
+    steps = 0
+    for i, (x, y) in enumerate(batches + batches[:warmup]):
+        if i == warmup:
+            timers.total.clear()
+            sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = task.step(task.model, x, y)["loss"]
+        sync(device)
+        t0 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        if i >= warmup:
+            timers.total["backward"] += time.perf_counter() - t0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        task.after_step()
+        steps += i >= warmup
+    sync(device)
+    step = (time.perf_counter() - start) / steps
+    parts = {k: v / steps for k, v in timers.total.items()}
+    parts["trainable forward + optimiser"] = step - sum(parts.values())
+    return {"step_s": step, "images_per_s": len(batches[0][0]) / step, "parts_s": parts, "flops": flops}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0", "resnet50"])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32])
+    parser.add_argument("--queue-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (a multiple of 10 covers the rotation schedule)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100 SXM: 989)")
+    parser.add_argument("--out", default="bench/results/step.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name_of = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    rows = []
+    for batch in args.batch_size:
+        gen = torch.Generator().manual_seed(0)
+        batches = [(torch.randn(batch, 3, args.image_size, args.image_size, generator=gen).to(device),
+                    torch.randint(0, 10, (batch,), generator=gen).to(device)) for _ in range(args.steps)]
+        if device.type == "cuda":
+            batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+        for name in args.models:
+            pretrained = "bundled" if name == "tf_efficientnet_lite0" else "none"
+            variants = {"CE-tuning": TaskSettings(method="ce"),
+                        "DR-Tune, rotation every 10th step": TaskSettings(queue_size=args.queue_size, rotation_every=10),
+                        "DR-Tune, rotation every step": TaskSettings(queue_size=args.queue_size, rotation_every=1)}
+            results = {label: run(name, pretrained, s, batches, 2, device) for label, s in variants.items()}
+            ce = results["CE-tuning"]
+            for label, r in results.items():
+                mfu = r["flops"] / r["step_s"] / (args.peak_tflops * 1e12) if r["flops"] else None
+                rows.append({"model": name, "batch": batch, "method": label, "ratio_to_ce": r["step_s"] / ce["step_s"],
+                             "throughput_vs_ce": r["images_per_s"] / ce["images_per_s"], "mfu": mfu, **r})
+    print(f"{name_of}; {args.image_size} px, K = {args.queue_size}; seconds per step")
+    print(f"{'model':22s} {'batch':>5s} {'method':36s} {'step':>7s} {'img/s':>8s} {'× CE':>6s} {'MFU':>6s}  breakdown")
+    for r in rows:
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in r["parts_s"].items())
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"{r['model']:22s} {r['batch']:5d} {r['method']:36s} {r['step_s']:7.4f} {r['images_per_s']:8.1f} "
+              f"{r['ratio_to_ce']:6.2f} {mfu:>6s}  {parts}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": name_of, "image_size": args.image_size, "queue_size": args.queue_size,
+                               "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
