@@ -69,7 +69,7 @@ def search_space(p: PipelineParams) -> dict:
     has no backbone rate; L2-SP adds α and β, BSS η, DR-Tune λ and K.
     """
     t, method = p.tune, p.train.method
-    log = lambda r: tune.loguniform(r.low, r.high)  # noqa: E731
+    log = lambda r: tune.loguniform(r.low, r.high)
     if method == "drtune" and p.drtune.preset == "reference":
         # The authors' parametrisation: only their base rate r (train.lr_backbone) and K are free;
         # λ = K/B and the rates follow from them (drtune.config.resolve).

@@ -116,4 +116,4 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...
     return params
 
 
-__all__ = ["ConfigError", "MLflowSettings", "PipelineParams", "RaySettings", "Range", "TuneSettings", "load"]
+__all__ = ["ConfigError", "MLflowSettings", "PipelineParams", "Range", "RaySettings", "TuneSettings", "load"]

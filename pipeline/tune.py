@@ -31,9 +31,23 @@ from drtune.config import ConfigError
 from drtune.inference import save_inference_checkpoint
 from pipeline import plots
 from pipeline.prepare import load_prepared
-from pipeline.search import METRIC, build_tuner, experiment_name, search_space, select_best, start_ray
+from pipeline.search import (
+    METRIC,
+    build_tuner,
+    experiment_name,
+    search_space,
+    select_best,
+    start_ray,
+)
 from pipeline.settings import PipelineParams, load
-from pipeline.tracking import TrialRuns, connect, experiment_id, git_commit, log_params, parent_run
+from pipeline.tracking import (
+    TrialRuns,
+    connect,
+    experiment_id,
+    git_commit,
+    log_params,
+    parent_run,
+)
 
 
 def data_checksum(stats: dict) -> str:
