@@ -156,8 +156,9 @@ def start_ray(p: PipelineParams) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=p.ray.num_cpus, resources={DRIVER_RESOURCE: 10_000}, runtime_env=env, log_to_driver=False,
-                 include_dashboard=True, dashboard_host="127.0.0.1")
+        # address="local": a new private instance, never a head that `ray start` left on this machine
+        ray.init(address="local", num_cpus=p.ray.num_cpus, resources={DRIVER_RESOURCE: 10_000}, runtime_env=env,
+                 log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def trial_resources(p: PipelineParams) -> tuple[dict, int]:
