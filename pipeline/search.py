@@ -147,18 +147,37 @@ def trial_driver(config: dict, *, base: dict, prepared: str, storage: str) -> No
     run_training(p, Path(prepared), Path(storage), tune.get_context().get_trial_id(), [TuneReportCallback()])
 
 
+def _live_local_head() -> str | None:
+    """The address of a running ``ray start`` head on this machine, forgetting one that is gone.
+
+    ``ray start`` records its address in Ray's bootstrap file; a head killed without ``ray stop``
+    leaves it behind. ``ray.init()`` would then try to join the dead head, and Ray Train's
+    placement-group cleaner, which finds the cluster through that file, would never free the
+    CPUs of trials stopped by ASHA: the search would wait forever. So a stale entry is removed.
+    """
+    from ray._private import services, utils
+
+    recorded = utils.read_ray_address()
+    if not recorded:
+        return None
+    if recorded in services.find_gcs_addresses():
+        return recorded
+    Path(utils.get_ray_address_file(None)).unlink(missing_ok=True)
+    return None
+
+
 def start_ray(p: PipelineParams) -> None:
-    """Join the configured cluster (``ray.address``, RAY_ADDRESS, or the job's), else start a local one."""
+    """Join ``ray.address``, RAY_ADDRESS (set inside ``ray job submit``) or a running local head;
+    otherwise start a private local instance with ``ray.num_cpus`` and the trial-driver resource."""
     if ray.is_initialized():
         return
     env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(p.ray.start_timeout_s)}}
-    address = p.ray.address or os.environ.get("RAY_ADDRESS")
+    address = p.ray.address or os.environ.get("RAY_ADDRESS") or _live_local_head()
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        # address="local": a new private instance, never a head that `ray start` left on this machine
-        ray.init(address="local", num_cpus=p.ray.num_cpus, resources={DRIVER_RESOURCE: 10_000}, runtime_env=env,
-                 log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(num_cpus=p.ray.num_cpus, resources={DRIVER_RESOURCE: 10_000}, runtime_env=env, log_to_driver=False,
+                 include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def trial_resources(p: PipelineParams) -> tuple[dict, int]:

@@ -251,3 +251,6 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_started_here(tmp_path) -> No
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # stops only the head this test started
         head.wait(timeout=60)
+        bootstrap = Path("/tmp/ray/ray_current_cluster")  # `ray stop` would remove its address; so do we
+        if bootstrap.is_file() and bootstrap.read_text().strip().endswith(f":{gcs}"):
+            bootstrap.unlink()

@@ -151,3 +151,17 @@ def test_each_method_searches_its_own_hyperparameters(method, keys) -> None:
     trial = trial_params(p, {k: values[k] for k in keys})
     assert trial.train.lr_head == 0.2 and (method != "l2sp" or trial.baselines.l2sp_beta == 0.4)
     assert method != "bss" or trial.baselines.bss_eta == 0.05
+
+
+def test_a_dead_ray_head_left_in_the_bootstrap_file_is_forgotten(tmp_path, monkeypatch) -> None:
+    from ray._private import services, utils
+
+    from pipeline.search import _live_local_head
+
+    address_file = tmp_path / "ray_current_cluster"
+    monkeypatch.setattr(utils, "get_ray_address_file", lambda temp_dir=None: str(address_file))
+    address_file.write_text("10.0.0.1:6379")
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset({"10.0.0.1:6379"}))
+    assert _live_local_head() == "10.0.0.1:6379"  # a live head is joined
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset())
+    assert _live_local_head() is None and not address_file.exists()  # a dead one is forgotten
