@@ -1,7 +1,7 @@
 """Search efficiency: the tune stage with ASHA against the same search without early stopping.
 
     python bench/search.py            # params.yaml: 8 trials, Fashion-MNIST, Lite0 (about 25 minutes)
-    python bench/search.py --quick    # configs/quick.yaml (about 2 minutes)
+    python bench/search.py --quick --set tune.num_samples=6   # configs/quick.yaml, 6 trials (about 4 minutes)
 
 Both arms use the same trials count, sampler seed, points to evaluate and data; they run one
 after the other in one process, each in its own scratch folder (its own Ray storage and MLflow
@@ -26,6 +26,7 @@ from pipeline.settings import load
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="e.g. tune.num_samples=6")
     args = parser.parse_args()
     tag = "search-quick" if args.quick else "search"
     work = (Path("runs/bench") / tag).resolve()
@@ -35,7 +36,7 @@ def main() -> None:
         root = work / arm.replace(" ", "-")
         shutil.rmtree(root, ignore_errors=True)
         p = load("configs/quick.yaml" if args.quick else "params.yaml",
-                 [f"tune.early_stopping={str(early).lower()}", "train.progress=false",
+                 [*args.set, f"tune.early_stopping={str(early).lower()}", "train.progress=false",
                   f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
         cfg = p.data.model_copy()
         cfg.prepared_dir = str(root / p.data.prepared_dir)
