@@ -10,7 +10,6 @@ It reads no ``tune.*`` or ``drtune.*`` key, so changing the search never re-runs
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -19,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from drtune.config import ConfigError
 from drtune.inference import load_predictor
 from pipeline.evaluation import score
-from pipeline.prepare import load_prepared
+from pipeline.prepare import data_checksum, load_prepared
 from pipeline.search import run_training, start_ray, trial_params
 from pipeline.settings import PipelineParams, load
-from pipeline.tracking import connect, experiment_id, git_commit
-from pipeline.tune import data_checksum, flat
+from pipeline.stage import flat, stage_main
+from pipeline.tracking import connect, experiment_id, git_commit, log_params
 
 
 def baseline_params(p: PipelineParams) -> PipelineParams:
@@ -61,8 +59,7 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
     exp = experiment_id(client, p.experiment_name())
     run_id = client.create_run(exp, run_name=name, tags={"role": "ce-baseline", "git_commit": git_commit(root),
                                                           "data_sha256": data_sha, "dataset": p.data.dataset}).info.run_id
-    for key, value in flat(ce.model_dump(mode="json", include={"data", "model", "train"})).items():
-        client.log_param(run_id, key, value)
+    log_params(client, run_id, flat(ce.model_dump(mode="json", include={"data", "model", "train"})))
     for h in history:
         for key in ("val_top1", "val_loss", "train_loss"):
             client.log_metric(run_id, key, h[key], step=h["epoch"])
@@ -73,17 +70,8 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        summary = run(load(args.params, args.set))
-    except (ConfigError, FileNotFoundError, RuntimeError) as err:
-        print(f"baseline: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: summary[k] for k in ("val_top1", "test_top1", "wall_s")}))
-    return 0
+    return stage_main("baseline", __doc__, argv, lambda path, sets: run(load(path, sets)),
+                      lambda s: json.dumps({k: s[k] for k in ("val_top1", "test_top1", "wall_s")}))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ folder and swapped in only when complete, so a failed run leaves the previous ou
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 from drtune.config import ConfigError, DataConfig, load_params
 from drtune.data import ArraySplit
 from drtune.sources import load_splits
+from pipeline.stage import stage_main
 
 
 def _sha256(split: ArraySplit) -> str:
@@ -62,30 +62,34 @@ def prepare(cfg: DataConfig) -> dict:
     return stats
 
 
+def prepared_stats(folder: str | Path) -> dict:
+    """``stats.json`` of a prepared dataset (no image is read)."""
+    path = Path(folder) / "stats.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(folder)} holds no prepared dataset: run `python -m pipeline.prepare` first")
+    return json.loads(path.read_text())
+
+
+def data_checksum(stats: dict) -> str:
+    """One checksum of the prepared splits (from ``stats.json``)."""
+    return "-".join(stats["sha256"][k][:16] for k in ("train", "val", "test"))
+
+
 def load_prepared(folder: str | Path) -> tuple[ArraySplit, ArraySplit, ArraySplit, list[str], dict]:
     """(train, val, test, classes, stats) as written by :func:`prepare`."""
     folder = Path(folder)
-    if not (folder / "stats.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no prepared dataset: run `python -m pipeline.prepare` first")
+    stats = prepared_stats(folder)
     splits = []
     for name in ("train", "val", "test"):
         with np.load(folder / f"{name}.npz") as z:
             splits.append(ArraySplit(z["images"], z["labels"]))
-    return (*splits, json.loads((folder / "classes.json").read_text()), json.loads((folder / "stats.json").read_text()))
+    return (*splits, json.loads((folder / "classes.json").read_text()), stats)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        stats = prepare(load_params(args.params, args.set).data)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"prepare: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: stats["counts"][k] for k in ("train", "val", "test")}))
-    return 0
+    return stage_main("prepare", __doc__, argv, lambda path, sets: prepare(load_params(path, sets).data),
+                      lambda stats: json.dumps({k: stats["counts"][k] for k in ("train", "val", "test")}),
+                      errors=(ConfigError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

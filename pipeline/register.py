@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import shutil
 import sys
@@ -28,13 +26,13 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from drtune.config import ConfigError
 from drtune.inference import load_predictor
 from pipeline import plots
 from pipeline.evaluation import score
 from pipeline.prepare import load_prepared
 from pipeline.serving import SIGNATURE, DRTuneClassifier
 from pipeline.settings import PipelineParams, load
+from pipeline.stage import stage_main, write_csv
 from pipeline.tracking import connect
 
 CODE_PATHS = [str(Path(__file__).resolve().parents[1] / "drtune"), str(Path(__file__).resolve().parent)]
@@ -107,11 +105,8 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
         if champion_top1 is not None:
             mlflow.log_metric("champion_test_top1_before", champion_top1)
 
-    proba_rows = [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(test.labels, scores["predicted"], strict=True)]
-    with (root / "metrics" / "test_predictions.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["actual", "predicted"])
-        writer.writeheader()
-        writer.writerows(proba_rows)
+    write_csv(root / "metrics" / "test_predictions.csv",
+              [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(test.labels, scores["predicted"], strict=True)])
     summary = {"test_top1": scores["top1"], "test_top5": scores["top5"], "n_test": scores["n"],
                "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift, "registered_model": name,
                "version": version, "champion_before": version_before, "champion_test_top1_before": champion_top1,
@@ -127,18 +122,9 @@ def _requirements() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        s = run(load(args.params, args.set))
-    except (ConfigError, FileNotFoundError, RuntimeError) as err:
-        print(f"register: {err}", file=sys.stderr)
-        return 2
-    print(f"test top-1 {s['test_top1']:.4f} (CE-tuning {s['ce_baseline_test_top1']:.4f}, lift {s['lift_over_ce']:+.4f}); "
-          f"{s['registered_model']} v{s['version']} @challenger; {s['decision']}")
-    return 0
+    return stage_main("register", __doc__, argv, lambda path, sets: run(load(path, sets)), lambda s: (
+        f"test top-1 {s['test_top1']:.4f} (CE-tuning {s['ce_baseline_test_top1']:.4f}, lift {s['lift_over_ce']:+.4f}); "
+        f"{s['registered_model']} v{s['version']} @challenger; {s['decision']}"))
 
 
 if __name__ == "__main__":

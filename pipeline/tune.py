@@ -15,11 +15,8 @@ same search was interrupted, resumes. Outputs:
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,10 +24,9 @@ from pathlib import Path
 import torch
 from ray.tune import Callback
 
-from drtune.config import ConfigError
 from drtune.inference import save_inference_checkpoint
 from pipeline import plots
-from pipeline.prepare import load_prepared
+from pipeline.prepare import data_checksum, prepared_stats
 from pipeline.search import (
     METRIC,
     build_tuner,
@@ -40,6 +36,7 @@ from pipeline.search import (
     start_ray,
 )
 from pipeline.settings import PipelineParams, load
+from pipeline.stage import flat, stage_main, write_csv
 from pipeline.tracking import (
     TrialRuns,
     connect,
@@ -48,21 +45,6 @@ from pipeline.tracking import (
     log_params,
     parent_run,
 )
-
-
-def data_checksum(stats: dict) -> str:
-    """One checksum of the prepared splits (from ``stats.json``)."""
-    return "-".join(stats["sha256"][k][:16] for k in ("train", "val", "test"))
-
-
-def flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class Progress(Callback):
@@ -81,18 +63,10 @@ class Progress(Callback):
         print(f"trial {trial.trial_id} failed (its error is in the trial's MLflow run); the search goes on", flush=True)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(p: PipelineParams, root: Path = Path(".")) -> dict:
     """Run (or resume) the search and write the stage's outputs under ``root``."""
     prepared = (root / p.data.prepared_dir).resolve()
-    *_, stats = load_prepared(prepared)
-    data_sha = data_checksum(stats)
+    data_sha = data_checksum(prepared_stats(prepared))
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     space = search_space(p)  # validates tune.points_to_evaluate before Ray starts
     start_ray(p)
@@ -129,8 +103,8 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
         rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in keys},
                      "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
     curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
-    _write_csv(metrics_dir / "tune_curve.csv", curve)
-    _write_csv(metrics_dir / "landscape.csv", rows)
+    write_csv(metrics_dir / "tune_curve.csv", curve)
+    write_csv(metrics_dir / "landscape.csv", rows)
     plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best trial {best.trial_id}")
     plots.search_landscape(rows, keys, plots_dir / "landscape.png")
     summary = {
@@ -148,26 +122,9 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
     return summary
 
 
-def _terminate_as_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    try:
-        summary = run(load(args.params, args.set))
-    except (ConfigError, FileNotFoundError, RuntimeError) as err:
-        print(f"tune: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print(f"tune: {err or 'interrupted'}; run it again to resume", file=sys.stderr)
-        return 130
-    print(json.dumps({k: summary[k] for k in ("best_trial", "best_val_top1", "completed", "stopped_early", "failed", "wall_s")}))
-    return 0
+    return stage_main("tune", __doc__, argv, lambda path, sets: run(load(path, sets)), lambda s: json.dumps(
+        {k: s[k] for k in ("best_trial", "best_val_top1", "completed", "stopped_early", "failed", "wall_s")}))
 
 
 if __name__ == "__main__":
