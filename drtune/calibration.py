@@ -27,6 +27,8 @@ full D×D SVD:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,9 +38,10 @@ def procrustes_rotate(pre: Tensor, down: Tensor) -> Tensor:
     """Centre both banks and rotate the pretrained rows onto the downstream rows (Kabsch).
 
     Returns ``X_c Rᵀ = X_c · polar(S)`` with ``R = V diag(1, …, 1, det(V Uᵀ)) Uᵀ`` for
-    ``S = X_cᵀ Y_c = U Σ Vᵀ``: the reference's rotated features, without forming ``R``.
+    ``S = X_cᵀ Y_c = U Σ Vᵀ``: the reference's rotated features (a new tensor).
     The SVD is never replaced by an eigenproblem of ``SᵀS``: squaring the singular values costs
-    float32 half its digits, and the small ones decide the rotation.
+    float32 half its digits, and the small ones decide the rotation (measured at K = D = 2048:
+    eigh in float32 is 1.8× faster than the SVD but 4e-2 off; in float64 it is no faster).
     """
     k, d = pre.shape
     x = pre - pre.mean(dim=0)
@@ -55,9 +58,12 @@ def procrustes_rotate(pre: Tensor, down: Tensor) -> Tensor:
     s = x.T @ y
     u, _, vh = torch.linalg.svd(s)
     # Reflection fix: det(V Uᵀ) = sign det S; flip the direction of the smallest singular value.
-    fix = torch.ones(d, dtype=s.dtype, device=s.device)
-    fix[-1] = torch.sign(torch.linalg.det(s))
-    return (x @ (u * fix)) @ vh
+    # Kept even for K ≤ D, where that direction is a null direction of X_c in exact arithmetic:
+    # in float32 the two smallest singular pairs of S sit at rounding level and mix, and
+    # skipping the flip moves the output 3e-4 away from the reference's (K = D = 2048).
+    u[:, -1] *= torch.sign(torch.linalg.det(s))
+    # polar(S) first (D³) and one K × D × D product, rather than two K × D × D products.
+    return x @ (u @ vh)
 
 
 # Below this K/D ratio the two thin QRs and the K × K SVD beat one D × D SVD (measured on CPU:
@@ -82,6 +88,50 @@ def procrustes_rotation_matrix(pre: Tensor, down: Tensor) -> Tensor:
     return ((v * fix) @ u.T).to(dtype)
 
 
+def class_shifts(pre: Tensor, down: Tensor, labels: Tensor, head_weight: Tensor, *, confidence: bool = True) -> Tensor:
+    """``μ_d(c) − μ_p(c)`` for every class (Eq. 12-13): a ``C × D`` table, one pass over the banks.
+
+    ``μ_p(c)`` is the plain mean of class ``c``'s pretrained rows, ``μ_d(c)`` the mean of its
+    downstream rows (L2-normalised) weighted by ``softmax_k cos(v_d_k, W_c)`` within the class.
+    Class sums are segment sums (``index_add_``) over row blocks that stay in cache, so no
+    ``K × D`` temporary is ever allocated. A class absent from ``labels`` gets a zero shift.
+    """
+    num_classes, dim = head_weight.shape
+    count = torch.bincount(labels, minlength=num_classes).to(pre.dtype)
+    sum_pre = torch.zeros(num_classes, dim, dtype=pre.dtype, device=pre.device)
+    sum_down = torch.zeros_like(sum_pre)
+    weight = torch.ones_like(labels, dtype=pre.dtype)
+    w_hat = F.normalize(head_weight.to(pre.dtype), dim=1)
+    for rows in _blocks(pre):
+        lab, dn = labels[rows], down[rows]
+        sum_pre.index_add_(0, lab, pre[rows])
+        if confidence:
+            # cos(v_d, W_c) ∈ [-1, 1], so exp() cannot overflow and the usual max-subtraction of
+            # a softmax is unnecessary.
+            weight[rows] = torch.exp(_row_dots(dn, w_hat, lab))
+            dn = dn * weight[rows].unsqueeze(1)
+        sum_down.index_add_(0, lab, dn)
+    mass = torch.zeros_like(count).index_add_(0, labels, weight) if confidence else count
+    mu_down = sum_down / mass.clamp(min=torch.finfo(pre.dtype).tiny).unsqueeze(1)
+    return mu_down - sum_pre / count.clamp(min=1).unsqueeze(1)
+
+
+def _row_dots(rows: Tensor, table: Tensor, index: Tensor) -> Tensor:
+    """``rows[k] · table[index[k]]`` for every ``k``, without gathering a ``K × D`` copy of ``table``.
+
+    A sampled dense-dense product (SDDMM) on a ``K × C`` pattern with one entry per row: 5×
+    faster than gather + row-wise dot at K = D = 2048 on CPU. On a GPU the gather is cheap and
+    used instead.
+    """
+    if rows.device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            crow = torch.arange(rows.shape[0] + 1, device=rows.device)
+            pattern = torch.sparse_csr_tensor(crow, index, torch.zeros_like(rows[:, 0]), size=(rows.shape[0], table.shape[0]))
+            return torch.sparse.sampled_addmm(pattern, rows, table.T).values()
+    return torch.linalg.vecdot(rows, table.index_select(0, index))
+
+
 def class_translation(
     pre: Tensor, down: Tensor, labels: Tensor, head_weight: Tensor, *, confidence: bool = True
 ) -> Tensor:
@@ -90,22 +140,30 @@ def class_translation(
     ``down`` rows must be L2-normalised. Classes absent from ``labels`` are untouched (nothing
     indexes them); a class with one entry moves exactly onto its downstream feature.
     """
-    num_classes, dim = head_weight.shape
-    ones = torch.ones_like(labels, dtype=pre.dtype)
-    count = torch.zeros(num_classes, dtype=pre.dtype, device=pre.device).index_add_(0, labels, ones)
-    sum_pre = torch.zeros(num_classes, dim, dtype=pre.dtype, device=pre.device).index_add_(0, labels, pre)
-    mu_pre = sum_pre / count.clamp(min=1).unsqueeze(1)
-    if confidence:
-        # softmax within each class of cos(v_d, W_c); cos ∈ [-1, 1], so exp() cannot overflow
-        # and the usual max-subtraction is unnecessary.
-        w_rows = F.normalize(head_weight.to(pre.dtype), dim=1)[labels]
-        weight = torch.exp((down * w_rows).sum(dim=1))
-    else:
-        weight = ones
-    mass = torch.zeros(num_classes, dtype=pre.dtype, device=pre.device).index_add_(0, labels, weight)
-    sum_down = torch.zeros_like(sum_pre).index_add_(0, labels, down * weight.unsqueeze(1))
-    mu_down = sum_down / mass.clamp(min=torch.finfo(pre.dtype).tiny).unsqueeze(1)
-    return pre + (mu_down - mu_pre)[labels]
+    return pre + class_shifts(pre, down, labels, head_weight, confidence=confidence).index_select(0, labels)
+
+
+def _shift_and_rescale(rows: Tensor, shift: Tensor | None, labels: Tensor, scale: float | Tensor, out: Tensor) -> Tensor:
+    """``out = scale · normalize(rows + shift[labels])``, block by block (``out`` may be ``rows``)."""
+    for block in _blocks(rows):
+        o = out[block]
+        if shift is None:
+            o.copy_(rows[block])
+        else:
+            torch.add(rows[block], shift.index_select(0, labels[block]), out=o)
+        o.mul_(scale / torch.linalg.vector_norm(o, dim=1, keepdim=True).clamp(min=1e-12))
+    return out
+
+
+# Rows per block: blocks of about 2²⁰ floats (4 MiB) keep a bank pass's temporaries in cache.
+# Measured on a 2-core CPU: as fast as one whole-bank pass at K = 2048 and 2-3× faster at
+# K = 8192, where whole-bank temporaries exceed the cache and glibc's mmap threshold.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _blocks(rows: Tensor) -> list[slice]:
+    step = max(1, _BLOCK_ELEMENTS // rows.shape[1])
+    return [slice(i, i + step) for i in range(0, rows.shape[0], step)]
 
 
 @torch.no_grad()
@@ -121,6 +179,7 @@ def semantic_calibrate(
     confidence: bool = True,
     normalized: bool = False,
     rotation: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Calibrated pretrained features ``v̂`` (K × D) for the DR term, as in the reference code.
 
@@ -137,15 +196,21 @@ def semantic_calibrate(
             skips two K × D normalisations.
         rotation: a precomputed D × D rotation ``R`` to apply instead of computing one (used to
             reuse the last rotation between recomputations). Ignored when ``rotate`` is False.
+        out: a K × D tensor to write the result into (a training loop reuses one every step:
+            a fresh K × D result costs a page fault per 4 KiB on first write, 16 ms at
+            K = 8192, D = 2048 on a 2-core CPU). It must not alias the banks.
     """
     if not normalized:
         pre_bank = F.normalize(pre_bank, dim=1)
         down_bank = F.normalize(down_bank, dim=1)
+    rotated = rotate
     if rotate:
         if rotation is None:
             pre_bank = procrustes_rotate(pre_bank, down_bank)
         else:
             pre_bank = (pre_bank - pre_bank.mean(dim=0)) @ rotation.T
-    if translate:
-        pre_bank = class_translation(pre_bank, down_bank, labels, head_weight, confidence=confidence)
-    return F.normalize(pre_bank, dim=1) * scale
+    shift = class_shifts(pre_bank, down_bank, labels, head_weight, confidence=confidence) if translate else None
+    if out is None:
+        # A rotated bank is this function's own temporary, so it is rescaled in place.
+        out = pre_bank if rotated else torch.empty_like(pre_bank)
+    return _shift_and_rescale(pre_bank, shift, labels, scale, out)

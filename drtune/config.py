@@ -80,6 +80,10 @@ class DRTuneConfig(Section):
     confidence: bool = True
     rotation_every: int = Field(10, ge=0, le=1_000_000, description="0 = never rotate")
     rotation_between: Literal["skip", "reuse"] = "skip"
+    pretrained_features: Literal["online", "cached"] = Field(
+        "online", description="online: the frozen encoder sees each augmented batch (the paper); cached: "
+        "features of the un-augmented training images, computed once (no extra forward pass per step)"
+    )
 
 
 class BaselinesConfig(Section):
@@ -161,7 +165,7 @@ def resolve(params: Params, world_size: int = 1) -> tuple[Params, TaskSettings]:
     settings = TaskSettings(
         method=params.train.method, lam=params.drtune.lam, queue_size=dr.queue_size, dr=dr.dr, sc=dr.sc,
         rotate=dr.rotate, translate=dr.translate, confidence=dr.confidence, rotation_every=dr.rotation_every,
-        rotation_between=dr.rotation_between, l2sp_alpha=b.l2sp_alpha, l2sp_beta=b.l2sp_beta,
+        rotation_between=dr.rotation_between, cached_features=dr.pretrained_features == "cached", l2sp_alpha=b.l2sp_alpha, l2sp_beta=b.l2sp_beta,
         bss_eta=b.bss_eta, bss_k=b.bss_k,
     )
     return params, settings

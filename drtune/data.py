@@ -36,19 +36,24 @@ class ArraySplit:
 
 
 class ImageArrayDataset(Dataset):
-    """Serves (transformed image, label); grey images become three channels."""
+    """Serves (transformed image, label) — or (image, label, index) with ``with_index`` — and
+    turns grey images into three channels. The index lets a task look up per-image state, such
+    as cached pretrained features."""
 
-    def __init__(self, split: ArraySplit, transform: T.Transform) -> None:
+    def __init__(self, split: ArraySplit, transform: T.Transform, with_index: bool = False) -> None:
         self.split = split
         self.transform = transform
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         img = torch.from_numpy(np.ascontiguousarray(self.split.images[i])).permute(2, 0, 1)
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
+        if self.with_index:
+            return self.transform(img), int(self.split.labels[i]), i
         return self.transform(img), int(self.split.labels[i])
 
 
@@ -75,11 +80,13 @@ def build_loader(
     seed: int = 0,
     num_workers: int = 0,
     distributed: bool = False,
+    with_index: bool = False,
 ) -> DataLoader:
     """A loader over ``split``. Training loaders shuffle with a seeded generator and drop the last
     partial batch, so every rank enqueues the same number of rows; set the epoch with
-    :func:`set_epoch` for a different, reproducible order each epoch."""
-    dataset = ImageArrayDataset(split, build_transform(data_cfg, image_size, train))
+    :func:`set_epoch` for a different, reproducible order each epoch. ``with_index`` adds each
+    image's position in ``split`` to the batch: ``(x, y, index)``."""
+    dataset = ImageArrayDataset(split, build_transform(data_cfg, image_size, train), with_index)
     generator = torch.Generator().manual_seed(seed)
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)

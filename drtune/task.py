@@ -4,6 +4,9 @@ One training step of DR-Tune (paper Sec. 3, Alg. 1) reads, top to bottom, in :me
 
 1. ``z_d = f_d(x)``, ``logits = g(z_d)`` — the trainable classifier (the only DDP-wrapped part);
 2. ``z_p = f_p(x)`` — the frozen pretrained encoder on the *same* augmented images (eval, no grad);
+   with ``cached_features`` it is looked up instead: ``f_p`` of the un-augmented image, computed
+   once before training (:meth:`FineTuneTask.cache_pretrained_features`), which removes the one
+   extra forward pass DR-Tune adds to a CE-tuning step;
 3. ``v̂ = SC(M_p, M_d, y_bank)`` — semantic calibration of the bank as it was *before* this batch;
 4. ``loss = CE(logits, y) + λ · CE(g(v̂), y_bank)`` — DR gradients reach only the head, since
    ``v̂`` is a constant;
@@ -43,6 +46,7 @@ class TaskSettings:
     confidence: bool = True  # SC part: confidence-weighted downstream class centres
     rotation_every: int = 10  # recompute the rotation every N steps (10 = reference)
     rotation_between: Literal["skip", "reuse"] = "skip"  # steps in between: no rotation | last one
+    cached_features: bool = False  # z_p from a per-image cache of un-augmented features, not f_p(x)
     l2sp_alpha: float = 0.01
     l2sp_beta: float = 0.01
     bss_eta: float = 0.001
@@ -89,6 +93,10 @@ class FineTuneTask(nn.Module):
         else:
             self.rotation = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # Not a buffer: a deterministic function of the frozen encoder and the training split,
+        # rebuilt on resume rather than stored in every checkpoint.
+        self.feature_cache: Tensor | None = None
+        self._calibrated: Tensor | None = None  # reused output of SC: no fresh K × D tensor per step
         self._pending: tuple[Tensor, Tensor, Tensor] | None = None
 
     def train(self, mode: bool = True) -> FineTuneTask:
@@ -119,21 +127,46 @@ class FineTuneTask(nn.Module):
                 self.rotation.copy_(procrustes_rotation_matrix(bank.pre, bank.down))
                 self.has_rotation.fill_(True)
             rotation = self.rotation
+        if self._calibrated is None or self._calibrated.device != bank.pre.device:
+            self._calibrated = torch.empty_like(bank.pre)
+        # The previous step's backward, which read this buffer, has already run.
         return semantic_calibrate(
             bank.pre, bank.down, bank.labels, self.model.head.weight.detach(), scale,
             rotate=(due or rotation is not None), translate=s.translate, confidence=s.confidence,
-            normalized=True, rotation=rotation,
+            normalized=True, rotation=rotation, out=self._calibrated,
         )
 
-    def step(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Forward and loss for one batch. ``model`` is ``self.model`` or its DDP wrapper."""
+    @torch.no_grad()
+    def cache_pretrained_features(self, loader, device: torch.device) -> int:
+        """Fill :attr:`feature_cache` with ``f_p`` of every image ``loader`` yields as ``(x, y, index)``.
+
+        ``loader`` should apply the evaluation transform (no augmentation) and cover the training
+        split once; row ``i`` of the cache is image ``i``. Returns the number of rows.
+        """
+        cache = torch.zeros(len(loader.dataset), self.model.encoder.num_features, device=device)
+        for x, _, index in loader:
+            cache[index.to(device)] = self.frozen(x.to(device)).float()
+        self.feature_cache = cache
+        return len(cache)
+
+    def _pretrained_features(self, x: Tensor, index: Tensor | None) -> Tensor:
+        """``z_p`` of a batch: the frozen encoder on ``x``, or the cached rows of ``index``."""
+        if self.settings.cached_features:
+            if self.feature_cache is None or index is None:
+                raise RuntimeError("cached_features needs cache_pretrained_features() and each batch's index")
+            return self.feature_cache[index.to(self.feature_cache.device)]
+        with torch.no_grad():
+            return self.frozen(x)
+
+    def step(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
+        """Forward and loss for one batch. ``model`` is ``self.model`` or its DDP wrapper; ``index``
+        (the images' positions in the training split) is needed only with cached features."""
         s = self.settings
         features, logits = model(x, return_features=True)
         loss = ce = nn.functional.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "ce": ce}
         if s.method == "drtune":
-            with torch.no_grad():
-                z_p = self.frozen(x)
+            z_p = self._pretrained_features(x, index)
             if s.dr:
                 calibrated = self._calibrated_bank(features)
                 loss, _, out["reg"] = dr_tune_loss(logits, y, self.model.head(calibrated), self.bank.labels, s.lam)
@@ -163,15 +196,16 @@ class FineTuneTask(nn.Module):
         """Fill the bank with pretrained features (both banks), looping over ``loader`` until full.
 
         The reference stops after one pass, which leaves random slots when the dataset has fewer
-        than K images; this loops instead. Returns the number of batches used.
+        than K images; this loops instead. ``loader`` yields ``(x, y)`` or ``(x, y, index)``
+        (the index is needed with cached features). Returns the number of batches used.
         """
         if self.bank is None:
             return 0
         batches = 0
         while not self.bank.full:
-            for x, y in loader:
+            for x, y, *index in loader:
                 x, y = x.to(device), y.to(device)
-                z_p = self.frozen(x)
+                z_p = self._pretrained_features(x, index[0] if index else None)
                 self.bank.enqueue(z_p, z_p, y)
                 batches += 1
                 if self.bank.full:

@@ -185,10 +185,17 @@ def fit(
         dump(resolved, out / "config.yaml")
 
     loader_args = dict(image_size=t.image_size, seed=t.seed, num_workers=t.num_workers, distributed=distributed)
-    train_loader = build_loader(train, dcfg, batch_size=t.batch_size, train=True, **loader_args)
+    train_loader = build_loader(train, dcfg, batch_size=t.batch_size, train=True, with_index=True, **loader_args)
     val_loader = build_loader(val, dcfg, batch_size=max(t.batch_size, 64), train=False, **loader_args)
     if len(train_loader) == 0:
         raise ValueError(f"train.batch_size = {t.batch_size} exceeds the {len(train) // world} training images per worker")
+
+    if task.settings.cached_features:
+        # Every rank encodes the whole split once (un-augmented, eval transform): the cache is
+        # indexed by position in the split, and the distributed sampler visits all of it.
+        plain = build_loader(train, dcfg, image_size=t.image_size, batch_size=max(t.batch_size, 64), train=False,
+                             num_workers=t.num_workers, with_index=True)
+        task.cache_pretrained_features(plain, device)
 
     start_epoch, result = 0, FitResult()
     ckpt = out / "last.pt"
@@ -212,12 +219,12 @@ def fit(
         set_epoch(train_loader, t.seed, epoch)
         totals = torch.zeros(3, dtype=torch.float64)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not show, leave=False)
-        for x, y in bar:
+        for x, y, index in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out_step = task.step(model, x, y)
+                out_step = task.step(model, x, y, index)
             loss = out_step["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {int(task.steps)}")

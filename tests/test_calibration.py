@@ -80,6 +80,23 @@ def test_reflection_fix_is_applied() -> None:
     assert rel_err(rotated, y - y.mean(0)) > 0.05
 
 
+@pytest.mark.parametrize("k,d", [(48, 48), (44, 48)])
+def test_mirrored_bank_with_k_at_most_d_matches_reference(k: int, d: int) -> None:
+    """det(V Uᵀ) < 0 with K ≤ D, on the full-SVD path (K ≥ 0.8 D): the flip agrees with the reference's."""
+    gen = torch.Generator().manual_seed(2)  # a seed where the reference's SVD does flip
+    pre = torch.randn(k, d, generator=gen)
+    mirror = torch.eye(d)
+    mirror[0, 0] = -1
+    down = pre @ mirror + 0.05 * torch.randn(k, d, generator=gen)
+    x, y = F.normalize(pre, dim=1).double(), F.normalize(down, dim=1).double()
+    u, _, vh = torch.linalg.svd((x - x.mean(0)).T @ (y - y.mean(0)))
+    assert torch.linalg.det(vh.T @ u.T) < 0  # the reference flips its last singular direction here
+    ours = semantic_calibrate(pre, down, torch.zeros(k, dtype=torch.long), torch.randn(1, d), 1.0, translate=False)
+    ref = reference_semantic_calibrate(pre.double(), down.double(), torch.zeros(k, dtype=torch.long),
+                                       torch.randn(1, d).double(), 1.0, translate=False)
+    assert rel_err(ours, ref) <= 1e-4
+
+
 @pytest.mark.parametrize("k,d", [(500, 32), (40, 64)])
 def test_planted_rotation_is_recovered(k: int, d: int) -> None:
     """down = R_true · pre (centred): the rotated pretrained bank lands exactly on the downstream bank."""

@@ -183,3 +183,24 @@ def test_reused_rotation_is_recomputed_on_schedule(tiny_encoder) -> None:
     assert not torch.equal(seen[2], seen[3])  # step 3: recomputed from the drifted bank
     assert torch.allclose(seen[3] @ seen[3].T, torch.eye(16), atol=1e-5)
     assert "rotation" in task.state_dict()
+
+
+def test_cached_features_replace_the_frozen_forward_pass(tiny_encoder) -> None:
+    task = _task(tiny_encoder, queue_size=8, cached_features=True)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 3, 8, 8, generator=gen), torch.arange(10) % 3
+    plain = DataLoader(TensorDataset(x, y, torch.arange(10)), batch_size=4)
+    assert task.cache_pretrained_features(plain, torch.device("cpu")) == 10
+    with torch.no_grad():
+        assert torch.allclose(task.feature_cache, task.frozen(x), atol=1e-6)
+    calls = []
+    task.frozen.register_forward_hook(lambda *_: calls.append(1))
+    shuffled = DataLoader(TensorDataset(x, y, torch.arange(10)), batch_size=4, shuffle=True, drop_last=True, generator=gen)
+    task.warm_up(shuffled, torch.device("cpu"))
+    index = torch.tensor([7, 2, 5, 0])
+    augmented = x[index] + 0.1 * torch.randn(4, 3, 8, 8, generator=gen)
+    task.step(task.model, augmented, y[index], index)["loss"].backward()
+    assert calls == []  # neither warm-up nor the step ran the frozen encoder
+    assert torch.equal(task._pending[0], task.feature_cache[index])  # z_p of the un-augmented images
+    with pytest.raises(RuntimeError, match="index"):
+        task.step(task.model, augmented, y[index])
