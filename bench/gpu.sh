@@ -3,9 +3,10 @@
 #   bash bench/gpu.sh [OUT_DIR]
 # Needs only torch, torchvision and timm (the GPU image has them) and this repository: ResNet-50
 # with random weights at 224 px, batch 64 and 128, K = 2048, bf16 autocast, channels_last.
-# Prints images/s of CE-tuning and DR-Tune (rotation every 10th step and every step), DR-Tune's
-# step breakdown (the calibration time per step with rotation every step is its "calibration"
-# column), the ratio to CE-tuning, and model FLOP utilisation; writes OUT_DIR/gpu_step.json.
+# Prints images/s of CE-tuning and DR-Tune (rotation every 10th step, every step, and with cached
+# pretrained features), DR-Tune's step breakdown (the calibration time per step with rotation
+# every step is its "calibration" column), the ratio to CE-tuning, and model FLOP utilisation;
+# writes OUT_DIR/gpu_step.json.
 # Goal: DR-Tune at >= 70% of CE-tuning's images/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,7 +6,8 @@
 
 Both methods run the same backbone, image size, batch and optimiser on the same batches, in one
 process, interleaved by model. DR-Tune uses the reference rotation schedule (every 10th step)
-and, as a second row, rotation every step. The breakdown times the pieces DR-Tune adds by
+and, as a second row, rotation every step; a third row takes the pretrained features from a
+cache built before training (``drtune.pretrained_features: cached``: no frozen forward per step). The breakdown times the pieces DR-Tune adds by
 wrapping them (frozen encoder forward, semantic calibration, the linear head: on the batch, and for
 DR-Tune also on the K bank rows) and the backward pass; "trainable forward + optimiser" is the rest. On CUDA each timed piece is
 synchronised, the step runs under bf16 autocast with channels_last, and the table adds model
@@ -25,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from drtune.backbones import create_backbone
 from drtune.task import FineTuneTask, TaskSettings
@@ -56,12 +58,12 @@ class Timers:
         setattr(obj, attr, timed)
 
 
-def step_flops(task: FineTuneTask, x: torch.Tensor, y: torch.Tensor) -> float:
+def step_flops(task: FineTuneTask, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> float:
     """Forward + backward FLOPs of one training step, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        task.step(task.model, x, y)["loss"].backward()
+        task.step(task.model, x, y, index)["loss"].backward()
     task.zero_grad(set_to_none=True)
     task._pending = None
     return float(counter.get_total_flops())
@@ -79,18 +81,21 @@ def run(model_name: str, pretrained: str, settings: TaskSettings, batches: list,
     if task.frozen is not None:
         timers.wrap(task.frozen, "forward", "frozen forward")
         timers.wrap(task, "_calibrated_bank", "calibration")
+        if settings.cached_features:  # built once before training; not part of the step
+            task.cache_pretrained_features(DataLoader(TensorDataset(*map(torch.cat, zip(*batches))), batch_size=64),
+                                           device)
         task.warm_up(batches, device)
     opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1e-3, momentum=0.9, nesterov=True)
     task.train()
     flops = step_flops(task, *batches[0]) if amp else 0.0
     steps = 0
-    for i, (x, y) in enumerate(batches + batches[:warmup]):
+    for i, (x, y, index) in enumerate(batches + batches[:warmup]):
         if i == warmup:
             timers.total.clear()
             sync(device)
             start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = task.step(task.model, x, y)["loss"]
+            loss = task.step(task.model, x, y, index)["loss"]
         sync(device)
         t0 = time.perf_counter()
         loss.backward()
@@ -125,14 +130,17 @@ def main() -> None:
     for batch in args.batch_size:
         gen = torch.Generator().manual_seed(0)
         batches = [(torch.randn(batch, 3, args.image_size, args.image_size, generator=gen).to(device),
-                    torch.randint(0, 10, (batch,), generator=gen).to(device)) for _ in range(args.steps)]
+                    torch.randint(0, 10, (batch,), generator=gen).to(device),
+                    torch.arange(i * batch, (i + 1) * batch, device=device)) for i in range(args.steps)]
         if device.type == "cuda":
-            batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+            batches = [(x.contiguous(memory_format=torch.channels_last), y, i) for x, y, i in batches]
         for name in args.models:
             pretrained = "bundled" if name == "tf_efficientnet_lite0" else "none"
             variants = {"CE-tuning": TaskSettings(method="ce"),
                         "DR-Tune, rotation every 10th step": TaskSettings(queue_size=args.queue_size, rotation_every=10),
-                        "DR-Tune, rotation every step": TaskSettings(queue_size=args.queue_size, rotation_every=1)}
+                        "DR-Tune, rotation every step": TaskSettings(queue_size=args.queue_size, rotation_every=1),
+                        "DR-Tune, cached features, rot. /10": TaskSettings(queue_size=args.queue_size, rotation_every=10,
+                                                                            cached_features=True)}
             results = {label: run(name, pretrained, s, batches, 2, device) for label, s in variants.items()}
             ce = results["CE-tuning"]
             for label, r in results.items():

@@ -30,8 +30,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_continues_exactly_where_it_stopped(tmp_path) -> None:
-    params = load_params(None, QUICK)
+@pytest.mark.parametrize("features", ["online", "cached"])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, features: str) -> None:
+    params = load_params(None, [*QUICK, f"drtune.pretrained_features={features}"])
     train, val, classes = _data()
     full = fit(params, train, val, classes, tmp_path / "full", resume=False).history
 

@@ -1,0 +1,94 @@
+"""Render the benchmark results in ``bench/results/`` as the Markdown tables the README shows.
+
+    python bench/report.py            # every result file present
+    python bench/report.py step       # one of: accuracy, calibration, step, search
+
+The README's tables are pasted from this output, so no number is copied by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from accuracy import ABLATIONS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def accuracy(res: dict) -> None:
+    runs = res["runs"]
+    seeds = sorted({key.rsplit("/seed", 1)[1] for key in runs})
+
+    def of(prefix: str) -> list[dict]:
+        return [runs[f"{prefix}/seed{s}"] for s in seeds if f"{prefix}/seed{s}" in runs]
+
+    print("| method | validation top-1 | test top-1 | chosen on validation |\n|---|---|---|---|")
+    for row, found in res["searches"].items():
+        got = of(row)
+        if got:
+            chosen = ", ".join(f"{k} {v:.3g}" for k, v in found["config"].items())
+            print(f"| {row} | {_mean_std([g['val_top1'] for g in got])} | {_mean_std([g['test_top1'] for g in got])} | {chosen} |")
+    print("\n| ablation (at DR-Tune's setting) | test top-1 |\n|---|---|")
+    if of("ce"):
+        print(f"| CE-tuning | {_mean_std([g['test_top1'] for g in of('ce')])} |")
+    for label, switches in ABLATIONS.items():
+        got = of("drtune" if not switches else f"ablation {label}")
+        if got:
+            print(f"| {label} | {_mean_std([g['test_top1'] for g in got])} |")
+
+
+def calibration(res: dict) -> None:
+    print(f"torch {res['torch']}, {res['threads']} threads; seconds per call\n")
+    print("| K | D | C | ref, rotation | ours, rotation | ratio | ref, no rotation | ours | ratio "
+          "| per step /10: ref / ours | vs ref | ours vs f64 | ref vs f64 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        print(f"| {r['K']} | {r['D']} | {r['C']} | {r['ref_rot_s']:.3f} | {r['ours_rot_s']:.3f} "
+              f"| {r['ref_rot_s'] / r['ours_rot_s']:.1f} | {r['ref_norot_s']:.4f} | {r['ours_norot_s']:.4f} "
+              f"| {r['ref_norot_s'] / r['ours_norot_s']:.1f} | {r['ref_every10_s']:.3f} / {r['ours_every10_s']:.3f} "
+              f"| {r['max_rel_err']:.0e} | {r.get('ours_err_f64', float('nan')):.0e} | {r.get('ref_err_f64', float('nan')):.0e} |")
+
+
+def step(res: dict) -> None:
+    print(f"{res['device']}; {res['image_size']} px, K = {res['queue_size']}; seconds per step\n")
+    print("| backbone | batch | method | step | images/s | × CE | frozen forward | calibration | backward | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "–"
+        parts = " | ".join(f"{r['parts_s'][k]:.3f}" if k in r["parts_s"] else "–"
+                           for k in ("frozen forward", "calibration", "backward"))
+        print(f"| {r['model']} | {r['batch']} | {r['method']} | {r['step_s']:.3f} | {r['images_per_s']:.1f} "
+              f"| {r['ratio_to_ce']:.2f} | {parts} | {mfu} |")
+
+
+def search(res: dict) -> None:
+    print("| arm | trials | stopped early | wall s | best validation top-1 |\n|---|---|---|---|---|")
+    for arm, r in res["arms"].items():
+        print(f"| {arm} | {r['trials']} | {r['stopped_early']} | {r['wall_s']:.1f} | {r['best_val_top1']:.4f} |")
+    print(f"\nASHA: {res['speedup']:.2f}× the speed of the search without early stopping")
+
+
+def main() -> None:
+    renderers = {"accuracy": accuracy, "calibration": calibration, "step": step, "search": search}
+    for name in sys.argv[1:] or list(renderers):
+        for variant in (name, f"{name}-quick"):
+            res = _load(variant)
+            if res is not None:
+                print(f"\n### {variant}\n")
+                renderers[name](res)
+
+
+if __name__ == "__main__":
+    main()
