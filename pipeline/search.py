@@ -38,6 +38,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+import drtune
 from drtune.config import ConfigError
 from pipeline.settings import PipelineParams
 from pipeline.worker import train_loop_per_worker
@@ -201,10 +202,22 @@ def trial_resources(p: PipelineParams) -> tuple[dict, int]:
 
 
 def experiment_name(p: PipelineParams, data_sha: str) -> str:
-    """A name that changes with anything a trial depends on, so a resume never mixes two searches."""
+    """A name that changes with anything a trial depends on — settings, data and the code that
+    trains — so a resume never mixes two searches, and a code change that makes DVC rerun the
+    stage starts a new search instead of restoring the old one's results."""
     keyed = p.model_dump(mode="json", exclude={"mlflow": True, "train": {"progress"}})
-    digest = hashlib.sha256(json.dumps([keyed, data_sha], sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps([keyed, data_sha, code_digest()], sort_keys=True).encode()).hexdigest()[:10]
     return f"search-{p.data.dataset.split(':')[0]}-{digest}"
+
+
+def code_digest() -> str:
+    """SHA-256 of the Python sources a trial runs: the ``drtune`` library and this ``pipeline`` package."""
+    h = hashlib.sha256()
+    for package in (Path(drtune.__file__).parent, Path(__file__).parent):
+        for source in sorted(package.glob("*.py")):
+            h.update(source.name.encode())
+            h.update(source.read_bytes())
+    return h.hexdigest()
 
 
 def build_tuner(p: PipelineParams, prepared: Path, storage: Path, name: str, callbacks: list) -> tune.Tuner:

@@ -165,3 +165,17 @@ def test_a_dead_ray_head_left_in_the_bootstrap_file_is_forgotten(tmp_path, monke
     assert _live_local_head() == "10.0.0.1:6379"  # a live head is joined
     monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset())
     assert _live_local_head() is None and not address_file.exists()  # a dead one is forgotten
+
+
+def test_experiment_name_follows_settings_data_and_code(monkeypatch) -> None:
+    from pipeline import search
+
+    p = load("params.yaml")
+    name = search.experiment_name(p, "sha-a")
+    assert search.experiment_name(p, "sha-a") == name  # a rerun of the same search restores it
+    assert search.experiment_name(p, "sha-b") != name
+    changed = p.model_copy(deep=True)
+    changed.drtune.rotation_every = 5
+    assert search.experiment_name(changed, "sha-a") != name
+    monkeypatch.setattr(search, "code_digest", lambda: "edited library")
+    assert search.experiment_name(p, "sha-a") != name  # DVC reran the stage for a code change: start afresh
