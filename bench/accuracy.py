@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
-import numpy as np
+from report import accuracy as print_tables
 
 from drtune.backbones import data_config
 from drtune.inference import Predictor
@@ -89,10 +88,6 @@ def train_and_test(p: PipelineParams, work: Path, out_name: str) -> dict:
     return {"val_top1": best["val_top1"], "best_epoch": best["epoch"], "test_top1": scores["top1"]}
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -148,29 +143,8 @@ def main() -> None:
     results["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}"
     results["wall_s_this_invocation"] = round(time.time() - started, 1)
     save()
-    report_tables(results, seeds)
-
-
-def report_tables(results: dict, seeds: list[int]) -> None:
-    """Print the method table and the ablation table (mean ± std over seeds)."""
-    runs = results["runs"]
-    print(f"\n{'method':20s} {'val top-1':>18s} {'test top-1':>18s}  chosen on validation")
-    for row, found in results["searches"].items():
-        got = [runs[f"{row}/seed{s}"] for s in seeds if f"{row}/seed{s}" in runs]
-        if got:
-            chosen = ", ".join(f"{k}={v:.3g}" for k, v in found["config"].items())
-            print(f"{row:20s} {mean_std([g['val_top1'] for g in got]):>18s} {mean_std([g['test_top1'] for g in got]):>18s}  {chosen}")
-    print(f"\n{'ablation':32s} {'test top-1':>18s}")
-    ce = [runs[f"ce/seed{s}"]["test_top1"] for s in seeds if f"ce/seed{s}" in runs]
-    if ce:
-        print(f"{'CE-tuning':32s} {mean_std(ce):>18s}")
-    for label, switches in ABLATIONS.items():
-        keys = [f"drtune/seed{s}" if not switches else f"ablation {label}/seed{s}" for s in seeds]
-        got = [runs[k]["test_top1"] for k in keys if k in runs]
-        if got:
-            print(f"{label:32s} {mean_std(got):>18s}")
+    print_tables(results, ABLATIONS, seeds)
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

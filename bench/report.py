@@ -13,8 +13,6 @@ import statistics
 import sys
 from pathlib import Path
 
-from accuracy import ABLATIONS
-
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -27,9 +25,10 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def accuracy(res: dict) -> None:
+def accuracy(res: dict, ablations: dict[str, dict], seeds: list[int] | None = None) -> None:
+    """The method table and the ablation table (mean ± std over ``seeds``, default: every seed run)."""
     runs = res["runs"]
-    seeds = sorted({key.rsplit("/seed", 1)[1] for key in runs})
+    seeds = seeds if seeds is not None else sorted({int(key.rsplit("/seed", 1)[1]) for key in runs})
 
     def of(prefix: str) -> list[dict]:
         return [runs[f"{prefix}/seed{s}"] for s in seeds if f"{prefix}/seed{s}" in runs]
@@ -43,7 +42,7 @@ def accuracy(res: dict) -> None:
     print("\n| ablation (at DR-Tune's setting) | test top-1 |\n|---|---|")
     if of("ce"):
         print(f"| CE-tuning | {_mean_std([g['test_top1'] for g in of('ce')])} |")
-    for label, switches in ABLATIONS.items():
+    for label, switches in ablations.items():
         got = of("drtune" if not switches else f"ablation {label}")
         if got:
             print(f"| {label} | {_mean_std([g['test_top1'] for g in got])} |")
@@ -81,7 +80,11 @@ def search(res: dict) -> None:
 
 
 def main() -> None:
-    renderers = {"accuracy": accuracy, "calibration": calibration, "step": step, "search": search}
+    # imported here, not at the top: accuracy.py prints its tables through this module
+    from accuracy import ABLATIONS
+
+    renderers = {"accuracy": lambda res: accuracy(res, ABLATIONS), "calibration": calibration, "step": step,
+                 "search": search}
     for name in sys.argv[1:] or list(renderers):
         for variant in (name, f"{name}-quick"):
             res = _load(variant)

@@ -7,13 +7,13 @@
 Both methods run the same backbone, image size, batch and optimiser on the same batches, in one
 process, interleaved by model. DR-Tune uses the reference rotation schedule (every 10th step)
 and, as a second row, rotation every step; a third row takes the pretrained features from a
-cache built before training (``drtune.pretrained_features: cached``: no frozen forward per step). The breakdown times the pieces DR-Tune adds by
-wrapping them (frozen encoder forward, semantic calibration, the linear head: on the batch, and for
-DR-Tune also on the K bank rows) and the backward pass; "trainable forward + optimiser" is the rest. On CUDA each timed piece is
+cache built before training (``drtune.pretrained_features: cached``: no frozen forward per
+step). The breakdown times the pieces DR-Tune adds by wrapping them (frozen encoder forward,
+semantic calibration, the linear head: on the batch, and for DR-Tune also on the K bank rows)
+and the backward pass; "trainable forward + optimiser" is the rest. On CUDA each timed piece is
 synchronised, the step runs under bf16 autocast with channels_last, and the table adds model
 FLOP utilisation (forward + backward FLOPs counted once by torch's FlopCounterMode, over the
-card's dense bf16 peak given by --peak-tflops). Prints a table and writes
-bench/results/step.json.
+card's dense bf16 peak given by --peak-tflops). Prints a table and writes bench/results/step.json.
 """
 
 from __future__ import annotations

@@ -205,7 +205,6 @@ def semantic_calibrate(
     if not normalized:
         pre_bank = F.normalize(pre_bank, dim=1)
         down_bank = F.normalize(down_bank, dim=1)
-    rotated = rotate
     if rotate:
         if rotation is None:
             pre_bank = procrustes_rotate(pre_bank, down_bank)
@@ -214,5 +213,5 @@ def semantic_calibrate(
     shift = class_shifts(pre_bank, down_bank, labels, head_weight, confidence=confidence) if translate else None
     if out is None:
         # A rotated bank is this function's own temporary, so it is rescaled in place.
-        out = pre_bank if rotated else torch.empty_like(pre_bank)
+        out = pre_bank if rotate else torch.empty_like(pre_bank)
     return _shift_and_rescale(pre_bank, shift, labels, scale, out)

@@ -165,8 +165,8 @@ def resolve(params: Params, world_size: int = 1) -> tuple[Params, TaskSettings]:
     settings = TaskSettings(
         method=params.train.method, lam=params.drtune.lam, queue_size=dr.queue_size, dr=dr.dr, sc=dr.sc,
         rotate=dr.rotate, translate=dr.translate, confidence=dr.confidence, rotation_every=dr.rotation_every,
-        rotation_between=dr.rotation_between, cached_features=dr.pretrained_features == "cached", l2sp_alpha=b.l2sp_alpha, l2sp_beta=b.l2sp_beta,
-        bss_eta=b.bss_eta, bss_k=b.bss_k,
+        rotation_between=dr.rotation_between, cached_features=dr.pretrained_features == "cached",
+        l2sp_alpha=b.l2sp_alpha, l2sp_beta=b.l2sp_beta, bss_eta=b.bss_eta, bss_k=b.bss_k,
     )
     return params, settings
 

@@ -82,7 +82,8 @@ def test_reflection_fix_is_applied() -> None:
 
 @pytest.mark.parametrize("k,d", [(48, 48), (44, 48)])
 def test_mirrored_bank_with_k_at_most_d_matches_reference(k: int, d: int) -> None:
-    """det(V Uᵀ) < 0 with K ≤ D, on the full-SVD path (K ≥ 0.8 D): the flip agrees with the reference's."""
+    """det(V Uᵀ) < 0 with K ≤ D, on the full-SVD path (K ≥ 0.8 D): the reference flips a null
+    direction of the centred bank there, and the outputs still agree."""
     gen = torch.Generator().manual_seed(2)  # a seed where the reference's SVD does flip
     pre = torch.randn(k, d, generator=gen)
     mirror = torch.eye(d)
