@@ -6,8 +6,9 @@
 For every method (linear probe, CE-tuning, L2-SP, BSS, DR-Tune, DR-Tune with the authors'
 ``reference`` parametrisation) the pipeline's search machinery (Ray Tune, Optuna TPE, ASHA) runs
 a search of the same size over that method's own hyperparameters on the validation split,
-starting from the method's defaults. The chosen setting is then trained with 3 seeds; each run
-keeps the weights of its best validation epoch, which are scored once on the test split.
+starting from the method's defaults. The chosen setting is then trained with 3 seeds; each run's
+last-epoch model (the one rule for the tested model, see :mod:`drtune.evaluation`) is scored once
+on the test split.
 The ablations (Tables 6 and 7 of the paper: CE, CE + DR, CE + DR + SC, and SC without rotation,
 translation or confidence weights) re-use DR-Tune's chosen setting with one switch changed; so
 does the accuracy cost of ``drtune.pretrained_features: cached`` (features of un-augmented
@@ -28,12 +29,15 @@ from pathlib import Path
 from report import accuracy as print_tables
 
 from drtune.backbones import data_config
-from drtune.inference import Predictor
+from drtune.config import Config
+from drtune.data import build_loader
+from drtune.evaluation import evaluate
+from drtune.prepared import load_prepared, write_prepared
 from drtune.train import fit
-from pipeline.evaluation import score
-from pipeline.prepare import load_prepared, prepare
-from pipeline.search import build_tuner, select_best, start_ray, trial_params
-from pipeline.settings import PipelineParams, load
+from pipeline.cluster import start_ray
+from pipeline.config import PipelineConfig, load
+from pipeline.search import build_tuner, select_best, trial_config
+from pipeline.training import share_data
 
 # Budget of the full run (stated in the README): 64 px, 6 epochs, batch 32, 4 trials per search
 # (ASHA: every trial gets 2 epochs, the top third goes on to 6), 3 seeds. About 55 minutes on 2 CPU cores.
@@ -58,7 +62,7 @@ ABLATIONS = {  # the paper's Tables 6 and 7 at DR-Tune's chosen setting (drtune.
 }
 
 
-def row_params(base: PipelineParams, row: str) -> PipelineParams:
+def row_config(base: PipelineConfig, row: str) -> PipelineConfig:
     p = base.model_copy(deep=True)
     p.train.method = "drtune" if row.startswith("drtune") else row
     p.drtune.preset = "reference" if row == "drtune-reference" else "custom"
@@ -69,23 +73,23 @@ def row_params(base: PipelineParams, row: str) -> PipelineParams:
     return p
 
 
-def search(p: PipelineParams, work: Path, name: str) -> dict:
+def search(p: PipelineConfig, work: Path, name: str) -> dict:
     """The method's search on validation; returns the chosen hyperparameters."""
-    tuner = build_tuner(p, work / p.data.prepared_dir, work / "ray", name, callbacks=[])
+    data = share_data(load_prepared(work / p.data.prepared_dir))
+    tuner = build_tuner(p, data, str(work / "ray"), name, callbacks=[])
     best = select_best(tuner.fit(), p.train.epochs)
     return {"config": best.config, "val_top1": best.metrics["val_top1"]}
 
 
-def train_and_test(p: PipelineParams, work: Path, out_name: str) -> dict:
-    """One seed: fit, keep the best-validation epoch's weights, score them once on test."""
-    train, val, test, classes, _ = load_prepared(work / p.data.prepared_dir)
-    result = fit(p, train, val, classes, work / "runs" / out_name, resume=False, keep_best=True)
-    model = result.task.model
-    model.load_state_dict(result.best_state)
-    best = max(result.history, key=lambda h: h["val_top1"])
-    predictor = Predictor(model.eval(), classes, p.train.image_size, data_config(model.encoder))
-    scores = score(predictor.predict_proba(test.images), test)
-    return {"val_top1": best["val_top1"], "best_epoch": best["epoch"], "test_top1": scores["top1"]}
+def train_and_test(config: Config, work: Path, out_name: str) -> dict:
+    """One seed: fit, score the last epoch's model once on test."""
+    data = load_prepared(work / config.data.prepared_dir)
+    result = fit(config, data.train, data.val, data.classes, work / "runs" / out_name, resume=False)
+    model = result.task.inference_model()
+    loader = build_loader(data.test, data_config(model.encoder), config.train.image_size, 256, train=False)
+    scores = evaluate(model, loader, next(model.parameters()).device)
+    last = result.history[-1]
+    return {"val_top1": last["val_top1"], "epochs": last["epoch"], "test_top1": scores["top1"]}
 
 
 def main() -> None:
@@ -110,15 +114,15 @@ def main() -> None:
     if not (work / "data/prepared/stats.json").exists():
         cfg = base.data.model_copy()
         cfg.prepared_dir = str(work / "data/prepared")
-        prepare(cfg)
+        write_prepared(cfg)
     start_ray(base)
     started = time.time()
     for row in args.rows:
-        p = row_params(base, row)
+        p = row_config(base, row)
         if row not in results["searches"]:
             results["searches"][row] = search(p, work.resolve(), f"search-{row}")
             save()
-        chosen = trial_params(p, results["searches"][row]["config"])
+        chosen = trial_config(p, results["searches"][row]["config"])
         for seed in seeds:
             key = f"{row}/seed{seed}"
             if key not in results["runs"]:
@@ -127,7 +131,7 @@ def main() -> None:
                 save()
                 print(f"{key}: {results['runs'][key]}", flush=True)
     if "drtune" in results["searches"]:
-        dr = trial_params(row_params(base, "drtune"), results["searches"]["drtune"]["config"])
+        dr = trial_config(row_config(base, "drtune"), results["searches"]["drtune"]["config"])
         for label, switches in ABLATIONS.items():
             for seed in seeds:
                 key = f"ablation {label}/seed{seed}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from drtune.config import load_params
+from drtune.config import load_config
 from drtune.data import build_loader, set_epoch
 from drtune.sources import load_splits
 from drtune.train import build_optimizer, build_task
@@ -33,18 +33,14 @@ def loader_rate(loader, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def step_rate(params, batches_xy, num_classes: int) -> float:
-    task, resolved, _ = build_task(params, num_classes)
+def step_rate(config, batches_xy, num_classes: int) -> float:
+    task, resolved, _ = build_task(config, num_classes)
     task.warm_up(batches_xy, torch.device("cpu"))
     opt, _ = build_optimizer(task, resolved)
     task.train()
     n, start = 0, time.perf_counter()
     for x, y in batches_xy:
-        loss = task.step(task.model, x, y)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        task.after_step()
+        task.train_step(opt, x, y)
         n += len(x)
     return n / (time.perf_counter() - start)
 
@@ -55,10 +51,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--batches", type=int, default=10)
     args = parser.parse_args()
-    params = load_params(args.params, [*args.set, "train.progress=false"])
-    raw, (train, _, _) = load_splits(params.data)
-    t = params.train
-    _, _, dcfg = build_task(params, len(raw.classes))
+    config = load_config(args.params, [*args.set, "train.progress=false"])
+    raw, (train, _, _) = load_splits(config.data)
+    t = config.train
+    _, _, dcfg = build_task(config, len(raw.classes))
     rows = []
     for workers in (0, 1):
         loader = build_loader(train, dcfg, t.image_size, t.batch_size, train=True, num_workers=workers)
@@ -67,17 +63,17 @@ def main() -> None:
     set_epoch(loader, 0, 0)
     batches_xy = [b for _, b in zip(range(args.batches), loader, strict=False)]
     for method in ("drtune", "ce"):
-        p = load_params(args.params, [*args.set, f"train.method={method}"])
+        p = load_config(args.params, [*args.set, f"train.method={method}"])
         rows.append((f"training step, {method}", step_rate(p, batches_xy, len(raw.classes))))
     step = rows[2][1]
-    print(f"{params.model.name}, {t.image_size} px, batch {t.batch_size}, {torch.get_num_threads()} threads")
+    print(f"{config.model.name}, {t.image_size} px, batch {t.batch_size}, {torch.get_num_threads()} threads")
     print(f"{'':38s} {'images/s':>9s} {'× DR-Tune step':>15s}")
     for name, rate in rows:
         print(f"{name:38s} {rate:9.1f} {rate / step:15.1f}")
     out = Path("bench/results/loader.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                               "model": params.model.name, "image_size": t.image_size, "batch_size": t.batch_size,
+                               "model": config.model.name, "image_size": t.image_size, "batch_size": t.batch_size,
                                "images_per_s": dict(rows)}, indent=1))
 
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from pipeline import tune as tune_stage
-from pipeline.prepare import prepare
-from pipeline.settings import load
+from drtune.prepared import write_prepared
+from pipeline.config import load
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
                   f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
         cfg = p.data.model_copy()
         cfg.prepared_dir = str(root / p.data.prepared_dir)
-        prepare(cfg)
+        write_prepared(cfg)
         start = time.time()
         summary = tune_stage.run(p, root)
         rows[arm] = {"wall_s": round(time.time() - start, 1), "best_val_top1": summary["best_val_top1"],

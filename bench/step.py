@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from drtune.backbones import create_backbone
-from drtune.task import FineTuneTask, TaskSettings
+from drtune.config import Config
+from drtune.task import FineTuneTask
 
 
 def sync(device: torch.device) -> None:
@@ -58,55 +59,54 @@ class Timers:
         setattr(obj, attr, timed)
 
 
-def step_flops(task: FineTuneTask, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> float:
-    """Forward + backward FLOPs of one training step, counted by torch."""
+def step_flops(task: FineTuneTask, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               index: torch.Tensor) -> float:
+    """Forward + backward (+ optimiser) FLOPs of one training step, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        task.step(task.model, x, y, index)["loss"].backward()
-    task.zero_grad(set_to_none=True)
-    task._pending = None
+        task.train_step(opt, x, y, index, amp=x.device.type == "cuda")
     return float(counter.get_total_flops())
 
 
-def run(model_name: str, pretrained: str, settings: TaskSettings, batches: list, warmup: int,
+def variant(method: str = "drtune", **drtune) -> Config:
+    """A resolved config of one benchmarked variant (``drtune`` keys go to the drtune section)."""
+    return Config(train={"method": method}, drtune=drtune).resolved()
+
+
+def run(model_name: str, pretrained: str, config: Config, batches: list, warmup: int,
         device: torch.device) -> dict:
     torch.manual_seed(0)
-    task = FineTuneTask(create_backbone(model_name, pretrained), 10, settings).to(device)
+    task = FineTuneTask(create_backbone(model_name, pretrained), 10, config).to(device)
     amp = device.type == "cuda"
     if amp:
         task.to(memory_format=torch.channels_last)
     timers = Timers(device)
     timers.wrap(task.model.head, "forward", "head")
+    backward = torch.Tensor.backward
+    timers.wrap(torch.Tensor, "backward", "backward")
     if task.frozen is not None:
         timers.wrap(task.frozen, "forward", "frozen forward")
         timers.wrap(task, "_calibrated_bank", "calibration")
-        if settings.cached_features:  # built once before training; not part of the step
+        if task.cached_features:  # built once before training; not part of the step
             task.cache_pretrained_features(DataLoader(TensorDataset(*map(torch.cat, zip(*batches))), batch_size=64),
                                            device)
         task.warm_up(batches, device)
     opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1e-3, momentum=0.9, nesterov=True)
     task.train()
-    flops = step_flops(task, *batches[0]) if amp else 0.0
-    steps = 0
-    for i, (x, y, index) in enumerate(batches + batches[:warmup]):
-        if i == warmup:
-            timers.total.clear()
-            sync(device)
-            start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = task.step(task.model, x, y, index)["loss"]
+    try:
+        flops = step_flops(task, opt, *batches[0]) if amp else 0.0
+        steps = 0
+        for i, (x, y, index) in enumerate(batches + batches[:warmup]):
+            if i == warmup:
+                timers.total.clear()
+                sync(device)
+                start = time.perf_counter()
+            task.train_step(opt, x, y, index, amp=amp)
+            steps += i >= warmup
         sync(device)
-        t0 = time.perf_counter()
-        loss.backward()
-        sync(device)
-        if i >= warmup:
-            timers.total["backward"] += time.perf_counter() - t0
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        task.after_step()
-        steps += i >= warmup
-    sync(device)
+    finally:
+        torch.Tensor.backward = backward
     step = (time.perf_counter() - start) / steps
     parts = {k: v / steps for k, v in timers.total.items()}
     parts["trainable forward + optimiser"] = step - sum(parts.values())
@@ -136,11 +136,12 @@ def main() -> None:
             batches = [(x.contiguous(memory_format=torch.channels_last), y, i) for x, y, i in batches]
         for name in args.models:
             pretrained = "bundled" if name == "tf_efficientnet_lite0" else "none"
-            variants = {"CE-tuning": TaskSettings(method="ce"),
-                        "DR-Tune, rotation every 10th step": TaskSettings(queue_size=args.queue_size, rotation_every=10),
-                        "DR-Tune, rotation every step": TaskSettings(queue_size=args.queue_size, rotation_every=1),
-                        "DR-Tune, cached features, rot. /10": TaskSettings(queue_size=args.queue_size, rotation_every=10,
-                                                                            cached_features=True)}
+            k = args.queue_size
+            variants = {"CE-tuning": variant("ce"),
+                        "DR-Tune, rotation every 10th step": variant(queue_size=k, rotation_every=10),
+                        "DR-Tune, rotation every step": variant(queue_size=k, rotation_every=1),
+                        "DR-Tune, cached features, rot. /10": variant(queue_size=k, rotation_every=10,
+                                                                      pretrained_features="cached")}
             results = {label: run(name, pretrained, s, batches, 2, device) for label, s in variants.items()}
             ce = results["CE-tuning"]
             for label, r in results.items():

@@ -3,7 +3,8 @@
     drtune fit --config params.yaml --set train.epochs=3 --set train.method=ce --output runs/ce
 
 writes ``<output>/config.yaml`` (resolved), ``last.pt`` (resumable checkpoint), ``model.pt``
-(inference model state dict), ``metrics.json`` (per-epoch validation and the final test).
+(inference model state dict), ``metrics.json`` (per-epoch validation and the test of the last
+epoch's model, the one tested everywhere; see :mod:`drtune.evaluation`).
 """
 
 from __future__ import annotations
@@ -16,26 +17,27 @@ from pathlib import Path
 import torch
 
 from drtune.backbones import data_config
-from drtune.config import ConfigError, load_params
+from drtune.config import ConfigError, load_config
 from drtune.data import build_loader
+from drtune.evaluation import evaluate
 from drtune.sources import load_splits
-from drtune.train import evaluate, fit, pick_device
+from drtune.train import fit, pick_device
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    params = load_params(args.config, args.set)
-    raw, (train, val, test) = load_splits(params.data)
+    config = load_config(args.config, args.set)
+    raw, (train, val, test) = load_splits(config.data)
     out = Path(args.output)
-    result = fit(params, train, val, raw.classes, out, resume=args.resume)
+    result = fit(config, train, val, raw.classes, out, resume=args.resume)
     model = result.task.inference_model()
-    best = max(result.history, key=lambda m: m["val_top1"])
-    loader = build_loader(test, data_config(model.encoder), params.train.image_size, 256, train=False)
-    test_metrics = evaluate(model, loader, pick_device(params.train.device))
+    last = result.history[-1]
+    loader = build_loader(test, data_config(model.encoder), config.train.image_size, 256, train=False)
+    test_metrics = evaluate(model, loader, pick_device(config.train.device))
     torch.save(model.state_dict(), out / "model.pt")
-    summary = {"history": result.history, "best_val_top1": best["val_top1"], "best_epoch": best["epoch"],
-               "final_test": test_metrics, "n_train": len(train), "n_val": len(val), "n_test": len(test)}
+    summary = {"history": result.history, "val_top1": last["val_top1"], "epochs": last["epoch"], "test": test_metrics,
+               "n_train": len(train), "n_val": len(val), "n_test": len(test)}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({"best_val_top1": best["val_top1"], "test_top1_last_epoch": test_metrics["top1"]}))
+    print(json.dumps({"val_top1": last["val_top1"], "test_top1": test_metrics["top1"]}))
     return 0
 
 

@@ -1,21 +1,27 @@
 """Validated configuration: the ``params.yaml`` sections the library reads, checked once at the edge.
 
-Every field has a range; a bad value fails before any compute with a message naming the field,
-the value and what is allowed (``train.epochs = 0: Input should be greater than or equal to 1``).
-Deep code trusts these objects. :func:`resolve` turns the user's choices into the numbers the
-loop actually uses (the ``reference`` preset) so the resolved config written next to the outputs
-says exactly what ran.
+One object, :class:`Config`, travels from ``params.yaml`` to the task: the CLI, the pipeline's
+stages and every Ray worker hand the same validated object along (Ray pickles it as it is).
+Every field has its default and its range here, and only here; ``params.yaml`` states the same
+values with comments (a test keeps the two equal). A bad value or an unknown key fails before
+any compute with a message naming the field (``train.epochs = 0: Input should be greater than or
+equal to 1``, ``train.epocs: Extra inputs are not permitted``). Deep code trusts these objects.
+
+:meth:`Config.resolved` is the one place the ``reference`` preset is interpreted: it turns the
+user's choices into the numbers the loop uses, and the resolved config written next to the
+outputs says exactly what ran.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from drtune.task import TaskSettings
+Method = Literal["drtune", "ce", "linear_probe", "l2sp", "bss"]
 
 
 class ConfigError(ValueError):
@@ -23,6 +29,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """A ``params.yaml`` section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -51,7 +59,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["drtune", "ce", "linear_probe", "l2sp", "bss"] = "drtune"
+    method: Method = "drtune"
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(32, ge=2, le=65_536, description="per worker; the global batch is this × workers")
     image_size: int = Field(64, ge=16, le=1024)
@@ -62,9 +70,19 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(0, ge=0, le=64, description="data-loader processes per training worker")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="data-loader processes per training worker; auto: none on the CPU (the step needs "
+        "the cores), on CUDA one per CPU thread the process was given, at most 12")
     bf16: bool = Field(True, description="bf16 autocast and channels_last on CUDA (ignored on CPU)")
     progress: bool = True
+
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_in_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v <= 64:
+            raise ValueError("must be auto or 0 … 64")
+        return v
 
 
 class DRTuneConfig(Section):
@@ -93,15 +111,36 @@ class BaselinesConfig(Section):
     bss_k: int = Field(1, ge=1, le=64)
 
 
-class Params(Section):
-    """The whole ``params.yaml`` as far as the library reads it."""
+class Config(Section):
+    """Everything one fine-tuning run reads: the library's sections of ``params.yaml``."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     drtune: DRTuneConfig = DRTuneConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+
+    def resolved(self, world_size: int = 1) -> Config:
+        """A copy with the ``reference`` preset applied; the one place that preset is interpreted.
+
+        The reference's loss is ``(L_CE + λ R_DR)/(1 + λ)`` with ``λ = K/B`` (B the global batch),
+        backbone rate ``r``, head rate ``r (1 + K/B)`` and weight decay ``wd``. For SGD (momentum and
+        Nesterov included) dividing the gradient by ``1 + λ`` is the same as dividing both rates by
+        ``1 + λ`` and multiplying the weight decay by ``1 + λ``, so with ``train.lr_backbone = r``
+        and ``train.weight_decay = wd`` read as the reference's values the preset sets
+        ``lr_backbone = r/(1+λ)``, ``lr_head = r`` and ``weight_decay = wd (1+λ)``, and
+        ``preset = custom`` (the resolved numbers are the real ones; resolving twice changes nothing).
+        """
+        out = self.model_copy(deep=True)
+        if out.train.method == "drtune" and out.drtune.preset == "reference":
+            lam = out.drtune.queue_size / (out.train.batch_size * world_size)
+            base = out.train.lr_backbone
+            out.drtune.lam = lam
+            out.drtune.preset = "custom"
+            out.train.lr_backbone = base / (1 + lam)
+            out.train.lr_head = base
+            out.train.weight_decay = out.train.weight_decay * (1 + lam)
+        return out
 
 
 def _format(err: ValidationError) -> str:
@@ -124,12 +163,23 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                schema: type[Params] = Params) -> Params:
-    """Read ``params.yaml`` (or defaults), apply ``section.key=value`` overrides, validate against ``schema``."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[Config] = Config) -> Config:
+    """Read ``params.yaml`` (or the schema's defaults), apply ``section.key=value`` overrides, validate.
+
+    Every key of an override and of a section ``schema`` knows must be valid. Top-level sections of
+    the *file* that ``schema`` does not know (the pipeline's ``tune``, ``ray``, ``mlflow`` when the
+    library reads ``params.yaml`` alone) are left out, with a one-line note naming them.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected sections (a mapping), got {type(tree).__name__}")
+        foreign = sorted(set(tree) - set(schema.model_fields))
+        if foreign:
+            print(f"note: {path}: sections {', '.join(foreign)} are not read here", file=sys.stderr)
+            tree = {k: v for k, v in tree.items() if k in schema.model_fields}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -141,36 +191,6 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_format(err)) from None
 
 
-def resolve(params: Params, world_size: int = 1) -> tuple[Params, TaskSettings]:
-    """Apply the preset and return (resolved params, task settings).
-
-    The ``reference`` preset reproduces the authors' update exactly. Their loss is
-    ``(L_CE + λ R_DR)/(1 + λ)`` with ``λ = K/B`` (B the global batch), backbone rate ``r``,
-    head rate ``r (1 + K/B)`` and weight decay ``wd``. For SGD (momentum and Nesterov included)
-    dividing the gradient by ``1 + λ`` is the same as dividing both rates by ``1 + λ`` and
-    multiplying the weight decay by ``1 + λ``, so with ``train.lr_backbone = r`` and
-    ``train.weight_decay = wd`` read as the reference's values the preset sets
-    ``lr_backbone = r/(1+λ)``, ``lr_head = r`` and ``weight_decay = wd (1+λ)``.
-    """
-    params = params.model_copy(deep=True)
-    dr = params.drtune
-    if params.train.method == "drtune" and dr.preset == "reference":
-        lam = dr.queue_size / (params.train.batch_size * world_size)
-        base = params.train.lr_backbone
-        params.drtune.lam = lam
-        params.train.lr_backbone = base / (1 + lam)
-        params.train.lr_head = base
-        params.train.weight_decay = params.train.weight_decay * (1 + lam)
-    b = params.baselines
-    settings = TaskSettings(
-        method=params.train.method, lam=params.drtune.lam, queue_size=dr.queue_size, dr=dr.dr, sc=dr.sc,
-        rotate=dr.rotate, translate=dr.translate, confidence=dr.confidence, rotation_every=dr.rotation_every,
-        rotation_between=dr.rotation_between, cached_features=dr.pretrained_features == "cached",
-        l2sp_alpha=b.l2sp_alpha, l2sp_beta=b.l2sp_beta, bss_eta=b.bss_eta, bss_k=b.bss_k,
-    )
-    return params, settings
-
-
-def dump(params: Params, path: str | Path) -> None:
+def dump_config(config: Config, path: str | Path) -> None:
     """Write the resolved configuration next to the outputs (the timm ``args.yaml`` habit)."""
-    Path(path).write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

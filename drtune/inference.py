@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from drtune.backbones import create_backbone, data_config
-from drtune.data import build_transform
+from drtune.data import ArraySplit, build_loader, build_transform
+from drtune.evaluation import evaluate
 from drtune.task import Classifier
 
 
@@ -39,6 +40,13 @@ class Predictor:
         out = [torch.softmax(self.model(torch.stack(tensors[i:i + batch_size])).float(), dim=1)
                for i in range(0, len(tensors), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+
+    def score(self, split: ArraySplit, batch_size: int = 256) -> dict:
+        """:func:`drtune.evaluation.evaluate` on ``split`` with this model's evaluation transform, on the CPU:
+        top-1, top-5, loss, ``n``, the predicted classes and the confusion matrix."""
+        loader = build_loader(split, self.data_cfg, self.image_size, batch_size, train=False)
+        return evaluate(self.model, loader, torch.device("cpu"), predictions=True)
 
 
 def to_chw(images: np.ndarray | list[np.ndarray]) -> list[torch.Tensor]:

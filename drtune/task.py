@@ -1,16 +1,23 @@
 """The fine-tuning task: a trainable encoder + head, a frozen pretrained encoder and the banks, as one module.
 
-One training step of DR-Tune (paper Sec. 3, Alg. 1) reads, top to bottom, in :meth:`FineTuneTask.step`:
+One training step of DR-Tune (paper Sec. 3, Alg. 1) reads, top to bottom, in :meth:`FineTuneTask.train_step`:
 
 1. ``z_d = f_d(x)``, ``logits = g(z_d)`` — the trainable classifier (the only DDP-wrapped part);
 2. ``z_p = f_p(x)`` — the frozen pretrained encoder on the *same* augmented images (eval, no grad);
-   with ``cached_features`` it is looked up instead: ``f_p`` of the un-augmented image, computed
-   once before training (:meth:`FineTuneTask.cache_pretrained_features`), which removes the one
-   extra forward pass DR-Tune adds to a CE-tuning step;
+   with ``drtune.pretrained_features: cached`` it is looked up instead: ``f_p`` of the
+   un-augmented image, computed once before training (:meth:`FineTuneTask.cache_pretrained_features`),
+   which removes the one extra forward pass DR-Tune adds to a CE-tuning step;
 3. ``v̂ = SC(M_p, M_d, y_bank)`` — semantic calibration of the bank as it was *before* this batch;
 4. ``loss = CE(logits, y) + λ · CE(g(v̂), y_bank)`` — DR gradients reach only the head, since
    ``v̂`` is a constant;
-5. after the optimiser step, ``(z_p, z_d, y)`` are enqueued (:meth:`FineTuneTask.after_step`).
+5. backward and the optimiser step;
+6. ``(z_p, z_d, y)`` are enqueued, after the update, as in the reference code.
+
+Mixed precision: only the two encoders' forward passes (steps 1–2) run under bf16 autocast.
+The banks store float32 unit-norm rows, and the calibration (SVD, determinant, class sums), the
+DR term's head pass and the baselines' regularisers (BSS's singular values) all run in float32
+outside autocast, whatever the caller's precision: torch has no bf16 linear algebra, and the
+calibration's small singular values would not survive 8 mantissa bits anyway.
 
 The baselines share the same step with a different regulariser: ``ce`` (none), ``linear_probe``
 (frozen backbone), ``l2sp`` and ``bss`` (see :mod:`drtune.objectives`).
@@ -19,38 +26,15 @@ The baselines share the same step with a different regulariser: ``ce`` (none), `
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from drtune.bank import FeatureBank
 from drtune.calibration import procrustes_rotation_matrix, semantic_calibrate
+from drtune.config import Config
 from drtune.objectives import bss_penalty, dr_tune_loss, l2sp_penalty
-
-Method = Literal["drtune", "ce", "linear_probe", "l2sp", "bss"]
-
-
-@dataclass(frozen=True)
-class TaskSettings:
-    """The method and its regulariser's hyperparameters (validated by :mod:`drtune.config`)."""
-
-    method: Method = "drtune"
-    lam: float = 1.0  # λ in Eq. 14: weight of R_DR, independent of K
-    queue_size: int = 1024  # K: bank slots
-    dr: bool = True  # distribution regularisation on/off (off = CE-tuning + a frozen copy)
-    sc: bool = True  # semantic calibration on/off
-    rotate: bool = True  # SC part: global rotation
-    translate: bool = True  # SC part: class-level translation
-    confidence: bool = True  # SC part: confidence-weighted downstream class centres
-    rotation_every: int = 10  # recompute the rotation every N steps (10 = reference)
-    rotation_between: Literal["skip", "reuse"] = "skip"  # steps in between: no rotation | last one
-    cached_features: bool = False  # z_p from a per-image cache of un-augmented features, not f_p(x)
-    l2sp_alpha: float = 0.01
-    l2sp_beta: float = 0.01
-    bss_eta: float = 0.001
-    bss_k: int = 1
 
 
 class Classifier(nn.Module):
@@ -73,20 +57,27 @@ class Classifier(nn.Module):
 
 
 class FineTuneTask(nn.Module):
-    """Everything one fine-tuning run trains or carries: classifier, frozen encoder, banks."""
+    """Everything one fine-tuning run trains or carries: classifier, frozen encoder, banks.
 
-    def __init__(self, backbone: nn.Module, num_classes: int, settings: TaskSettings) -> None:
+    ``config`` is a resolved :class:`~drtune.config.Config` (:meth:`Config.resolved`): the task
+    reads ``train.method``, the ``drtune`` section and the ``baselines`` section.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, config: Config) -> None:
         super().__init__()
-        self.settings = settings
-        needs_frozen = settings.method in ("drtune", "l2sp")
+        self.config = config
+        self.method = method = config.train.method
+        dr = config.drtune
         # The frozen encoder is a deep copy of the pretrained backbone taken before any update:
         # DR-Tune's f_p, and L2-SP's starting point w₀.
+        needs_frozen = method in ("drtune", "l2sp")
         self.frozen = copy.deepcopy(backbone).eval().requires_grad_(False) if needs_frozen else None
         self.model = Classifier(backbone, num_classes)
-        self.bank = FeatureBank(settings.queue_size, backbone.num_features) if settings.method == "drtune" else None
-        if settings.method == "linear_probe":
+        self.bank = FeatureBank(dr.queue_size, backbone.num_features) if method == "drtune" else None
+        self.cached_features = method == "drtune" and dr.pretrained_features == "cached"
+        if method == "linear_probe":
             backbone.requires_grad_(False)
-        if self.bank is not None and settings.rotation_between == "reuse":
+        if self.bank is not None and dr.rotation_between == "reuse":
             # The last rotation, applied between recomputations; in the checkpoint with the banks.
             self.register_buffer("rotation", torch.zeros(backbone.num_features, backbone.num_features))
             self.register_buffer("has_rotation", torch.zeros((), dtype=torch.bool))
@@ -97,14 +88,13 @@ class FineTuneTask(nn.Module):
         # rebuilt on resume rather than stored in every checkpoint.
         self.feature_cache: Tensor | None = None
         self._calibrated: Tensor | None = None  # reused output of SC: no fresh K × D tensor per step
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
 
     def train(self, mode: bool = True) -> FineTuneTask:
         """Train mode for the trainable parts; the frozen encoder, and a probed backbone, stay in eval."""
         super().train(mode)
         if self.frozen is not None:
             self.frozen.eval()
-        if self.settings.method == "linear_probe":
+        if self.method == "linear_probe":
             self.model.encoder.eval()
         return self
 
@@ -113,9 +103,53 @@ class FineTuneTask(nn.Module):
         backbone = [p for p in self.model.encoder.parameters() if p.requires_grad]
         return backbone, list(self.model.head.parameters())
 
+    def train_step(self, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, index: Tensor | None = None, *,
+                   model: nn.Module | None = None, amp: bool = False) -> dict[str, float]:
+        """One whole training step, in its only order: forward, loss, backward, update, enqueue.
+
+        ``model`` is ``self.model`` (the default) or its DDP wrapper; ``index`` (the images'
+        positions in the training split) is needed only with cached features; ``amp`` runs the
+        encoders under bf16 autocast. Returns the step's ``loss``, ``ce`` and ``reg`` (0 without a
+        regulariser). A non-finite loss raises :class:`FloatingPointError` before the update.
+        """
+        model = self.model if model is None else model
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            features, logits = model(x, return_features=True)
+            z_p = self._pretrained_features(x, index) if self.method == "drtune" else None
+        # Everything below is float32 whatever the caller's autocast (see the module docstring).
+        with torch.autocast(x.device.type, enabled=False):
+            features, logits = features.float(), logits.float()
+            loss, ce, reg = self._loss(features, logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {int(self.steps)}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if self.bank is not None:
+            self.bank.enqueue(z_p, features.detach(), y)
+        self.steps += 1
+        return {"loss": loss.item(), "ce": ce.item(), "reg": reg.item()}
+
+    def _loss(self, features: Tensor, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(total, CE, regulariser) of one batch in float32: Eq. 14 for DR-Tune, the baselines' otherwise."""
+        ce = F.cross_entropy(logits, y)
+        zero = torch.zeros((), device=ce.device)
+        if self.method == "drtune" and self.config.drtune.dr:
+            calibrated = self._calibrated_bank(features)
+            return dr_tune_loss(logits, y, self.model.head(calibrated), self.bank.labels, self.config.drtune.lam)
+        if self.method == "l2sp":
+            b = self.config.baselines
+            reg = l2sp_penalty(self.model.encoder.parameters(), self.frozen.parameters(), [self.model.head.weight],
+                               b.l2sp_alpha, b.l2sp_beta)
+            return ce + reg, ce, reg
+        if self.method == "bss":
+            reg = bss_penalty(features, self.config.baselines.bss_eta, self.config.baselines.bss_k)
+            return ce + reg, ce, reg
+        return ce, ce, zero
+
     def _calibrated_bank(self, batch_down: Tensor) -> Tensor:
-        """Step 3: the bank's pretrained features, calibrated (or only normalised and scaled)."""
-        s, bank = self.settings, self.bank
+        """Step 3: the bank's pretrained features, calibrated (or only normalised and scaled); float32."""
+        s, bank = self.config.drtune, self.bank
         scale = batch_down.detach().norm(dim=1).mean()
         if not s.sc:
             return bank.pre * scale
@@ -151,45 +185,12 @@ class FineTuneTask(nn.Module):
 
     def _pretrained_features(self, x: Tensor, index: Tensor | None) -> Tensor:
         """``z_p`` of a batch: the frozen encoder on ``x``, or the cached rows of ``index``."""
-        if self.settings.cached_features:
+        if self.cached_features:
             if self.feature_cache is None or index is None:
                 raise RuntimeError("cached_features needs cache_pretrained_features() and each batch's index")
             return self.feature_cache[index.to(self.feature_cache.device)]
         with torch.no_grad():
             return self.frozen(x)
-
-    def step(self, model: nn.Module, x: Tensor, y: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
-        """Forward and loss for one batch. ``model`` is ``self.model`` or its DDP wrapper; ``index``
-        (the images' positions in the training split) is needed only with cached features."""
-        s = self.settings
-        features, logits = model(x, return_features=True)
-        loss = ce = nn.functional.cross_entropy(logits, y)
-        out: dict[str, Tensor] = {"logits": logits, "ce": ce}
-        if s.method == "drtune":
-            z_p = self._pretrained_features(x, index)
-            if s.dr:
-                calibrated = self._calibrated_bank(features)
-                loss, _, out["reg"] = dr_tune_loss(logits, y, self.model.head(calibrated), self.bank.labels, s.lam)
-            self._pending = (z_p, features.detach(), y)
-        elif s.method == "l2sp":
-            out["reg"] = l2sp_penalty(
-                self.model.encoder.parameters(), self.frozen.parameters(), [self.model.head.weight],
-                s.l2sp_alpha, s.l2sp_beta,
-            )
-            loss = ce + out["reg"]
-        elif s.method == "bss":
-            out["reg"] = bss_penalty(features, s.bss_eta, s.bss_k)
-            loss = ce + out["reg"]
-        out["loss"] = loss
-        return out
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Step 5: enqueue the batch's features (after the optimiser step) and count the step."""
-        if self._pending is not None:
-            self.bank.enqueue(*self._pending)
-            self._pending = None
-        self.steps += 1
 
     @torch.no_grad()
     def warm_up(self, loader, device: torch.device) -> int:

@@ -10,55 +10,57 @@ It reads no ``tune.*`` or ``drtune.*`` key, so changing the search never re-runs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from drtune.config import Config
 from drtune.inference import load_predictor
-from pipeline.evaluation import score
-from pipeline.prepare import data_checksum, load_prepared
-from pipeline.search import run_training, start_ray, trial_params
-from pipeline.settings import PipelineParams, load
+from drtune.prepared import load_prepared
+from pipeline.cluster import start_ray, storage_uri
+from pipeline.config import PipelineConfig, load
 from pipeline.stage import flat, stage_main
 from pipeline.tracking import connect, experiment_id, git_commit, log_params
+from pipeline.training import read_checkpoint, run_name, run_training, share_data
 
 
-def baseline_params(p: PipelineParams) -> PipelineParams:
-    """``p`` as plain CE-tuning with its own learning rates (no search, no regulariser)."""
-    ce = trial_params(p, {})
+def baseline_config(p: PipelineConfig) -> Config:
+    """``p``'s library sections as plain CE-tuning with its own learning rates (no search, no regulariser)."""
+    ce = p.library()
     ce.train.method = "ce"
+    ce.train.progress = False
     return ce
 
 
-def run(p: PipelineParams, root: Path = Path(".")) -> dict:
-    prepared = (root / p.data.prepared_dir).resolve()
-    _, _, test, classes, stats = load_prepared(prepared)
-    data_sha = data_checksum(stats)
+def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
+    data = load_prepared(root / p.data.prepared_dir)
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     start_ray(p)
-    ce = baseline_params(p)
-    keyed = ce.model_dump(mode="json", include={"data", "model", "train", "ray"})
-    name = "baseline-ce-" + hashlib.sha256(json.dumps([keyed, data_sha], sort_keys=True).encode()).hexdigest()[:10]
+    ce = baseline_config(p)
+    named = p.model_copy(deep=True)
+    named.train.method = "ce"
+    name = run_name("baseline-ce", named, data.checksum)
     start = time.time()
-    result = run_training(ce, prepared, (root / p.ray.storage_path).resolve() / "baseline", name, [])
-    checkpoint = Path(result.checkpoint.path) / "last.pt"
-    history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]
-    scores = score(load_predictor(checkpoint).predict_proba(test.images), test)
+    result = run_training(ce, p, share_data(data), f"{storage_uri(p, root)}/baseline", name, [])
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = read_checkpoint(result.checkpoint, Path(tmp) / "last.pt")
+        history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]
+        scores = load_predictor(checkpoint).score(data.test)
     summary = {"method": "ce", "lr_backbone": ce.train.lr_backbone, "lr_head": ce.train.lr_head,
                "epochs": ce.train.epochs, "val_top1": history[-1]["val_top1"], "test_top1": scores["top1"],
                "test_top5": scores["top5"], "n_test": scores["n"], "wall_s": round(time.time() - start, 1),
-               "data_sha256": data_sha}
+               "data_sha256": data.checksum}
     out = root / "metrics"
     out.mkdir(parents=True, exist_ok=True)
     (out / "baseline.json").write_text(json.dumps(summary, indent=2))
 
-    exp = experiment_id(client, p.experiment_name())
+    exp = experiment_id(client, p.mlflow_experiment())
     run_id = client.create_run(exp, run_name=name, tags={"role": "ce-baseline", "git_commit": git_commit(root),
-                                                          "data_sha256": data_sha, "dataset": p.data.dataset}).info.run_id
+                                                          "data_sha256": data.checksum, "dataset": p.data.dataset}).info.run_id
     log_params(client, run_id, flat(ce.model_dump(mode="json", include={"data", "model", "train"})))
     for h in history:
         for key in ("val_top1", "val_loss", "train_loss"):

@@ -1,93 +1,20 @@
-"""The ``prepare`` stage: ``params.yaml: data.*`` → ``data/prepared/``.
+"""The ``prepare`` stage: ``params.yaml: data.*`` → ``data/prepared/`` (the layout is :mod:`drtune.prepared`'s).
 
     python -m pipeline.prepare --params params.yaml
-
-Writes ``train.npz``, ``val.npz``, ``test.npz`` (uint8 images N × H × W × C and int64 labels),
-``classes.json`` and ``stats.json`` (images per class per split, image shape, bad files skipped,
-SHA-256 of each split and of the source arrays). Everything is built in a sibling temporary
-folder and swapped in only when complete, so a failed run leaves the previous output intact.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
-import numpy as np
-
-from drtune.config import ConfigError, DataConfig, load_params
-from drtune.data import ArraySplit
-from drtune.sources import load_splits
+from drtune.config import ConfigError, load_config
+from drtune.prepared import write_prepared
 from pipeline.stage import stage_main
 
 
-def _sha256(split: ArraySplit) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(split.images).tobytes())
-    h.update(np.ascontiguousarray(split.labels).tobytes())
-    return h.hexdigest()
-
-
-def prepare(cfg: DataConfig) -> dict:
-    """Load, split and write the prepared dataset; returns the stats written to ``stats.json``."""
-    raw, parts = load_splits(cfg)
-    splits = dict(zip(("train", "val", "test"), parts, strict=True))
-    stats = {
-        "dataset": cfg.dataset, "classes": raw.classes, "image_shape": list(raw.train.images.shape[1:]),
-        "skipped_bad_files": raw.skipped_bad,
-        "counts": {name: np.bincount(s.labels, minlength=len(raw.classes)).tolist() for name, s in splits.items()},
-        "sha256": {name: _sha256(s) for name, s in splits.items()},
-        "source_sha256": {"train": _sha256(raw.train), "test": _sha256(raw.test)},
-    }
-    target = Path(cfg.prepared_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        for name, split in splits.items():
-            np.savez(staging / f"{name}.npz", images=split.images, labels=split.labels)
-        (staging / "classes.json").write_text(json.dumps(raw.classes, indent=1))
-        (staging / "stats.json").write_text(json.dumps(stats, indent=1))
-        old = target.with_name(f".{target.name}-old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return stats
-
-
-def prepared_stats(folder: str | Path) -> dict:
-    """``stats.json`` of a prepared dataset (no image is read)."""
-    path = Path(folder) / "stats.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{Path(folder)} holds no prepared dataset: run `python -m pipeline.prepare` first")
-    return json.loads(path.read_text())
-
-
-def data_checksum(stats: dict) -> str:
-    """One checksum of the prepared splits (from ``stats.json``)."""
-    return "-".join(stats["sha256"][k][:16] for k in ("train", "val", "test"))
-
-
-def load_prepared(folder: str | Path) -> tuple[ArraySplit, ArraySplit, ArraySplit, list[str], dict]:
-    """(train, val, test, classes, stats) as written by :func:`prepare`."""
-    folder = Path(folder)
-    stats = prepared_stats(folder)
-    splits = []
-    for name in ("train", "val", "test"):
-        with np.load(folder / f"{name}.npz") as z:
-            splits.append(ArraySplit(z["images"], z["labels"]))
-    return (*splits, json.loads((folder / "classes.json").read_text()), stats)
-
-
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("prepare", __doc__, argv, lambda path, sets: prepare(load_params(path, sets).data),
+    return stage_main("prepare", __doc__, argv, lambda path, sets: write_prepared(load_config(path, sets).data),
                       lambda stats: json.dumps({k: stats["counts"][k] for k in ("train", "val", "test")}),
                       errors=(ConfigError, FileNotFoundError, ValueError))
 

@@ -27,11 +27,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from drtune.inference import load_predictor
+from drtune.prepared import load_prepared
 from pipeline import plots
-from pipeline.evaluation import score
-from pipeline.prepare import load_prepared
+from pipeline.config import PipelineConfig, load
 from pipeline.serving import SIGNATURE, DRTuneClassifier
-from pipeline.settings import PipelineParams, load
 from pipeline.stage import stage_main, write_csv
 from pipeline.tracking import connect
 
@@ -48,7 +47,7 @@ def champion_score(client: MlflowClient, name: str, test, classes: list[str]) ->
     predictor = champion.unwrap_python_model().predictor
     if predictor.classes != classes:
         return version.version, None, "champion was trained on other classes; not comparable"
-    return version.version, score(predictor.predict_proba(test.images), test)["top1"], "re-scored on this test split"
+    return version.version, predictor.score(test)["top1"], "re-scored on this test split"
 
 
 def decide(new: float, current: float | None, note: str) -> tuple[bool, str]:
@@ -60,17 +59,18 @@ def decide(new: float, current: float | None, note: str) -> tuple[bool, str]:
     return False, f"kept champion: test top-1 {new:.4f} ≤ champion's {current:.4f}"
 
 
-def run(p: PipelineParams, root: Path = Path(".")) -> dict:
+def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     tune_summary = json.loads((root / "metrics" / "tune.json").read_text())
     baseline = json.loads((root / "metrics" / "baseline.json").read_text())
-    _, _, test, classes, stats = load_prepared(root / p.data.prepared_dir)
+    data = load_prepared(root / p.data.prepared_dir)
+    test, classes = data.test, data.classes
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
-    name = p.model_name()
+    name = p.registered_model()
     plots_dir = root / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
 
     predictor = load_predictor(root / "models" / "best.pt")
-    scores = score(predictor.predict_proba(test.images), test)
+    scores = predictor.score(test)
     lift = scores["top1"] - baseline["test_top1"]
     plots.confusion_matrix(scores["confusion"], classes, plots_dir / "confusion_matrix.png",
                            f"test top-1 {scores['top1']:.3f} ({scores['n']} images)")

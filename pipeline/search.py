@@ -4,7 +4,12 @@ Shape of one search (the Train V2 pattern; ``Tuner(TorchTrainer(...))`` is gone 
 
     Tuner ── trial driver (a function trainable, holds almost nothing)
                └── TorchTrainer.fit() ── ``workers_per_trial`` workers, each running
-                                         pipeline.worker.train_loop_per_worker (gloo or nccl)
+                                         pipeline.training.train_loop_per_worker (gloo or nccl)
+
+What a trial searches is one table, :data:`SEARCHED`: each searched name, the config field it
+sets and the ``tune.*`` range it is drawn from. Which of them a method has is
+:func:`searched_names`; the sampled values become a trial's :class:`~drtune.config.Config` in
+:func:`trial_config`, and that object is what the workers train.
 
 Workers report validation metrics and a checkpoint every epoch; ``TuneReportCallback`` forwards
 rank 0's report to Tune, where ASHA (time unit: epochs) may stop the trial and the Optuna searcher
@@ -22,30 +27,35 @@ checkpoint is not a finished model.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
-import ray
-import ray.train
 from ray import tune
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-import drtune
-from drtune.config import ConfigError
-from pipeline.settings import PipelineParams
-from pipeline.worker import train_loop_per_worker
+from drtune.config import Config, ConfigError
+from pipeline.cluster import trial_resources
+from pipeline.config import PipelineConfig
+from pipeline.training import SharedData, run_training
 
-DRIVER_RESOURCE = "drtune_trial_driver"  # a local Ray gets plenty; trial drivers then need no CPU
-DRIVER_CPUS_FALLBACK = 0.1  # on a cluster without that resource each driver holds this much CPU
 METRIC = "val_top1"
+
+# Searched name → the config field it sets. Each is drawn log-uniformly from ``tune.<name>``,
+# except ``queue_size``, a choice among ``tune.queue_sizes``.
+SEARCHED = {
+    "lr_backbone": "train.lr_backbone",
+    "lr_head": "train.lr_head",
+    "weight_decay": "train.weight_decay",
+    "lam": "drtune.lam",
+    "queue_size": "drtune.queue_size",
+    "l2sp_alpha": "baselines.l2sp_alpha",
+    "l2sp_beta": "baselines.l2sp_beta",
+    "bss_eta": "baselines.bss_eta",
+}
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -63,188 +73,89 @@ class PruningOptunaSearch(OptunaSearch):
         return super().on_trial_complete(trial_id, result, error=False)
 
 
-def search_space(p: PipelineParams) -> dict:
-    """Ray Tune distributions from ``tune.*`` for ``train.method``'s own hyperparameters.
+def searched_names(config: PipelineConfig) -> list[str]:
+    """The names of :data:`SEARCHED` that ``train.method`` has.
 
     Learning rates are real step sizes, so λ never rescales the backbone's rate. A linear probe
-    has no backbone rate; L2-SP adds α and β, BSS η, DR-Tune λ and K.
+    has no backbone rate; L2-SP adds α and β, BSS η, DR-Tune λ and K. Under DR-Tune's
+    ``reference`` preset only the authors' base rate and K are free: λ = K/B and the rates follow
+    from them (:meth:`Config.resolved`).
     """
-    t, method = p.tune, p.train.method
-    log = lambda r: tune.loguniform(r.low, r.high)
-    if method == "drtune" and p.drtune.preset == "reference":
-        # The authors' parametrisation: only their base rate r (train.lr_backbone) and K are free;
-        # λ = K/B and the rates follow from them (drtune.config.resolve).
-        space = {"lr_backbone": log(t.lr_backbone), "queue_size": tune.choice(t.queue_sizes)}
-        _check_points(t, space)
-        return space
-    space = {"lr_head": log(t.lr_head)}
-    if method != "linear_probe":
-        space["lr_backbone"] = log(t.lr_backbone)
-    if method == "drtune":
-        space["lam"] = log(t.lam)
-        space["queue_size"] = tune.choice(t.queue_sizes)
-    if method == "l2sp":
-        space["l2sp_alpha"], space["l2sp_beta"] = log(t.l2sp_alpha), log(t.l2sp_beta)
-    if method == "bss":
-        space["bss_eta"] = log(t.bss_eta)
-    if t.weight_decay is not None:
-        space["weight_decay"] = tune.loguniform(t.weight_decay.low, t.weight_decay.high)
-    _check_points(t, space)
-    return space
+    method = config.train.method
+    if method == "drtune" and config.drtune.preset == "reference":
+        return ["lr_backbone", "queue_size"]
+    names = ["lr_head"] + (["lr_backbone"] if method != "linear_probe" else [])
+    names += {"drtune": ["lam", "queue_size"], "l2sp": ["l2sp_alpha", "l2sp_beta"], "bss": ["bss_eta"]}.get(method, [])
+    if config.tune.weight_decay is not None:
+        names.append("weight_decay")
+    return names
 
 
-def _check_points(t, space: dict) -> None:
-    for i, point in enumerate(t.points_to_evaluate):
-        unknown = sorted(set(point) - set(space))
-        missing = sorted(set(space) - set(point))
-        if unknown or missing:
-            raise ConfigError(f"tune.points_to_evaluate[{i}]: keys must be exactly {sorted(space)}"
-                              f" (unknown {unknown}, missing {missing})")
-        if "queue_size" in point and int(point["queue_size"]) not in t.queue_sizes:
-            raise ConfigError(f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in tune.queue_sizes")
+def search_space(config: PipelineConfig) -> dict:
+    """Ray Tune distributions of :func:`searched_names`."""
+    t = config.tune
+    return {name: tune.choice(t.queue_sizes) if name == "queue_size"
+            else tune.loguniform(getattr(t, name).low, getattr(t, name).high) for name in searched_names(config)}
 
 
-def trial_params(base: PipelineParams, config: dict) -> PipelineParams:
-    """The full params of one trial: the base with the sampled values. The ``reference`` preset is
-    kept only when λ is not searched (its search space); otherwise the sampled rates are real step sizes."""
-    p = base.model_copy(deep=True)
-    if "lam" in config or base.train.method != "drtune":
-        p.drtune.preset = "custom"
-    p.train.progress = False
-    p.train.device = "cuda" if base.ray.gpus_per_worker > 0 else "cpu"
-    for key, value in config.items():
-        if key in ("lam", "queue_size"):
-            setattr(p.drtune, key, int(value) if key == "queue_size" else float(value))
-        elif key in ("l2sp_alpha", "l2sp_beta", "bss_eta"):
-            setattr(p.baselines, key, float(value))
-        else:
-            setattr(p.train, key, float(value))
-    return p
+def starting_points(config: PipelineConfig) -> list[dict]:
+    """``tune.points_to_evaluate`` for this method: names it does not search are dropped, names it
+    searches but a point leaves out take the config's value; a name :data:`SEARCHED` lacks is an error."""
+    names = searched_names(config)
+    points = []
+    for i, given in enumerate(config.tune.points_to_evaluate):
+        unknown = sorted(set(given) - set(SEARCHED))
+        if unknown:
+            raise ConfigError(f"tune.points_to_evaluate[{i}]: unknown names {unknown} (searchable: {sorted(SEARCHED)})")
+        point = {}
+        for name in names:
+            section, key = SEARCHED[name].split(".")
+            point[name] = given.get(name, getattr(getattr(config, section), key))
+        if "queue_size" in point and int(point["queue_size"]) not in config.tune.queue_sizes:
+            raise ConfigError(f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in "
+                              f"tune.queue_sizes {config.tune.queue_sizes}")
+        points.append(point)
+    return points
 
 
-def run_training(p: PipelineParams, prepared: Path, storage: Path, name: str, callbacks: list) -> ray.train.Result:
-    """One Ray Train run of ``fit`` with the configured workers; resumes from ``storage/name`` if present."""
-    r = p.ray
-    use_gpu = r.gpus_per_worker > 0
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"params": p.model_dump(mode="json"), "prepared": str(prepared)},
-        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage), callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures, controller_failure_limit=r.max_failures),
-        ),
-    )
-    return trainer.fit()
+def trial_config(base: PipelineConfig, sampled: dict) -> Config:
+    """One trial's library :class:`Config`: ``base``'s library sections with the sampled values set."""
+    config = base.library()
+    config.train.progress = False
+    for name, value in sampled.items():
+        section, key = SEARCHED[name].split(".")
+        setattr(getattr(config, section), key, int(value) if name == "queue_size" else float(value))
+    return config
 
 
-def trial_driver(config: dict, *, base: dict, prepared: str, storage: str) -> None:
-    """A Tune trial: build this trial's params and run its Ray Train job; metrics flow to Tune."""
-    p = trial_params(PipelineParams.model_validate(base), config)
-    run_training(p, Path(prepared), Path(storage), tune.get_context().get_trial_id(), [TuneReportCallback()])
+def trial_driver(sampled: dict, *, base: PipelineConfig, data: SharedData, storage: str) -> None:
+    """A Tune trial: run this trial's config as a Ray Train job; metrics flow to Tune."""
+    run_training(trial_config(base, sampled), base, data, storage, tune.get_context().get_trial_id(),
+                 [TuneReportCallback()])
 
 
-def _live_local_head() -> str | None:
-    """The address of a running ``ray start`` head on this machine, forgetting one that is gone.
-
-    ``ray start`` records its address in Ray's bootstrap file; a head killed without ``ray stop``
-    leaves it behind. ``ray.init()`` would then try to join the dead head, and Ray Train's
-    placement-group cleaner, which finds the cluster through that file, would never free the
-    CPUs of trials stopped by ASHA: the search would wait forever. So a stale entry is removed.
-    """
-    from ray._private import services, utils
-
-    recorded = utils.read_ray_address()
-    if not recorded:
-        return None
-    if recorded in services.find_gcs_addresses():
-        return recorded
-    Path(utils.get_ray_address_file(None)).unlink(missing_ok=True)
-    return None
-
-
-def start_ray(p: PipelineParams) -> None:
-    """Join ``ray.address``, RAY_ADDRESS (set inside ``ray job submit``) or a running local head;
-    otherwise start a private local instance with ``ray.num_cpus`` and the trial-driver resource."""
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(p.ray.start_timeout_s)}}
-    address = p.ray.address or os.environ.get("RAY_ADDRESS") or _live_local_head()
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-    else:
-        ray.init(num_cpus=p.ray.num_cpus, resources={DRIVER_RESOURCE: 10_000}, runtime_env=env, log_to_driver=False,
-                 include_dashboard=True, dashboard_host="127.0.0.1")
-
-
-def trial_resources(p: PipelineParams) -> tuple[dict, int]:
-    """(the trial driver's resource request, how many trials fit at once); errors if none fits."""
-    total = ray.cluster_resources()
-    r = p.ray
-    driver = {"CPU": 0, DRIVER_RESOURCE: 1} if total.get(DRIVER_RESOURCE, 0) >= 1 else {"CPU": DRIVER_CPUS_FALLBACK}
-    need = {"CPU": r.workers_per_trial * r.cpus_per_worker + driver["CPU"], "GPU": r.workers_per_trial * r.gpus_per_worker}
-    fits = min(int(total.get(k, 0) // v) if v > 0 else 10**9 for k, v in need.items())
-    if fits == 0:
-        raise ConfigError(
-            f"one trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU (ray.workers_per_trial {r.workers_per_trial} × "
-            f"ray.cpus_per_worker {r.cpus_per_worker:g} / ray.gpus_per_worker {r.gpus_per_worker:g}"
-            f"{', + 0.1 CPU per trial driver' if driver['CPU'] else ''}) but the cluster has "
-            f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU; lower ray.cpus_per_worker / ray.workers_per_trial"
-            f" or start the nodes with --resources='{{\"{DRIVER_RESOURCE}\": 100}}'"
-        )
-    if p.tune.max_concurrent_trials:
-        fits = min(fits, p.tune.max_concurrent_trials)
-    return driver, fits
-
-
-def experiment_name(p: PipelineParams, data_sha: str) -> str:
-    """A name that changes with anything a trial depends on — settings, data and the code that
-    trains — so a resume never mixes two searches, and a code change that makes DVC rerun the
-    stage starts a new search instead of restoring the old one's results."""
-    keyed = p.model_dump(mode="json", exclude={"mlflow": True, "train": {"progress"}})
-    digest = hashlib.sha256(json.dumps([keyed, data_sha, code_digest()], sort_keys=True).encode()).hexdigest()[:10]
-    return f"search-{p.data.dataset.split(':')[0]}-{digest}"
-
-
-def code_digest() -> str:
-    """SHA-256 of the Python sources a trial runs: the ``drtune`` library and this ``pipeline`` package."""
-    h = hashlib.sha256()
-    for package in (Path(drtune.__file__).parent, Path(__file__).parent):
-        for source in sorted(package.glob("*.py")):
-            h.update(source.name.encode())
-            h.update(source.read_bytes())
-    return h.hexdigest()
-
-
-def build_tuner(p: PipelineParams, prepared: Path, storage: Path, name: str, callbacks: list) -> tune.Tuner:
+def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list) -> tune.Tuner:
     """A new Tuner, or the stored one restored (finished trials kept, unfinished ones resumed)."""
-    driver, concurrency = trial_resources(p)
+    driver, concurrency = trial_resources(config)
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, base=p.model_dump(mode="json"), prepared=str(prepared),
-                             storage=str(storage / "train")),
-        driver,
-    )
-    path = storage / name
-    run_config = tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=1,
+        tune.with_parameters(trial_driver, base=config, data=data, storage=f"{storage}/train"), driver)
+    path = f"{storage}/{name}"
+    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=0))
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False,
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
-    t = p.tune
+    t = config.tune
     sampler = optuna.samplers.TPESampler(seed=t.seed, multivariate=True, constant_liar=True,
                                          n_startup_trials=t.startup_trials)
-    searcher = PruningOptunaSearch(points_to_evaluate=[dict(x) for x in t.points_to_evaluate] or None, sampler=sampler,
-                                   max_epochs=p.train.epochs)
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=p.train.epochs, grace_period=t.grace_period,
+    searcher = PruningOptunaSearch(points_to_evaluate=starting_points(config) or None, sampler=sampler,
+                                   max_epochs=config.train.epochs)
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period,
                                reduction_factor=t.reduction_factor)
                  if t.early_stopping else FIFOScheduler())
     return tune.Tuner(
         trainable,
-        param_space=search_space(p),
+        param_space=search_space(config),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=t.num_samples, max_concurrent_trials=concurrency),
         run_config=run_config,
@@ -258,7 +169,7 @@ class Best:
     trial_id: str
     config: dict
     metrics: dict
-    checkpoint: Path
+    checkpoint: Checkpoint
 
 
 def select_best(results: tune.ResultGrid, max_epochs: int) -> Best:
@@ -270,4 +181,4 @@ def select_best(results: tune.ResultGrid, max_epochs: int) -> Best:
                            f"{sum(r.error is not None for r in results)} failed; see the Ray logs under the experiment path")
     best = max(finished, key=lambda r: (r.metrics[METRIC], -r.metrics.get("val_loss", 0.0)))
     return Best(trial_id=best.metrics["trial_id"], config=dict(best.config), metrics=dict(best.metrics),
-                checkpoint=Path(best.metrics["checkpoint_path"]) / "last.pt")
+                checkpoint=Checkpoint(best.metrics["checkpoint_path"]))

@@ -7,7 +7,7 @@ checked (an unreachable server fails here, before Ray starts), then the search r
 same search was interrupted, resumes. Outputs:
 
 * ``models/best.pt`` — the best trial's final model: encoder + head, params, classes, history
-  (the trial chosen by :func:`pipeline.search.select_best`);
+  (the trial chosen by :func:`pipeline.search.select_best`, its last epoch: see :mod:`drtune.evaluation`);
 * ``metrics/tune.json`` — the winner, its hyperparameters and validation score, trial counts, wall time;
 * ``metrics/tune_curve.csv``, ``metrics/landscape.csv`` — DVC plots (learning curve, search landscape);
 * ``plots/learning_curve.png``, ``plots/landscape.png`` — the same as pictures.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,26 +26,14 @@ import torch
 from ray.tune import Callback
 
 from drtune.inference import save_inference_checkpoint
+from drtune.prepared import load_prepared
 from pipeline import plots
-from pipeline.prepare import data_checksum, prepared_stats
-from pipeline.search import (
-    METRIC,
-    build_tuner,
-    experiment_name,
-    search_space,
-    select_best,
-    start_ray,
-)
-from pipeline.settings import PipelineParams, load
+from pipeline.cluster import start_ray, storage_uri
+from pipeline.config import PipelineConfig, load
+from pipeline.search import METRIC, build_tuner, search_space, select_best, starting_points
 from pipeline.stage import flat, stage_main, write_csv
-from pipeline.tracking import (
-    TrialRuns,
-    connect,
-    experiment_id,
-    git_commit,
-    log_params,
-    parent_run,
-)
+from pipeline.tracking import TrialRuns, connect, experiment_id, git_commit, log_params, parent_run
+from pipeline.training import read_checkpoint, run_name, share_data
 
 
 class Progress(Callback):
@@ -63,22 +52,23 @@ class Progress(Callback):
         print(f"trial {trial.trial_id} failed (its error is in the trial's MLflow run); the search goes on", flush=True)
 
 
-def run(p: PipelineParams, root: Path = Path(".")) -> dict:
+def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     """Run (or resume) the search and write the stage's outputs under ``root``."""
-    prepared = (root / p.data.prepared_dir).resolve()
-    data_sha = data_checksum(prepared_stats(prepared))
+    data = load_prepared(root / p.data.prepared_dir)
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
-    space = search_space(p)  # validates tune.points_to_evaluate before Ray starts
+    space = search_space(p)
+    starting_points(p)  # validates tune.points_to_evaluate before Ray starts
     start_ray(p)
-    storage = (root / p.ray.storage_path).resolve()
-    name = experiment_name(p, data_sha)
-    exp = experiment_id(client, p.experiment_name())
-    parent = parent_run(client, exp, str(storage / name), run_name=name, tags={
-        "git_commit": git_commit(root), "data_sha256": data_sha, "ray_experiment_path": str(storage / name),
+    storage = storage_uri(p, root)
+    ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
+    experiment_path = f"{storage}/{ray_run}"
+    mlflow_experiment = experiment_id(client, p.mlflow_experiment())
+    parent = parent_run(client, mlflow_experiment, experiment_path, run_name=ray_run, tags={
+        "git_commit": git_commit(root), "data_sha256": data.checksum, "ray_experiment_path": experiment_path,
         "dataset": p.data.dataset, "method": p.train.method})
     log_params(client, parent, flat(p.model_dump(mode="json", exclude={"mlflow": True})))
-    trial_runs, progress = TrialRuns(client, exp, parent, p.train.epochs), Progress(p.train.epochs)
-    tuner = build_tuner(p, prepared, storage, name, [trial_runs, progress])
+    trial_runs, progress = TrialRuns(client, mlflow_experiment, parent, p.train.epochs), Progress(p.train.epochs)
+    tuner = build_tuner(p, share_data(data), storage, ray_run, [trial_runs, progress])
     start = time.time()
     try:
         results = tuner.fit()
@@ -86,14 +76,15 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
         trial_runs.close_open_runs()
     if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
         client.set_terminated(parent, "KILLED")
-        raise KeyboardInterrupt(f"search interrupted; run the stage again to resume it from {storage / name}")
+        raise KeyboardInterrupt(f"search interrupted; run the stage again to resume it from {experiment_path}")
     wall = time.time() - start
     best = select_best(results, p.train.epochs)
 
     models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
     for d in (models, metrics_dir, plots_dir):
         d.mkdir(parents=True, exist_ok=True)
-    save_inference_checkpoint(best.checkpoint, models / "best.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), models / "best.pt")
     history = torch.load(models / "best.pt", map_location="cpu", weights_only=False)["history"]  # every epoch, resumes included
     keys = sorted(space)
     rows = []
@@ -112,8 +103,8 @@ def run(p: PipelineParams, root: Path = Path(".")) -> dict:
         "best_config": best.config, "trials": len(rows),
         "completed": sum(r["status"] == "completed" for r in rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
         "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1),
-        "experiment_path": str(storage / name), "mlflow_parent_run_id": parent, "mlflow_experiment_id": exp,
-        "data_sha256": data_sha,
+        "experiment_path": experiment_path, "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment,
+        "data_sha256": data.checksum,
     }
     (metrics_dir / "tune.json").write_text(json.dumps(summary, indent=2))
     client.log_metric(parent, "best_val_top1", best.metrics[METRIC])

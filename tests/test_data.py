@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from drtune.config import load_params
+from drtune.config import load_config
 from drtune.sources import (
     BadImagesError,
     fashion_mnist_dir,
     few_label_splits,
     load_source,
 )
-from pipeline.prepare import load_prepared, prepare
+from drtune.prepared import load_prepared
+from drtune.prepared import write_prepared as prepare
 
 
 def _folder(root, classes=("cat", "dog", "owl"), per_class=10):
@@ -33,14 +34,15 @@ def _folder(root, classes=("cat", "dog", "owl"), per_class=10):
 
 def _cfg(tmp_path, **kw):
     overrides = [f"data.{k}={v}" for k, v in kw.items()]
-    return load_params(None, [*overrides, f"data.prepared_dir={tmp_path / 'prepared'}"]).data
+    return load_config(None, [*overrides, f"data.prepared_dir={tmp_path / 'prepared'}"]).data
 
 
 def test_digits_splits_are_disjoint_stratified_and_seeded(tmp_path) -> None:
     cfg = _cfg(tmp_path, dataset="digits", labels_per_class=30, val_fraction=0.2)
     stats = prepare(cfg)
     assert stats["counts"]["train"] == [24] * 10 and stats["counts"]["val"] == [6] * 10
-    train, val, test, classes, _ = load_prepared(cfg.prepared_dir)
+    data = load_prepared(cfg.prepared_dir)
+    train, val = data.train, data.val
     rows = lambda s: {a.tobytes() + bytes([int(b)]) for a, b in zip(s.images, s.labels)}
     assert not rows(train) & rows(val)
     again = prepare(cfg)

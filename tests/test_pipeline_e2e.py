@@ -131,9 +131,9 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
     assert str(v1.version) == "1" and float(v1.tags["test_top1"]) > 0.3 and "lift_over_ce" in v1.tags
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/drtune-digits@champion")
-    from pipeline.prepare import load_prepared
+    from drtune.prepared import load_prepared
 
-    _, _, test, _, _ = load_prepared(project / "data" / "prepared")
+    test = load_prepared(project / "data" / "prepared").test
     images = np.repeat(test.images[:8], 3, axis=-1)
     out = model.predict(images)
     assert len(out) == 8 and set(out["label"]) <= {str(d) for d in range(10)}

@@ -17,9 +17,9 @@ from drtune.config import ConfigError
 from drtune.inference import Predictor, to_chw
 from drtune.task import Classifier
 from pipeline.register import decide
-from pipeline.search import PruningOptunaSearch, search_space, select_best, trial_params
+from pipeline.search import SEARCHED, PruningOptunaSearch, search_space, select_best, starting_points, trial_config
 from pipeline.serving import DRTuneClassifier
-from pipeline.settings import load
+from pipeline.config import PipelineConfig, load
 from pipeline.tracking import TrackingUnavailableError, connect
 
 
@@ -37,26 +37,52 @@ def test_bad_ranges_and_keys_name_the_field() -> None:
         load(None, ["ray.bogus=1"])
     with pytest.raises(ConfigError, match=r"tune.grace_period = 5 exceeds train.epochs = 2"):
         load(None, ["train.epochs=2", "tune.grace_period=5"])
-    p = load(None, ["tune.points_to_evaluate=[{lam: 1.0, lr_head: 0.1}]"])
-    with pytest.raises(ConfigError, match=r"tune.points_to_evaluate\[0\].*missing \['lr_backbone', 'queue_size'\]"):
-        search_space(p)
+    p = load(None, ["tune.points_to_evaluate=[{lam: 1.0, lr_heed: 0.1}]"])
+    with pytest.raises(ConfigError, match=r"tune.points_to_evaluate\[0\]: unknown names \['lr_heed'\]"):
+        starting_points(p)
+    with pytest.raises(ConfigError, match=r"tune.points_to_evaluate\[0\].queue_size = 1024 is not in tune.queue_sizes"):
+        starting_points(load(None, ["tune.queue_sizes=[256]", "tune.points_to_evaluate=[{lam: 1.0}]"]))
+
+
+def test_starting_points_fit_each_method() -> None:
+    """The default points (DR-Tune's) serve every method: other names dropped, missing ones from the config."""
+    assert starting_points(load(None, ["train.method=linear_probe"])) == [{"lr_head": 0.1}, {"lr_head": 0.01}]
+    l2sp = starting_points(load(None, ["train.method=l2sp", "baselines.l2sp_alpha=0.5"]))
+    assert l2sp[1] == {"lr_head": 0.01, "lr_backbone": 0.000303, "l2sp_alpha": 0.5, "l2sp_beta": 0.01}
 
 
 def test_the_shipped_parameter_files_are_valid() -> None:
     for path in ("params.yaml", "configs/quick.yaml"):
         p = load(path)
         search_space(p)
+        starting_points(p)
     default = load("params.yaml")
     lo, hi = default.tune.lr_backbone.low, default.tune.lr_backbone.high
     reference_rate = default.train.lr_backbone / (1 + 1024 / default.train.batch_size)
     assert lo <= reference_rate <= hi and lo <= default.train.lr_backbone <= hi  # reference and CE-like rates both inside
 
 
-def test_trial_params_sets_real_step_sizes_and_custom_preset() -> None:
-    base = load(None, ["drtune.preset=reference"])
-    p = trial_params(base, {"lam": 3.0, "queue_size": 512, "lr_backbone": 0.02, "lr_head": 0.2})
-    assert p.drtune.preset == "custom" and p.drtune.lam == 3.0 and p.drtune.queue_size == 512
-    assert p.train.lr_backbone == 0.02 and p.train.lr_head == 0.2 and p.train.device == "cpu"
+def test_trial_config_sets_real_step_sizes_and_keeps_the_reference_preset_for_the_library() -> None:
+    p = trial_config(load(None), {"lam": 3.0, "queue_size": 512, "lr_backbone": 0.02, "lr_head": 0.2})
+    assert type(p).__name__ == "Config" and not hasattr(p, "tune")  # workers get the library's config only
+    assert p.drtune.lam == 3.0 and p.drtune.queue_size == 512 and p.train.lr_backbone == 0.02 and p.train.lr_head == 0.2
+    base = load(None, ["drtune.preset=reference", "drtune.queue_size=1024"])
+    assert set(search_space(base)) == {"lr_backbone", "queue_size"}  # λ and the rates follow from K and r
+    resolved = trial_config(base, {"lr_backbone": 0.05, "queue_size": 512}).resolved()
+    assert resolved.drtune.lam == 512 / 32 and resolved.train.lr_head == 0.05
+
+
+def test_params_yaml_states_the_schema_defaults() -> None:
+    """Each default is written once, in the schema; params.yaml shows the same values with comments."""
+    assert load("params.yaml") == PipelineConfig()
+
+
+def test_every_searched_name_maps_to_a_config_field_and_a_range() -> None:
+    config = PipelineConfig()
+    for name, path in SEARCHED.items():
+        section, key = path.split(".")
+        assert key in type(getattr(config, section)).model_fields
+        assert name in type(config.tune).model_fields or name == "queue_size"
 
 
 def _searcher(max_epochs: int = 4) -> PruningOptunaSearch:
@@ -89,7 +115,7 @@ def test_select_best_ignores_stopped_and_failed_trials() -> None:
     results = [_result("a", 0.70, 10), _result("b", 0.95, 3), _result("c", 0.99, 10, error=RuntimeError("nan")),
                _result("d", 0.70, 10, loss=0.5)]
     best = select_best(results, max_epochs=10)
-    assert best.trial_id == "d" and str(best.checkpoint) == "/ck/d/last.pt"  # tie on top-1 → lower loss
+    assert best.trial_id == "d" and best.checkpoint.path == "/ck/d"  # tie on top-1 → lower loss
     with pytest.raises(RuntimeError, match="no trial completed all 10 epochs"):
         select_best([_result("b", 0.95, 3)], max_epochs=10)
 
@@ -148,7 +174,7 @@ def test_each_method_searches_its_own_hyperparameters(method, keys) -> None:
     assert set(search_space(p)) == keys
     values = {"lr_backbone": 0.02, "lr_head": 0.2, "lam": 2.0, "queue_size": 512, "l2sp_alpha": 0.3, "l2sp_beta": 0.4,
               "bss_eta": 0.05}
-    trial = trial_params(p, {k: values[k] for k in keys})
+    trial = trial_config(p, {k: values[k] for k in keys})
     assert trial.train.lr_head == 0.2 and (method != "l2sp" or trial.baselines.l2sp_beta == 0.4)
     assert method != "bss" or trial.baselines.bss_eta == 0.05
 
@@ -156,7 +182,7 @@ def test_each_method_searches_its_own_hyperparameters(method, keys) -> None:
 def test_a_dead_ray_head_left_in_the_bootstrap_file_is_forgotten(tmp_path, monkeypatch) -> None:
     from ray._private import services, utils
 
-    from pipeline.search import _live_local_head
+    from pipeline.cluster import _live_local_head
 
     address_file = tmp_path / "ray_current_cluster"
     monkeypatch.setattr(utils, "get_ray_address_file", lambda temp_dir=None: str(address_file))
@@ -167,15 +193,16 @@ def test_a_dead_ray_head_left_in_the_bootstrap_file_is_forgotten(tmp_path, monke
     assert _live_local_head() is None and not address_file.exists()  # a dead one is forgotten
 
 
-def test_experiment_name_follows_settings_data_and_code(monkeypatch) -> None:
-    from pipeline import search
+def test_run_name_follows_settings_data_and_code(monkeypatch) -> None:
+    from pipeline import training
 
     p = load("params.yaml")
-    name = search.experiment_name(p, "sha-a")
-    assert search.experiment_name(p, "sha-a") == name  # a rerun of the same search restores it
-    assert search.experiment_name(p, "sha-b") != name
+    name = training.run_name("search", p, "sha-a")
+    assert training.run_name("search", p, "sha-a") == name  # a rerun of the same search restores it
+    assert training.run_name("search", p, "sha-b") != name
+    assert training.run_name("baseline-ce", p, "sha-a") != name
     changed = p.model_copy(deep=True)
     changed.drtune.rotation_every = 5
-    assert search.experiment_name(changed, "sha-a") != name
-    monkeypatch.setattr(search, "code_digest", lambda: "edited library")
-    assert search.experiment_name(p, "sha-a") != name  # DVC reran the stage for a code change: start afresh
+    assert training.run_name("search", changed, "sha-a") != name
+    monkeypatch.setattr(training, "code_digest", lambda: "edited library")
+    assert training.run_name("search", p, "sha-a") != name  # DVC reran the stage for a code change: start afresh

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from drtune.cli import main as cli_main
-from drtune.config import ConfigError, load_params
+from drtune.config import ConfigError, load_config
 from drtune.sources import few_label_splits, load_source
 from drtune.train import fit
 
@@ -32,7 +32,7 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize("features", ["online", "cached"])
 def test_resume_continues_exactly_where_it_stopped(tmp_path, features: str) -> None:
-    params = load_params(None, [*QUICK, f"drtune.pretrained_features={features}"])
+    params = load_config(None, [*QUICK, f"drtune.pretrained_features={features}"])
     train, val, classes = _data()
     full = fit(params, train, val, classes, tmp_path / "full", resume=False).history
 
@@ -52,7 +52,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, features: str) -> N
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    params = load_params(None, [*QUICK, "train.epochs=1", "drtune.queue_size=50"])  # 50: wraps mid-batch
+    params = load_config(None, [*QUICK, "train.epochs=1", "drtune.queue_size=50"])  # 50: wraps mid-batch
     train, val, classes = _data()
     result = fit(params, train, val, classes, out, resume=False)
     bank = result.task.bank
@@ -76,7 +76,7 @@ def test_two_gloo_ranks_hold_identical_banks(tmp_path) -> None:
 
 
 def test_nan_loss_fails_with_a_clear_error(tmp_path) -> None:
-    params = load_params(None, [*QUICK, "train.lr_backbone=10", "train.lr_head=100", "train.epochs=3"])
+    params = load_config(None, [*QUICK, "train.lr_backbone=10", "train.lr_head=100", "train.epochs=3"])
     train, val, classes = _data()
     with pytest.raises(FloatingPointError, match="loss became"):
         fit(params, train, val, classes, tmp_path, resume=False)
@@ -87,12 +87,12 @@ def test_nan_loss_fails_with_a_clear_error(tmp_path) -> None:
                                             ("drtune.bogus=1", "drtune.bogus")])
 def test_config_errors_name_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_params(None, [override])
+        load_config(None, [override])
 
 
 def test_both_label_budgets_is_an_error() -> None:
     with pytest.raises(ConfigError, match="labels_per_class"):
-        load_params(None, ["data.label_fraction=0.1"])
+        load_config(None, ["data.label_fraction=0.1"])
 
 
 def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
@@ -100,7 +100,7 @@ def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
     assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", "train.epochs=1",
                      "--set", "drtune.preset=reference", "--output", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["history"]) == 1 and 0 <= metrics["final_test"]["top1"] <= 1
+    assert len(metrics["history"]) == 1 and 0 <= metrics["test"]["top1"] <= 1
     resolved = (out / "config.yaml").read_text()
     assert "lam: 4.0" in resolved  # reference preset: λ = K/B = 64/16
     assert (out / "model.pt").exists() and (out / "last.pt").exists()
@@ -110,6 +110,46 @@ def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
 
 def test_resume_with_other_settings_is_refused(tmp_path) -> None:
     train, val, classes = _data()
-    fit(load_params(None, [*QUICK, "train.epochs=1"]), train, val, classes, tmp_path)
+    fit(load_config(None, [*QUICK, "train.epochs=1"]), train, val, classes, tmp_path)
     with pytest.raises(ValueError, match=r"drtune\.lam: checkpoint 1\.0, now 2\.0"):
-        fit(load_params(None, [*QUICK, "train.epochs=2", "drtune.lam=2.0"]), train, val, classes, tmp_path)
+        fit(load_config(None, [*QUICK, "train.epochs=2", "drtune.lam=2.0"]), train, val, classes, tmp_path)
+
+
+def test_misspelt_keys_and_sections_are_refused_naming_them(tmp_path) -> None:
+    for override, named in (("trian.epochs=3", "trian"), ("train.epocs=3", r"train\.epocs")):
+        with pytest.raises(ConfigError, match=named):
+            load_config(None, [override])
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochs: 2\n  lr_bakbone: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.lr_bakbone = 0\.1: Extra inputs are not permitted"):
+        load_config(bad)
+
+
+def test_the_library_reads_the_pipeline_params_file(capsys) -> None:
+    """``drtune fit --config params.yaml`` reads the library's sections and names the ones it leaves."""
+    config = load_config("params.yaml")
+    assert config.train.method == "drtune" and not hasattr(config, "tune")
+    assert "sections mlflow, ray, tune are not read here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["drtune", "ce", "linear_probe", "l2sp", "bss"])
+def test_fit_under_a_callers_bf16_autocast(tmp_path, method: str) -> None:
+    """Whole ``fit`` epochs inside ``torch.autocast("cpu", bfloat16)``, the dtype rules a CUDA run has."""
+    config = load_config(None, [*QUICK, "train.epochs=1", f"train.method={method}", "drtune.rotation_every=1"])
+    train, val, classes = _data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        history = fit(config, train, val, classes, tmp_path, resume=False).history
+    assert all(torch.isfinite(torch.tensor(h[k])) for h in history for k in ("train_loss", "train_reg", "val_loss"))
+
+
+def test_a_finished_run_resumed_reports_its_last_epoch_again(tmp_path) -> None:
+    """Interrupted after the last checkpoint but before the caller recorded the report: the
+    resumed run trains nothing and hands the final epoch's metrics and checkpoint over again."""
+    config = load_config(None, [*QUICK, "train.epochs=2"])
+    train, val, classes = _data()
+    first = []
+    fit(config, train, val, classes, tmp_path, report=lambda m, c: first.append(dict(m)))
+    again = []
+    result = fit(config, train, val, classes, tmp_path, report=lambda m, c: again.append((dict(m), c)), resume=True)
+    assert [m["epoch"] for m, _ in again] == [2] and again[0][0] == first[-1]
+    assert again[0][1] == tmp_path / "last.pt" and len(result.history) == 2

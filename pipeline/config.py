@@ -1,4 +1,4 @@
-"""The pipeline's ``params.yaml`` sections (``tune``, ``ray``, ``mlflow``) on top of the library's.
+"""The pipeline's ``params.yaml`` sections (``tune``, ``ray``, ``mlflow``) on top of the library's :class:`Config`.
 
 Validated once, when a stage starts: an unknown key, a value out of range or a search range that
 cannot work fails with the field's name before Ray or MLflow start. Cross-field rules live here
@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from drtune.config import ConfigError, Params, Section, load_params
+from drtune.config import Config, Section, load_config
 
 
 class Range(Section):
@@ -29,8 +29,8 @@ class Range(Section):
         return self
 
 
-class TuneSettings(Section):
-    num_samples: int = Field(6, ge=1, le=100_000, description="trials in the search")
+class TuneConfig(Section):
+    num_samples: int = Field(8, ge=1, le=100_000, description="trials in the search")
     seed: int = Field(0, ge=0, description="seed of Optuna's TPE sampler")
     startup_trials: int = Field(3, ge=1, le=10_000, description="random trials before TPE starts modelling")
     max_concurrent_trials: int = Field(0, ge=0, le=10_000, description="0 = as many as the cluster's resources fit")
@@ -46,7 +46,10 @@ class TuneSettings(Section):
     l2sp_beta: Range = Field(Range(low=1e-4, high=1.0), description="train.method l2sp: β, log-uniform")
     bss_eta: Range = Field(Range(low=1e-4, high=0.1), description="train.method bss: η, log-uniform")
     points_to_evaluate: list[dict[str, int | float]] = Field(
-        default_factory=list, description="trials run first, e.g. the library defaults (keys lam, queue_size, lr_backbone, …)"
+        default_factory=lambda: [{"lam": 1.0, "queue_size": 1024, "lr_backbone": 0.01, "lr_head": 0.1},
+                                 {"lam": 32.0, "queue_size": 1024, "lr_backbone": 0.000303, "lr_head": 0.01}],
+        description="trials run first (keys: the method's searched names): the library defaults, then the "
+        "reference's effective setting (λ = K/B = 1024/32, backbone 0.01/(1 + 32), head 0.01)",
     )
 
     @field_validator("queue_sizes")
@@ -57,7 +60,7 @@ class TuneSettings(Section):
         return v
 
 
-class RaySettings(Section):
+class RayConfig(Section):
     address: str | None = Field(None, description="null: a local Ray (or RAY_ADDRESS / the job's cluster); auto; ray://…")
     num_cpus: int | None = Field(None, ge=1, le=100_000, description="local Ray only: CPUs to use (null = all)")
     workers_per_trial: int = Field(1, ge=1, le=4096, description="Ray Train data-parallel workers per trial")
@@ -68,23 +71,22 @@ class RaySettings(Section):
     start_timeout_s: int = Field(300, ge=10, le=86_400, description="fail a trial whose worker group cannot start in time")
 
 
-class MLflowSettings(Section):
+class MLflowConfig(Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="overridden by MLFLOW_TRACKING_URI")
     experiment: str | None = Field(None, description="MLflow experiment; null = drtune-<dataset>")
     registered_model: str | None = Field(None, description="registry name; null = drtune-<dataset>")
     timeout_s: float = Field(10.0, gt=0, le=600, description="how long to wait for a tracking server before failing")
 
 
-class PipelineParams(Params):
-    """All of ``params.yaml``."""
+class PipelineConfig(Config):
+    """All of ``params.yaml``: the library's sections and the pipeline's."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    tune: TuneSettings = TuneSettings()
-    ray: RaySettings = RaySettings()
-    mlflow: MLflowSettings = MLflowSettings()
+    tune: TuneConfig = TuneConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MLflowConfig = MLflowConfig()
 
     @model_validator(mode="after")
-    def _queue_sizes_divide(self) -> PipelineParams:
+    def _queue_sizes_divide(self) -> PipelineConfig:
         batch = self.train.batch_size * self.ray.workers_per_trial
         bad = [k for k in self.tune.queue_sizes if k % batch]
         if bad:
@@ -94,26 +96,29 @@ class PipelineParams(Params):
             raise ValueError(f"tune.grace_period = {self.tune.grace_period} exceeds train.epochs = {self.train.epochs}")
         return self
 
+    def library(self) -> Config:
+        """The library's sections alone: the :class:`Config` a training run reads."""
+        return Config.model_validate(self.model_dump(include=set(Config.model_fields)))
+
     def dataset_slug(self) -> str:
         """The dataset's name made safe for MLflow names (``imagefolder:/a/pets`` → ``pets``)."""
         name = self.data.dataset.split(":", 1)[-1].rstrip("/")
         return "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(name).name) or "dataset"
 
-    def experiment_name(self) -> str:
+    def mlflow_experiment(self) -> str:
+        """The MLflow experiment that holds the search's runs and the baseline's."""
         return self.mlflow.experiment or f"drtune-{self.dataset_slug()}"
 
-    def model_name(self) -> str:
+    def registered_model(self) -> str:
+        """The MLflow registered model the winner is registered under."""
         return self.mlflow.registered_model or f"drtune-{self.dataset_slug()}"
 
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow.tracking_uri
 
 
-def load(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> PipelineParams:
-    """Validated pipeline params; raises :class:`ConfigError` naming the field."""
-    params = load_params(path, overrides, schema=PipelineParams)
-    assert isinstance(params, PipelineParams)
-    return params
-
-
-__all__ = ["ConfigError", "MLflowSettings", "PipelineParams", "Range", "RaySettings", "TuneSettings", "load"]
+def load(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """The validated pipeline configuration; raises :class:`ConfigError` naming the field."""
+    config = load_config(path, overrides, schema=PipelineConfig)
+    assert isinstance(config, PipelineConfig)
+    return config

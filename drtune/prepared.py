@@ -1,0 +1,105 @@
+"""A prepared dataset on disk: the train / val / test arrays the ``prepare`` stage writes and training reads.
+
+    data/prepared/
+      train.npz  val.npz  test.npz   uint8 images N × H × W × C and int64 labels
+      classes.json                   class names, index order
+      stats.json                     images per class per split, image shape, bad files skipped,
+                                     SHA-256 of each split and of the source arrays
+
+:func:`write_prepared` builds everything in a sibling temporary folder and swaps it in only when
+complete, so a failed run leaves the previous output intact. :func:`load_prepared` reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from drtune.config import DataConfig
+from drtune.data import ArraySplit
+from drtune.sources import load_splits
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PreparedData:
+    """The three splits, their class names and ``stats.json``."""
+
+    train: ArraySplit
+    val: ArraySplit
+    test: ArraySplit
+    classes: list[str]
+    stats: dict
+
+    @property
+    def checksum(self) -> str:
+        """One checksum of the three splits (from ``stats.json``): names a run's data."""
+        return data_checksum(self.stats)
+
+
+def _sha256(split: ArraySplit) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(split.images).tobytes())
+    h.update(np.ascontiguousarray(split.labels).tobytes())
+    return h.hexdigest()
+
+
+def write_prepared(cfg: DataConfig) -> dict:
+    """Load, split and write the prepared dataset to ``cfg.prepared_dir``; returns ``stats.json``'s content."""
+    raw, parts = load_splits(cfg)
+    splits = dict(zip(SPLITS, parts, strict=True))
+    stats = {
+        "dataset": cfg.dataset, "classes": raw.classes, "image_shape": list(raw.train.images.shape[1:]),
+        "skipped_bad_files": raw.skipped_bad,
+        "counts": {name: np.bincount(s.labels, minlength=len(raw.classes)).tolist() for name, s in splits.items()},
+        "sha256": {name: _sha256(s) for name, s in splits.items()},
+        "source_sha256": {"train": _sha256(raw.train), "test": _sha256(raw.test)},
+    }
+    target = Path(cfg.prepared_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for name, split in splits.items():
+            np.savez(staging / f"{name}.npz", images=split.images, labels=split.labels)
+        (staging / "classes.json").write_text(json.dumps(raw.classes, indent=1))
+        (staging / "stats.json").write_text(json.dumps(stats, indent=1))
+        old = target.with_name(f".{target.name}-old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stats
+
+
+def prepared_stats(folder: str | Path) -> dict:
+    """``stats.json`` of a prepared dataset (no image is read)."""
+    path = Path(folder) / "stats.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(folder)} holds no prepared dataset: run `python -m pipeline.prepare` first")
+    return json.loads(path.read_text())
+
+
+def data_checksum(stats: dict) -> str:
+    """One checksum of the prepared splits (from ``stats.json``)."""
+    return "-".join(stats["sha256"][k][:16] for k in SPLITS)
+
+
+def load_prepared(folder: str | Path) -> PreparedData:
+    """The splits, classes and stats as written by :func:`write_prepared`."""
+    folder = Path(folder)
+    stats = prepared_stats(folder)
+    splits = []
+    for name in SPLITS:
+        with np.load(folder / f"{name}.npz") as z:
+            splits.append(ArraySplit(z["images"], z["labels"]))
+    return PreparedData(*splits, json.loads((folder / "classes.json").read_text()), stats)

@@ -1,0 +1,81 @@
+"""The cluster: start or join Ray, and the resources a trial asks of it.
+
+``start_ray`` joins ``ray.address``, ``RAY_ADDRESS`` (set inside ``ray job submit``) or a running
+local head, and otherwise starts a private local instance. ``trial_resources`` turns
+``ray.workers_per_trial`` × ``ray.cpus_per_worker`` / ``ray.gpus_per_worker`` into the trial
+driver's request and the number of trials that fit at once. ``storage_uri`` keeps a remote
+``ray.storage_path`` (``s3://``, ``gs://``) as a URI and makes a local one absolute.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from drtune.config import ConfigError
+from pipeline.config import PipelineConfig
+
+DRIVER_RESOURCE = "drtune_trial_driver"  # a local Ray gets plenty; trial drivers then need no CPU
+DRIVER_CPUS_FALLBACK = 0.1  # on a cluster without that resource each driver holds this much CPU
+
+
+def storage_uri(config: PipelineConfig, root: Path = Path(".")) -> str:
+    """``ray.storage_path`` as Ray should see it: a URI unchanged, a local path made absolute under ``root``."""
+    path = config.ray.storage_path
+    return path if "://" in path else str((root / path).resolve())
+
+
+def _live_local_head() -> str | None:
+    """The address of a running ``ray start`` head on this machine, forgetting one that is gone.
+
+    ``ray start`` records its address in Ray's bootstrap file; a head killed without ``ray stop``
+    leaves it behind. ``ray.init()`` would then try to join the dead head, and Ray Train's
+    placement-group cleaner, which finds the cluster through that file, would never free the
+    CPUs of trials stopped by ASHA: the search would wait forever. So a stale entry is removed.
+    """
+    from ray._private import services, utils
+
+    recorded = utils.read_ray_address()
+    if not recorded:
+        return None
+    if recorded in services.find_gcs_addresses():
+        return recorded
+    Path(utils.get_ray_address_file(None)).unlink(missing_ok=True)
+    return None
+
+
+def start_ray(config: PipelineConfig) -> None:
+    """Join ``ray.address``, RAY_ADDRESS (set inside ``ray job submit``) or a running local head;
+    otherwise start a private local instance with ``ray.num_cpus`` and the trial-driver resource."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0",
+                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(config.ray.start_timeout_s)}}
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or _live_local_head()
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, resources={DRIVER_RESOURCE: 10_000}, runtime_env=env,
+                 log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def trial_resources(config: PipelineConfig) -> tuple[dict, int]:
+    """(the trial driver's resource request, how many trials fit at once); errors if none fits."""
+    total = ray.cluster_resources()
+    r = config.ray
+    driver = {"CPU": 0, DRIVER_RESOURCE: 1} if total.get(DRIVER_RESOURCE, 0) >= 1 else {"CPU": DRIVER_CPUS_FALLBACK}
+    need = {"CPU": r.workers_per_trial * r.cpus_per_worker + driver["CPU"], "GPU": r.workers_per_trial * r.gpus_per_worker}
+    fits = min(int(total.get(k, 0) // v) if v > 0 else 10**9 for k, v in need.items())
+    if fits == 0:
+        raise ConfigError(
+            f"one trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU (ray.workers_per_trial {r.workers_per_trial} × "
+            f"ray.cpus_per_worker {r.cpus_per_worker:g} / ray.gpus_per_worker {r.gpus_per_worker:g}"
+            f"{', + 0.1 CPU per trial driver' if driver['CPU'] else ''}) but the cluster has "
+            f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU; lower ray.cpus_per_worker / ray.workers_per_trial"
+            f" or start the nodes with --resources='{{\"{DRIVER_RESOURCE}\": 100}}'"
+        )
+    if config.tune.max_concurrent_trials:
+        fits = min(fits, config.tune.max_concurrent_trials)
+    return driver, fits

@@ -1,0 +1,134 @@
+"""One Ray Train run of :func:`drtune.train.fit`: what each worker runs, how the run is launched and named.
+
+    run_training ── TorchTrainer.fit() ── ``ray.workers_per_trial`` workers, each running
+                                          train_loop_per_worker (gloo, or nccl on GPUs)
+
+The prepared splits travel through Ray's object store (:func:`share_data`), never through the
+driver's disk, so a worker on another node reads nothing the driver wrote. The device is the one
+Ray Train assigned the worker (``ray.train.torch.get_device``). Every epoch the worker reports the
+(already all-reduced) validation metrics and, from rank 0, a checkpoint holding ``last.pt``, stored
+under ``ray.storage_path`` (a local folder or an ``s3://`` / ``gs://`` URI). When Ray Train restarts
+a worker group after a failure, or a restored Tune experiment re-runs an unfinished trial,
+``ray.train.get_checkpoint()`` returns the trial's latest checkpoint and ``fit`` continues from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train.torch import TorchConfig, TorchTrainer
+
+import drtune
+from drtune.config import Config
+from drtune.prepared import PreparedData
+from drtune.train import fit
+from pipeline.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class SharedData:
+    """A handle on the training and validation splits in Ray's object store.
+
+    A plain ObjectRef handed to ``tune.with_parameters`` would be fetched by every trial driver
+    and then copied into each Train run's config; this small handle travels instead, and only
+    the workers fetch the arrays (once each, from the object store of their node).
+    """
+
+    ref: ray.ObjectRef
+
+    def get(self) -> dict:
+        return ray.get(self.ref)
+
+
+def share_data(data: PreparedData) -> SharedData:
+    """Put the training and validation splits in Ray's object store (the test split stays with the driver)."""
+    return SharedData(ray.put({"train": data.train, "val": data.val, "classes": data.classes}))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point; ``loop_config`` = {"config": the trial's :class:`Config`, "data": :class:`SharedData`,
+    "threads": torch threads}."""
+    config: Config = loop_config["config"]
+    torch.set_num_threads(max(1, math.ceil(loop_config["threads"])))
+    data = loop_config["data"].get()
+    rank = ray.train.get_context().get_world_rank()
+    scratch = Path(tempfile.mkdtemp(prefix=f"drtune-rank{rank}-"))
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                shutil.copy(Path(folder) / "last.pt", scratch / "last.pt")
+
+        def report(metrics: dict, checkpoint_path: Path) -> None:
+            if rank != 0:
+                ray.train.report(metrics)
+                return
+            with tempfile.TemporaryDirectory() as staging:
+                shutil.copy(checkpoint_path, Path(staging) / "last.pt")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+
+        fit(config, data["train"], data["val"], data["classes"], scratch, report=report, resume=True,
+            device=ray.train.torch.get_device())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_training(config: Config, pipeline: PipelineConfig, data: SharedData, storage: str, name: str,
+                 callbacks: list) -> ray.train.Result:
+    """One Ray Train run of ``config`` with the workers ``pipeline.ray`` asks for; resumes ``storage/name`` if present."""
+    r = pipeline.ray
+    use_gpu = r.gpus_per_worker > 0
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "data": data, "threads": r.cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures, controller_failure_limit=r.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def read_checkpoint(checkpoint: ray.train.Checkpoint, target: Path) -> Path:
+    """Copy a run's ``last.pt`` out of its checkpoint (local or remote storage) to ``target``."""
+    with checkpoint.as_directory() as folder:
+        shutil.copy(Path(folder) / "last.pt", target)
+    return target
+
+
+def run_name(kind: str, config: PipelineConfig, data_sha: str) -> str:
+    """``<kind>-<dataset>-<digest>``: the digest changes with anything the run depends on.
+
+    Settings (not the tracking ones, nor the progress bars), data and the code that trains all
+    enter the digest, so a resume never mixes two runs, and a code change that makes DVC rerun a
+    stage starts a new run instead of restoring the old one's finished results. Both the search
+    and the CE baseline are named here.
+    """
+    keyed = config.model_dump(mode="json", exclude={"mlflow": True, "train": {"progress"}})
+    digest = hashlib.sha256(json.dumps([keyed, data_sha, code_digest()], sort_keys=True).encode()).hexdigest()[:10]
+    return f"{kind}-{config.data.dataset.split(':')[0]}-{digest}"
+
+
+def code_digest() -> str:
+    """SHA-256 of the Python sources a trial runs: the ``drtune`` library and this ``pipeline`` package."""
+    h = hashlib.sha256()
+    for package in (Path(drtune.__file__).parent, Path(__file__).parent):
+        for source in sorted(package.glob("*.py")):
+            h.update(source.name.encode())
+            h.update(source.read_bytes())
+    return h.hexdigest()
