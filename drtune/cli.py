@@ -20,14 +20,16 @@ from drtune.backbones import data_config
 from drtune.config import ConfigError, load_config
 from drtune.data import build_loader
 from drtune.evaluation import evaluate
+from drtune.preflight import preflight
 from drtune.sources import load_splits
 from drtune.train import fit, pick_device
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
-    raw, (train, val, test) = load_splits(config.data)
     out = Path(args.output)
+    preflight(config, out)
+    raw, (train, val, test) = load_splits(config.data)
     result = fit(config, train, val, raw.classes, out, resume=args.resume)
     model = result.task.inference_model()
     last = result.history[-1]
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return cmd_fit(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # bad input: one clear line, no traceback
         print(f"drtune: {err}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +127,11 @@ def save_checkpoint(path: Path, task: FineTuneTask, opt, sched, epoch: int, conf
 
 def load_checkpoint_state(path: Path) -> dict:
     """Read a training checkpoint written by :func:`save_checkpoint` and check its version."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise ValueError(f"cannot resume from {path}: the file is damaged or truncated ({type(err).__name__}); "
+                         "delete it to start the run afresh") from None
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
     return state
@@ -221,6 +227,7 @@ def fit(
         set_epoch(train_loader, t.seed, epoch)
         totals = torch.zeros(3, dtype=torch.float64)  # loss, CE, regulariser: summed over the epoch's steps
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not show, leave=False)
+        started = time.perf_counter()
         for x, y, index in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if amp:
@@ -228,13 +235,15 @@ def fit(
             step = task.train_step(opt, x, y, index, model=model, amp=amp)
             totals += torch.tensor([step["loss"], step["ce"], step["reg"]], dtype=torch.float64)
             bar.set_postfix(loss=f"{step['loss']:.3f}")
+        train_s = time.perf_counter() - started  # the training steps, data loading included; not validation
         lr_used = [g["lr"] for g in opt.param_groups]
         sched.step()
         scores = evaluate(model, val_loader, device, amp=amp)
         steps = len(train_loader)
         metrics = {"val_top1": scores["top1"], "val_top5": scores["top5"], "val_loss": scores["loss"],
                    "epoch": epoch + 1, "train_loss": totals[0].item() / steps, "train_ce": totals[1].item() / steps,
-                   "train_reg": totals[2].item() / steps, "lr": lr_used[0], "lr_head": lr_used[-1]}
+                   "train_reg": totals[2].item() / steps, "lr": lr_used[0], "lr_head": lr_used[-1],
+                   "epoch_s": train_s, "images_per_s": steps * t.batch_size * world / train_s}
         result.history.append(metrics)
         if rank == 0:
             save_checkpoint(ckpt, task, opt, sched, epoch, resolved, classes, result.history)

@@ -21,10 +21,11 @@ import torch
 from drtune.config import Config
 from drtune.inference import load_predictor
 from drtune.prepared import load_prepared
-from pipeline.cluster import start_ray, storage_uri
+from drtune.preflight import preflight
+from pipeline.cluster import local_storage, start_ray, storage_uri
 from pipeline.config import PipelineConfig, load
 from pipeline.stage import flat, stage_main
-from pipeline.tracking import connect, experiment_id, git_commit, log_params
+from pipeline.tracking import connect, dataset_inputs, experiment_id, git_commit, log_history, log_params, run_outcome
 from pipeline.training import read_checkpoint, run_name, run_training, share_data
 
 
@@ -39,17 +40,28 @@ def baseline_config(p: PipelineConfig) -> Config:
 def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     data = load_prepared(root / p.data.prepared_dir)
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
-    start_ray(p)
     ce = baseline_config(p)
+    preflight(ce, local_storage(p, root), field="ray.storage_path")  # before Ray starts: one line, naming the field
+    start_ray(p)
     named = p.model_copy(deep=True)
     named.train.method = "ce"
     name = run_name("baseline-ce", named, data.checksum)
-    start = time.time()
-    result = run_training(ce, p, share_data(data), f"{storage_uri(p, root)}/baseline", name, [])
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = read_checkpoint(result.checkpoint, Path(tmp) / "last.pt")
-        history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]
-        scores = load_predictor(checkpoint).score(data.test)
+    # The MLflow run is opened before training, so its duration is the training's.
+    exp = experiment_id(client, p.mlflow_experiment())
+    run_id = client.create_run(exp, run_name=name, tags={"role": "ce-baseline", "git_commit": git_commit(root),
+                                                          "data_sha256": data.checksum, "dataset": p.data.dataset}).info.run_id
+    with run_outcome(client, run_id):
+        log_params(client, run_id, flat(ce.model_dump(mode="json", include={"data", "model", "train"})))
+        client.log_inputs(run_id, datasets=dataset_inputs(data, p.data.prepared_dir))
+        start = time.time()
+        result = run_training(ce, p, share_data(data), f"{storage_uri(p, root)}/baseline", name, [])
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = read_checkpoint(result.checkpoint, Path(tmp) / "last.pt")
+            history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]
+            scores = load_predictor(checkpoint).score(data.test)
+        log_history(client, run_id, history)
+        client.log_metric(run_id, "test_top1", scores["top1"])
+        client.log_metric(run_id, "test_top5", scores["top5"])
     summary = {"method": "ce", "lr_backbone": ce.train.lr_backbone, "lr_head": ce.train.lr_head,
                "epochs": ce.train.epochs, "val_top1": history[-1]["val_top1"], "test_top1": scores["top1"],
                "test_top5": scores["top5"], "n_test": scores["n"], "wall_s": round(time.time() - start, 1),
@@ -57,17 +69,6 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     out = root / "metrics"
     out.mkdir(parents=True, exist_ok=True)
     (out / "baseline.json").write_text(json.dumps(summary, indent=2))
-
-    exp = experiment_id(client, p.mlflow_experiment())
-    run_id = client.create_run(exp, run_name=name, tags={"role": "ce-baseline", "git_commit": git_commit(root),
-                                                          "data_sha256": data.checksum, "dataset": p.data.dataset}).info.run_id
-    log_params(client, run_id, flat(ce.model_dump(mode="json", include={"data", "model", "train"})))
-    for h in history:
-        for key in ("val_top1", "val_loss", "train_loss"):
-            client.log_metric(run_id, key, h[key], step=h["epoch"])
-    client.log_metric(run_id, "test_top1", scores["top1"])
-    client.log_metric(run_id, "test_top5", scores["top5"])
-    client.set_terminated(run_id, "FINISHED")
     return summary
 
 

@@ -27,6 +27,12 @@ def storage_uri(config: PipelineConfig, root: Path = Path(".")) -> str:
     return path if "://" in path else str((root / path).resolve())
 
 
+def local_storage(config: PipelineConfig, root: Path = Path(".")) -> Path | None:
+    """``ray.storage_path`` as a local folder, or None when it is remote storage (a URI)."""
+    uri = storage_uri(config, root)
+    return None if "://" in uri else Path(uri)
+
+
 def _live_local_head() -> str | None:
     """The address of a running ``ray start`` head on this machine, forgetting one that is gone.
 

@@ -11,6 +11,10 @@
 3. ``champion`` moves to the new version only if its test accuracy beats the current champion's
    on this same test split — the champion is re-scored here rather than trusting a number from
    another split. Both accuracies and the decision are logged, and written to ``metrics/test.json``.
+4. The version gets a Markdown description (:func:`model_description`: what the model is, its
+   hyperparameters, data, test accuracy against CE-tuning, the decision, how to call it) and tags
+   with its method and hyperparameters; the registered model's own description is the
+   champion's, rewritten whenever a new version becomes champion.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -57,6 +62,58 @@ def decide(new: float, current: float | None, note: str) -> tuple[bool, str]:
     if new > current:
         return True, f"promoted: test top-1 {new:.4f} > champion's {current:.4f}"
     return False, f"kept champion: test top-1 {new:.4f} ≤ champion's {current:.4f}"
+
+
+# The hyperparameters a version states (resolved: the numbers that trained it), per method.
+STATED = {"drtune": ("drtune.lam", "drtune.queue_size"), "l2sp": ("baselines.l2sp_alpha", "baselines.l2sp_beta"),
+          "bss": ("baselines.bss_eta",)}
+COMMON = ("train.lr_backbone", "train.lr_head", "train.weight_decay", "train.epochs", "train.batch_size",
+          "train.optimizer")
+
+
+def hyperparameters(params: dict) -> dict[str, object]:
+    """The trained model's method-specific and common hyperparameters, from its checkpoint's resolved params."""
+    method = params["train"]["method"]
+    keys = STATED.get(method, ()) + tuple(k for k in COMMON if not (method == "linear_probe" and k == "train.lr_backbone"))
+    return {key: params[key.split(".")[0]][key.split(".")[1]] for key in keys}
+
+
+def model_description(name: str, version: str, params: dict, classes: list[str], stats: dict, scores: dict,
+                      baseline_top1: float, decision: str, experiment_id: str | None = None) -> str:
+    """The Markdown a person reads on the registry page: what the model is, how good, how to call it."""
+    method = {"drtune": "DR-Tune (distribution regularisation + semantic calibration)", "ce": "CE-tuning",
+              "linear_probe": "linear probe", "l2sp": "L2-SP", "bss": "BSS"}[params["train"]["method"]]
+    rows = "\n".join(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
+                     for k, v in hyperparameters(params).items())
+    counts = {split: sum(stats["counts"][split]) for split in ("train", "val", "test")}
+    shown = ", ".join(classes[:12]) + (f", … ({len(classes)} in all)" if len(classes) > 12 else "")
+    size = params["train"]["image_size"]
+    lift = scores["top1"] - baseline_top1
+    # MLflow 3.17's UI picks the experiment view from its GenAI / Model training switch, not from the
+    # experiment's kind tag; this link opens the training runs directly.
+    runs = (f"\n\nThe search's trials and the CE baseline: [training runs](#/experiments/{experiment_id}/runs"
+            "?workflowType=machine_learning)." if experiment_id else "")
+    return f"""**{params["model"]["name"]}** (weights: `{params["model"]["pretrained"]}`) fine-tuned with **{method}**.
+
+| hyperparameter | value |
+|---|---|
+{rows}
+
+**Data**: `{stats["dataset"]}`, {len(classes)} classes ({shown}); {counts["train"]} training,
+{counts["val"]} validation and {counts["test"]} test images (data digest `{stats["sha256"]["train"][:16]}`).
+**Input**: images of any size, resized and centre-cropped to {size} × {size} px (RGB; grey images are repeated).
+
+**Test top-1 {scores["top1"]:.4f}** (top-5 {scores["top5"]:.4f}, {scores["n"]} images) against the CE-tuning
+baseline's {baseline_top1:.4f}: lift **{lift:+.4f}**. Champion decision for version {version}: {decision}.{runs}
+
+```python
+import mlflow
+model = mlflow.pyfunc.load_model("models:/{name}@champion")
+model.predict(images)  # uint8 N × H × W × C (0–255) → label, class_index, probability, probabilities
+```
+
+Serve it: `mlflow models serve -m "models:/{name}@champion" -p 5001 --env-manager local`
+"""
 
 
 def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
@@ -96,11 +153,18 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         promote, decision = decide(scores["top1"], champion_top1, note)
         if promote:
             client.set_registered_model_alias(name, "champion", version)
+        params = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=False)["params"]
         tags = {"test_top1": f"{scores['top1']:.4f}", "ce_baseline_test_top1": f"{baseline['test_top1']:.4f}",
                 "lift_over_ce": f"{lift:+.4f}", "data_sha256": tune_summary["data_sha256"], "decision": decision,
-                "best_trial": tune_summary["best_trial"], "source_run": parent}
+                "best_trial": tune_summary["best_trial"], "source_run": parent, "method": params["train"]["method"],
+                **{k: str(v) for k, v in hyperparameters(params).items()}}
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
+        description = model_description(name, version, params, classes, data.stats, scores, baseline["test_top1"],
+                                        decision, tune_summary["mlflow_experiment_id"])
+        client.update_model_version(name, version, description=description)
+        if promote:
+            client.update_registered_model(name, description=f"Champion: version {version}.\n\n{description}")
         mlflow.set_tags({"registered_version": version, "champion_decision": decision})
         if champion_top1 is not None:
             mlflow.log_metric("champion_test_top1_before", champion_top1)

@@ -3,6 +3,11 @@
 * :func:`connect` points MLflow at ``MLFLOW_TRACKING_URI`` or ``mlflow.tracking_uri`` (default a
   SQLite file in the project), creates the database before any trial starts, and fails fast with
   a clear message when a tracking server does not answer.
+* :func:`experiment_id` finds or creates the experiment, tagged as a model-training experiment so
+  MLflow's UI opens it on its training runs rather than the GenAI overview.
+* :func:`dataset_inputs` describes the prepared splits as MLflow datasets (name, our checksum as
+  digest, source, shapes); every run that trains logs them, so the runs table's "Dataset" column
+  names the data and a change of data is visible.
 * :func:`parent_run` finds or creates the search's parent run, keyed by the Ray experiment path,
   so a resumed search keeps writing to the same parent.
 * :class:`TrialRuns` is a Ray Tune callback (it runs in the driver, never in workers) that keeps
@@ -15,18 +20,26 @@ from __future__ import annotations
 
 import subprocess
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import requests
-from mlflow.entities import Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+
+from drtune.prepared import PreparedData
 
 TRIAL_TAG = "drtune.trial_id"
 EXPERIMENT_TAG = "drtune.ray_experiment"
 PARENT_TAG = "mlflow.parentRunId"
-METRIC_KEYS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_ce", "lr")
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# What every training run logs per epoch (a trial's run and the CE baseline's alike).
+METRIC_KEYS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_ce", "train_reg", "lr", "lr_head", "epoch_s",
+               "images_per_s")
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -64,8 +77,37 @@ def git_commit(folder: str | Path = ".") -> str:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment ``name``, created if missing, and tagged as model training (see the module docstring)."""
+    key, kind = EXPERIMENT_KIND
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name)
+    if found is None:
+        return client.create_experiment(name, tags={key: kind})
+    if found.tags.get(key) != kind:
+        client.set_experiment_tag(found.experiment_id, key, kind)
+    return found.experiment_id
+
+
+def dataset_inputs(data: PreparedData, prepared_dir: str, splits: tuple[str, ...] = ("train", "val")) -> list[DatasetInput]:
+    """The prepared ``splits`` as MLflow dataset inputs: named ``<dataset>-<split>``, our SHA-256 as digest,
+    the split's file as source, and the split as context."""
+    inputs = []
+    slug = data.stats["dataset"].split(":", 1)[-1].rstrip("/").split("/")[-1]
+    for split in splits:
+        arrays = getattr(data, split)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways": a local file
+            dataset = mlflow.data.from_numpy(arrays.images, targets=arrays.labels, name=f"{slug}-{split}",
+                                             source=f"{prepared_dir}/{split}.npz", digest=data.stats["sha256"][split][:16])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
+    return inputs
+
+
+def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
+    """Per-epoch metrics of a finished run (the keys a trial's run gets as it goes), step = epoch."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in history for k in METRIC_KEYS if k in h]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i:i + 500])
 
 
 def parent_run(client: MlflowClient, experiment: str, ray_experiment: str, tags: dict[str, str], run_name: str) -> str:
@@ -79,6 +121,21 @@ def parent_run(client: MlflowClient, experiment: str, ray_experiment: str, tags:
     return run.info.run_id
 
 
+@contextmanager
+def run_outcome(client: MlflowClient, run_id: str) -> Iterator[str]:
+    """End ``run_id`` with how the block ended: FINISHED, KILLED (an interrupt) or FAILED (anything else),
+    so no run is left RUNNING whatever stops the stage."""
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
     """Log a flat dict of params once (MLflow refuses to change a logged param)."""
     existing = client.get_run(run_id).data.params
@@ -90,8 +147,10 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
 class TrialRuns(Callback):
     """One MLflow child run per Tune trial, written from the driver."""
 
-    def __init__(self, client: MlflowClient, experiment: str, parent_id: str, max_epochs: int) -> None:
+    def __init__(self, client: MlflowClient, experiment: str, parent_id: str, max_epochs: int,
+                 inputs: list[DatasetInput] = ()) -> None:
         self.client, self.experiment, self.parent_id, self.max_epochs = client, experiment, parent_id, max_epochs
+        self.inputs = list(inputs)
         self.runs: dict[str, str] = {}
 
     def _run(self, trial) -> str:
@@ -115,6 +174,8 @@ class TrialRuns(Callback):
         run_id = self._run(trial)
         self.client.update_run(run_id, status="RUNNING")
         log_params(self.client, run_id, trial.config)
+        if self.inputs:
+            self.client.log_inputs(run_id, datasets=self.inputs)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step, now = int(result.get("epoch", 0)), int(time.time() * 1000)

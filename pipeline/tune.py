@@ -28,11 +28,21 @@ from ray.tune import Callback
 from drtune.inference import save_inference_checkpoint
 from drtune.prepared import load_prepared
 from pipeline import plots
-from pipeline.cluster import start_ray, storage_uri
+from drtune.preflight import preflight
+from pipeline.cluster import local_storage, start_ray, storage_uri
 from pipeline.config import PipelineConfig, load
 from pipeline.search import METRIC, build_tuner, search_space, select_best, starting_points
 from pipeline.stage import flat, stage_main, write_csv
-from pipeline.tracking import TrialRuns, connect, experiment_id, git_commit, log_params, parent_run
+from pipeline.tracking import (
+    TrialRuns,
+    connect,
+    dataset_inputs,
+    experiment_id,
+    git_commit,
+    log_params,
+    parent_run,
+    run_outcome,
+)
 from pipeline.training import read_checkpoint, run_name, share_data
 
 
@@ -58,6 +68,10 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     space = search_space(p)
     starting_points(p)  # validates tune.points_to_evaluate before Ray starts
+    largest = p.library()
+    largest.drtune.queue_size = max(p.tune.queue_sizes)
+    # Everything a worker would reject, before Ray starts; each trial keeps one checkpoint in storage.
+    preflight(largest, local_storage(p, root), field="ray.storage_path", checkpoints=p.tune.num_samples + 1)
     start_ray(p)
     storage = storage_uri(p, root)
     ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
@@ -66,50 +80,54 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     parent = parent_run(client, mlflow_experiment, experiment_path, run_name=ray_run, tags={
         "git_commit": git_commit(root), "data_sha256": data.checksum, "ray_experiment_path": experiment_path,
         "dataset": p.data.dataset, "method": p.train.method})
-    log_params(client, parent, flat(p.model_dump(mode="json", exclude={"mlflow": True})))
-    trial_runs, progress = TrialRuns(client, mlflow_experiment, parent, p.train.epochs), Progress(p.train.epochs)
-    tuner = build_tuner(p, share_data(data), storage, ray_run, [trial_runs, progress])
-    start = time.time()
-    try:
-        results = tuner.fit()
-    finally:
-        trial_runs.close_open_runs()
-    if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
-        client.set_terminated(parent, "KILLED")
-        raise KeyboardInterrupt(f"search interrupted; run the stage again to resume it from {experiment_path}")
-    wall = time.time() - start
-    best = select_best(results, p.train.epochs)
+    with run_outcome(client, parent):  # FINISHED, KILLED or FAILED: never left RUNNING
+        log_params(client, parent, flat(p.model_dump(mode="json", exclude={"mlflow": True})))
+        inputs = dataset_inputs(data, p.data.prepared_dir)
+        client.log_inputs(parent, datasets=inputs)
+        trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs)
+        progress = Progress(p.train.epochs)
+        tuner = build_tuner(p, share_data(data), storage, ray_run, [trial_runs, progress])
+        start = time.time()
+        try:
+            results = tuner.fit()
+        finally:
+            trial_runs.close_open_runs()
+        if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
+            raise KeyboardInterrupt(f"search interrupted; run the stage again to resume it from {experiment_path}")
+        wall = time.time() - start
+        best = select_best(results, p.train.epochs)
 
-    models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
-    for d in (models, metrics_dir, plots_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), models / "best.pt")
-    history = torch.load(models / "best.pt", map_location="cpu", weights_only=False)["history"]  # every epoch, resumes included
-    keys = sorted(space)
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        status = "failed" if r.error is not None else ("completed" if m.get("epoch", 0) >= p.train.epochs else "stopped")
-        rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in keys},
-                     "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
-    curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
-    write_csv(metrics_dir / "tune_curve.csv", curve)
-    write_csv(metrics_dir / "landscape.csv", rows)
-    plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best trial {best.trial_id}")
-    plots.search_landscape(rows, keys, plots_dir / "landscape.png")
-    summary = {
-        "best_trial": best.trial_id, "best_val_top1": best.metrics[METRIC], "best_val_loss": best.metrics["val_loss"],
-        "best_config": best.config, "trials": len(rows),
-        "completed": sum(r["status"] == "completed" for r in rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
-        "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1),
-        "experiment_path": experiment_path, "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment,
-        "data_sha256": data.checksum,
-    }
-    (metrics_dir / "tune.json").write_text(json.dumps(summary, indent=2))
-    client.log_metric(parent, "best_val_top1", best.metrics[METRIC])
-    client.set_tag(parent, "best_trial", best.trial_id)
-    client.set_terminated(parent, "FINISHED")
+        models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
+        for d in (models, metrics_dir, plots_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), models / "best.pt")
+        history = torch.load(models / "best.pt", map_location="cpu", weights_only=False)["history"]  # every epoch, resumes included
+        keys = sorted(space)
+        rows = []
+        for r in results:
+            m = r.metrics or {}
+            status = "failed" if r.error is not None else ("completed" if m.get("epoch", 0) >= p.train.epochs else "stopped")
+            rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in keys},
+                         "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
+        curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
+        write_csv(metrics_dir / "tune_curve.csv", curve)
+        write_csv(metrics_dir / "landscape.csv", rows)
+        plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best trial {best.trial_id}")
+        plots.search_landscape(rows, keys, plots_dir / "landscape.png")
+        summary = {
+            "best_trial": best.trial_id, "best_val_top1": best.metrics[METRIC], "best_val_loss": best.metrics["val_loss"],
+            "best_config": best.config, "trials": len(rows),
+            "completed": sum(r["status"] == "completed" for r in rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
+            "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1),
+            "experiment_path": experiment_path, "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment,
+            "data_sha256": data.checksum,
+        }
+        (metrics_dir / "tune.json").write_text(json.dumps(summary, indent=2))
+        client.log_metric(parent, "best_val_top1", best.metrics[METRIC])
+        client.set_tag(parent, "best_trial", best.trial_id)
+        # The parent's own params are the base params.yaml values; the winner's are logged beside them.
+        log_params(client, parent, {f"best.{k}": v for k, v in best.config.items()})
     return summary
 
 

@@ -123,6 +123,36 @@ def test_mlflow_run_tree(project: Path) -> None:
     assert len(baseline) == 1 and baseline[0].info.status == "FINISHED"
 
 
+def test_the_registry_and_runs_as_a_person_browses_them(project: Path) -> None:
+    """The experiment opens on its training runs, every training run names its data, the baseline
+    run spans its training, the parent shows the winner's values, and the registry says what the model is."""
+    client = _client(project)
+    exp = client.get_experiment_by_name("drtune-digits")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    stats = json.loads((project / "data" / "prepared" / "stats.json").read_text())
+    runs = client.search_runs([exp.experiment_id])
+    training = [r for r in runs if r.data.tags.get("role") == "ce-baseline" or "drtune.trial_id" in r.data.tags
+                or "drtune.ray_experiment" in r.data.tags]
+    assert len(training) == 5  # baseline, parent, 3 trials
+    for run in training:
+        logged = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+        assert logged == {("digits-train", stats["sha256"]["train"][:16]), ("digits-val", stats["sha256"]["val"][:16])}
+    baseline = next(r for r in runs if r.data.tags.get("role") == "ce-baseline")
+    wall = json.loads((project / "metrics" / "baseline.json").read_text())["wall_s"]
+    assert (baseline.info.end_time - baseline.info.start_time) / 1000 >= wall  # opened before training started
+    assert [m.step for m in client.get_metric_history(baseline.info.run_id, "val_top1")] == [1, 2, 3]
+    assert {"train_ce", "epoch_s", "images_per_s", "lr_head"} <= set(baseline.data.metrics)
+    parent = next(r for r in runs if "drtune.ray_experiment" in r.data.tags)
+    best = json.loads((project / "metrics" / "tune.json").read_text())["best_config"]
+    assert float(parent.data.params["best.lam"]) == pytest.approx(best["lam"])
+    version = client.get_model_version_by_alias("drtune-digits", "champion")
+    assert version.tags["method"] == "drtune" and float(version.tags["drtune.lam"]) == pytest.approx(best["lam"])
+    for text in (version.description, client.get_registered_model("drtune-digits").description):
+        assert "test_efficientnet" in text and "DR-Tune" in text and "`drtune.lam`" in text
+        assert "models:/drtune-digits@champion" in text and "mlflow models serve" in text
+        assert f"Test top-1 {float(version.tags['test_top1']):.4f}" in text and "CE-tuning" in text
+
+
 def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger(project: Path) -> None:
     import mlflow
 

@@ -16,7 +16,7 @@ from ray import tune
 from drtune.config import ConfigError
 from drtune.inference import Predictor, to_chw
 from drtune.task import Classifier
-from pipeline.register import decide
+from pipeline.register import decide, model_description
 from pipeline.search import SEARCHED, PruningOptunaSearch, search_space, select_best, starting_points, trial_config
 from pipeline.serving import DRTuneClassifier
 from pipeline.config import PipelineConfig, load
@@ -206,3 +206,44 @@ def test_run_name_follows_settings_data_and_code(monkeypatch) -> None:
     assert training.run_name("search", changed, "sha-a") != name
     monkeypatch.setattr(training, "code_digest", lambda: "edited library")
     assert training.run_name("search", p, "sha-a") != name  # DVC reran the stage for a code change: start afresh
+
+
+@pytest.mark.parametrize("method,stated,absent", [("drtune", "`drtune.queue_size` | 512", "l2sp"),
+                                                  ("linear_probe", "`train.lr_head` | 0.2", "lr_backbone")])
+def test_model_description_states_what_the_model_is_and_how_to_call_it(method, stated, absent) -> None:
+    params = PipelineConfig().library().model_dump(mode="json")
+    params["train"].update(method=method, lr_head=0.2)
+    params["drtune"]["queue_size"] = 512
+    stats = {"dataset": "fashion-mnist", "counts": {"train": [48] * 10, "val": [12] * 10, "test": [1000] * 10},
+             "sha256": {"train": "ab" * 32}}
+    text = model_description("drtune-fashion-mnist", "3", params, [f"c{i}" for i in range(10)], stats,
+                              {"top1": 0.8, "top5": 0.99, "n": 10000}, 0.75, "promoted: no champion yet")
+    assert stated in text and absent not in text
+    assert "tf_efficientnet_lite0" in text and "480 training" in text and "64 × 64 px" in text
+    assert "lift **+0.0500**" in text and 'load_model("models:/drtune-fashion-mnist@champion")' in text
+
+
+@pytest.mark.parametrize("stage", ["tune", "baseline"])
+def test_a_bad_model_setting_stops_the_stage_before_ray_in_one_line(tmp_path, monkeypatch, capsys, stage) -> None:
+    """What a worker would reject is named before Ray starts, and no MLflow run is left behind."""
+    import importlib
+
+    import ray
+    import yaml
+
+    from drtune.prepared import write_prepared
+
+    params = yaml.safe_load(open("configs/quick.yaml"))
+    params["data"]["prepared_dir"] = str(tmp_path / "prepared")
+    params["ray"]["storage_path"] = str(tmp_path / "ray")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_prepared(load(tmp_path / "params.yaml").data)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    module = importlib.import_module(f"pipeline.{stage}")
+    assert module.main(["--params", str(tmp_path / "params.yaml"), "--set", "model.name=nosuchmodel_xyz"]) == 2
+    err = capsys.readouterr().err
+    assert f"{stage}: model.name = 'nosuchmodel_xyz': timm has no such model" in err and "Traceback" not in err
+    assert not ray.is_initialized()
+    client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not [r for r in client.search_runs(experiments) if r.info.status == "RUNNING"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -153,3 +154,49 @@ def test_a_finished_run_resumed_reports_its_last_epoch_again(tmp_path) -> None:
     result = fit(config, train, val, classes, tmp_path, report=lambda m, c: again.append((dict(m), c)), resume=True)
     assert [m["epoch"] for m, _ in again] == [2] and again[0][0] == first[-1]
     assert again[0][1] == tmp_path / "last.pt" and len(result.history) == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.name=nosuchmodel_xyz", "model.name = 'nosuchmodel_xyz': timm has no such model"),
+    ("model.pretrained=bundled", "model.pretrained = 'bundled': .*tf_efficientnet_lite0 only"),
+    ("model.pretrained=/nonexistent/w.pth", "model.pretrained = '/nonexistent/w.pth': .*does not exist"),
+])
+def test_cli_rejects_bad_model_settings_in_one_line_before_loading_data(tmp_path, capsys, override, message) -> None:
+    out = tmp_path / "run"
+    assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", override, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (out / "config.yaml").exists()  # nothing ran
+
+
+def test_garbage_checkpoint_and_truncated_resume_are_one_line_errors(tmp_path, capsys) -> None:
+    garbage = tmp_path / "w.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", f"model.pretrained={garbage}",
+                     "--output", str(tmp_path / "a")]) == 2
+    assert "weights_only=True" in capsys.readouterr().err
+    out = tmp_path / "b"
+    args = ["fit", *sum((["--set", o] for o in QUICK), []), "--set", "train.epochs=1", "--output", str(out)]
+    assert cli_main(args) == 0
+    (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:1000])  # a copy cut short
+    capsys.readouterr()
+    assert cli_main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged or truncated" in err and "Traceback" not in err
+
+
+def test_unwritable_output_and_full_disk_are_named(tmp_path, monkeypatch) -> None:
+    from collections import namedtuple
+
+    from drtune import preflight as pf
+
+    config = load_config(None, QUICK)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="--output = .* is not writable"):
+        pf.preflight(config, blocker / "run")  # a folder inside a file cannot be made
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    with pytest.raises(ConfigError, match=r"--output = .*: 0 MiB free, but the checkpoints need about"):
+        pf.preflight(config, tmp_path / "run")
