@@ -62,10 +62,9 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         log_history(client, run_id, history)
         client.log_metric(run_id, "test_top1", scores["top1"])
         client.log_metric(run_id, "test_top5", scores["top5"])
-    summary = {"method": "ce", "lr_backbone": ce.train.lr_backbone, "lr_head": ce.train.lr_head,
+    summary = {"lr_backbone": ce.train.lr_backbone, "lr_head": ce.train.lr_head,
                "epochs": ce.train.epochs, "val_top1": history[-1]["val_top1"], "test_top1": scores["top1"],
-               "test_top5": scores["top5"], "n_test": scores["n"], "wall_s": round(time.time() - start, 1),
-               "data_sha256": data.checksum}
+               "test_top5": scores["top5"], "n_test": scores["n"], "wall_s": round(time.time() - start, 1)}
     out = root / "metrics"
     out.mkdir(parents=True, exist_ok=True)
     (out / "baseline.json").write_text(json.dumps(summary, indent=2))

@@ -10,8 +10,10 @@ driver's request and the number of trials that fit at once. ``storage_uri`` keep
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 
 from drtune.config import ConfigError
@@ -19,12 +21,22 @@ from pipeline.config import PipelineConfig
 
 DRIVER_RESOURCE = "drtune_trial_driver"  # a local Ray gets plenty; trial drivers then need no CPU
 DRIVER_CPUS_FALLBACK = 0.1  # on a cluster without that resource each driver holds this much CPU
+_private = {"ray": False}  # whether start_ray started this process's Ray itself (a fixed-size, local instance)
 
 
 def storage_uri(config: PipelineConfig, root: Path = Path(".")) -> str:
     """``ray.storage_path`` as Ray should see it: a URI unchanged, a local path made absolute under ``root``."""
     path = config.ray.storage_path
     return path if "://" in path else str((root / path).resolve())
+
+
+def storage_filesystem(storage: str) -> pyarrow.fs.FileSystem | None:
+    """The filesystem of a storage URI (``s3://`` honours ``AWS_ENDPOINT_URL``), None for a local path.
+
+    Ray Tune reports a checkpoint as a path *within* its storage filesystem (``drtune/runs/…`` for
+    ``s3://drtune/runs``); a :class:`ray.train.Checkpoint` built from it needs this filesystem.
+    """
+    return pyarrow.fs.FileSystem.from_uri(storage)[0] if "://" in storage else None
 
 
 def local_storage(config: PipelineConfig, root: Path = Path(".")) -> Path | None:
@@ -65,15 +77,27 @@ def start_ray(config: PipelineConfig) -> None:
     else:
         ray.init(num_cpus=config.ray.num_cpus, resources={DRIVER_RESOURCE: 10_000}, runtime_env=env,
                  log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1")
+    _private["ray"] = not address
 
 
-def trial_resources(config: PipelineConfig) -> tuple[dict, int]:
-    """(the trial driver's resource request, how many trials fit at once); errors if none fits."""
+def trial_resources(config: PipelineConfig) -> tuple[dict, int | None]:
+    """(the trial driver's resource request, how many trials to run at once).
+
+    When no trial fits the cluster as it is now: a private local Ray is fixed-size and can never
+    fit one, so that is an error naming the fields; a cluster we joined may be autoscaling (GPU
+    nodes appear when trials ask for them), so that is a warning, and the trials wait, pending,
+    for the resources they asked for (None: Tune's own limit).
+    """
     total = ray.cluster_resources()
     r = config.ray
     driver = {"CPU": 0, DRIVER_RESOURCE: 1} if total.get(DRIVER_RESOURCE, 0) >= 1 else {"CPU": DRIVER_CPUS_FALLBACK}
     need = {"CPU": r.workers_per_trial * r.cpus_per_worker + driver["CPU"], "GPU": r.workers_per_trial * r.gpus_per_worker}
     fits = min(int(total.get(k, 0) // v) if v > 0 else 10**9 for k, v in need.items())
+    if fits == 0 and not _private["ray"]:
+        warnings.warn(f"the cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU now, less than one "
+                      f"trial's {need['CPU']:g} CPU and {need['GPU']:g} GPU: trials wait until nodes join "
+                      "(an autoscaling cluster adds them on demand)", stacklevel=2)
+        return driver, config.tune.max_concurrent_trials or None
     if fits == 0:
         raise ConfigError(
             f"one trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU (ray.workers_per_trial {r.workers_per_trial} × "

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import sys
 
-from drtune.config import ConfigError, load_config
+from drtune.config import ConfigError
 from drtune.prepared import write_prepared
+from pipeline.config import load
 from pipeline.stage import stage_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("prepare", __doc__, argv, lambda path, sets: write_prepared(load_config(path, sets).data),
+    return stage_main("prepare", __doc__, argv, lambda path, sets: write_prepared(load(path, sets).data),
                       lambda stats: json.dumps({k: stats["counts"][k] for k in ("train", "val", "test")}),
                       errors=(ConfigError, FileNotFoundError, ValueError))
 

@@ -4,7 +4,7 @@
 
 1. The best trial's checkpoint (``models/best.pt``, chosen on validation) is evaluated once on
    the test split: top-1, top-5, confusion matrix.
-2. Into the search's parent MLflow run go the test metrics, the CE baseline's test accuracy and
+2. Into the search's parent MLflow run (``models/best.json`` names it) go the test metrics, the CE baseline's test accuracy and
    the lift over it, the confusion matrix, the best trial's learning curves and the search
    landscape, and the inference model (encoder + head) as a pyfunc with a signature and an
    input example, registered under ``mlflow.registered_model`` and aliased ``challenger``.
@@ -117,7 +117,7 @@ Serve it: `mlflow models serve -m "models:/{name}@champion" -p 5001 --env-manage
 
 
 def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
-    tune_summary = json.loads((root / "metrics" / "tune.json").read_text())
+    tune_summary = json.loads((root / "models" / "best.json").read_text())
     baseline = json.loads((root / "metrics" / "baseline.json").read_text())
     data = load_prepared(root / p.data.prepared_dir)
     test, classes = data.test, data.classes
@@ -171,12 +171,13 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
 
     write_csv(root / "metrics" / "test_predictions.csv",
               [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(test.labels, scores["predicted"], strict=True)])
-    summary = {"test_top1": scores["top1"], "test_top5": scores["top5"], "n_test": scores["n"],
-               "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift, "registered_model": name,
-               "version": version, "champion_before": version_before, "champion_test_top1_before": champion_top1,
-               "promoted": promote, "decision": decision}
-    (root / "metrics" / "test.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    metrics = {"test_top1": scores["top1"], "test_top5": scores["top5"], "n_test": scores["n"],
+               "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift,
+               "champion_test_top1_before": champion_top1, "promoted": int(promote)}
+    registered = {"registered_model": name, "version": version, "champion_before": version_before, "decision": decision}
+    (root / "metrics" / "test.json").write_text(json.dumps(metrics, indent=2))  # numbers only: a DVC metrics file
+    (root / "models" / "registered.json").write_text(json.dumps(registered, indent=2))
+    return metrics | registered
 
 
 def _requirements() -> list[str]:

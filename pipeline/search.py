@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import optuna
+import pyarrow.fs
 from ray import tune
 from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -172,8 +173,11 @@ class Best:
     checkpoint: Checkpoint
 
 
-def select_best(results: tune.ResultGrid, max_epochs: int) -> Best:
-    """Highest final-epoch validation top-1 among trials that ran every epoch (ties: lower val loss)."""
+def select_best(results: tune.ResultGrid, max_epochs: int, filesystem: pyarrow.fs.FileSystem | None = None) -> Best:
+    """Highest final-epoch validation top-1 among trials that ran every epoch (ties: lower val loss).
+
+    ``filesystem`` is the storage's (:func:`pipeline.cluster.storage_filesystem`): the checkpoint
+    path Tune reports is relative to it."""
     finished = [r for r in results if r.error is None and r.metrics and r.metrics.get("epoch", 0) >= max_epochs
                 and math.isfinite(r.metrics.get(METRIC, float("nan")))]
     if not finished:
@@ -181,4 +185,4 @@ def select_best(results: tune.ResultGrid, max_epochs: int) -> Best:
                            f"{sum(r.error is not None for r in results)} failed; see the Ray logs under the experiment path")
     best = max(finished, key=lambda r: (r.metrics[METRIC], -r.metrics.get("val_loss", 0.0)))
     return Best(trial_id=best.metrics["trial_id"], config=dict(best.config), metrics=dict(best.metrics),
-                checkpoint=Checkpoint(best.metrics["checkpoint_path"]))
+                checkpoint=Checkpoint(best.metrics["checkpoint_path"], filesystem=filesystem))

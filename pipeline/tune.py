@@ -8,7 +8,9 @@ same search was interrupted, resumes. Outputs:
 
 * ``models/best.pt`` — the best trial's final model: encoder + head, params, classes, history
   (the trial chosen by :func:`pipeline.search.select_best`, its last epoch: see :mod:`drtune.evaluation`);
-* ``metrics/tune.json`` — the winner, its hyperparameters and validation score, trial counts, wall time;
+* ``metrics/tune.json`` — numbers only (a DVC metrics file): the winner's validation score and
+  hyperparameters, trial counts, wall time;
+* ``models/best.json`` — which trial won, its MLflow parent run and Ray experiment path, the data digest;
 * ``metrics/tune_curve.csv``, ``metrics/landscape.csv`` — DVC plots (learning curve, search landscape);
 * ``plots/learning_curve.png``, ``plots/landscape.png`` — the same as pictures.
 """
@@ -29,7 +31,7 @@ from drtune.inference import save_inference_checkpoint
 from drtune.prepared import load_prepared
 from pipeline import plots
 from drtune.preflight import preflight
-from pipeline.cluster import local_storage, start_ray, storage_uri
+from pipeline.cluster import local_storage, start_ray, storage_filesystem, storage_uri
 from pipeline.config import PipelineConfig, load
 from pipeline.search import METRIC, build_tuner, search_space, select_best, starting_points
 from pipeline.stage import flat, stage_main, write_csv
@@ -47,10 +49,18 @@ from pipeline.training import read_checkpoint, run_name, share_data
 
 
 class Progress(Callback):
-    """One line per finished trial (what the user, and the resume test, watch for)."""
+    """The driver's output: one line per trial epoch (rank 0's all-reduced metrics, wherever the
+    workers run) and one per finished trial (what the user, and the resume test, watch for)."""
 
     def __init__(self, max_epochs: int) -> None:
         self.max_epochs = max_epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        print(f"trial {trial.trial_id} epoch {result.get('epoch')}/{self.max_epochs}: val top-1 "
+              f"{result.get(METRIC, float('nan')):.4f}, val loss {result.get('val_loss', float('nan')):.4f}, train CE "
+              f"{result.get('train_ce', float('nan')):.4f} + reg {result.get('train_reg', float('nan')):.4f}, "
+              f"{result.get('epoch_s', float('nan')):.1f} s, {result.get('images_per_s', float('nan')):.0f} images/s",
+              flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         r = trial.last_result or {}
@@ -95,7 +105,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
             raise KeyboardInterrupt(f"search interrupted; run the stage again to resume it from {experiment_path}")
         wall = time.time() - start
-        best = select_best(results, p.train.epochs)
+        best = select_best(results, p.train.epochs, storage_filesystem(storage))
 
         models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
         for d in (models, metrics_dir, plots_dir):
@@ -115,15 +125,19 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         write_csv(metrics_dir / "landscape.csv", rows)
         plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best trial {best.trial_id}")
         plots.search_landscape(rows, keys, plots_dir / "landscape.png")
-        summary = {
-            "best_trial": best.trial_id, "best_val_top1": best.metrics[METRIC], "best_val_loss": best.metrics["val_loss"],
-            "best_config": best.config, "trials": len(rows),
+        # Numbers go to the DVC metrics file; what identifies the winner goes beside its model.
+        metrics = {
+            "best_val_top1": best.metrics[METRIC], "best_val_loss": best.metrics["val_loss"], "trials": len(rows),
             "completed": sum(r["status"] == "completed" for r in rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
-            "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1),
-            "experiment_path": experiment_path, "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment,
-            "data_sha256": data.checksum,
+            "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1), "best": best.config,
         }
-        (metrics_dir / "tune.json").write_text(json.dumps(summary, indent=2))
+        chosen = {
+            "best_trial": best.trial_id, "best_config": best.config, "experiment_path": experiment_path,
+            "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment, "data_sha256": data.checksum,
+        }
+        (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
+        (models / "best.json").write_text(json.dumps(chosen, indent=2))
+        summary = metrics | chosen
         client.log_metric(parent, "best_val_top1", best.metrics[METRIC])
         client.set_tag(parent, "best_trial", best.trial_id)
         # The parent's own params are the base params.yaml values; the winner's are logged beside them.

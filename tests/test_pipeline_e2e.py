@@ -95,6 +95,13 @@ def test_dvc_repro_writes_metrics_plots_and_model(project: Path) -> None:
     assert "lambda_vs_val_top1" in plots.stdout and "metrics/tune_curve.csv" in plots.stdout
     status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout
+    for name in ("baseline.json", "tune.json", "test.json"):  # DVC metrics files hold numbers only
+        values = _leaves(json.loads((project / "metrics" / name).read_text()))
+        assert all(v is None or isinstance(v, int | float) for v in values), (name, values)
+
+
+def _leaves(tree) -> list:
+    return [x for v in tree.values() for x in _leaves(v)] if isinstance(tree, dict) else [tree]
 
 
 def test_mlflow_run_tree(project: Path) -> None:
@@ -143,7 +150,7 @@ def test_the_registry_and_runs_as_a_person_browses_them(project: Path) -> None:
     assert [m.step for m in client.get_metric_history(baseline.info.run_id, "val_top1")] == [1, 2, 3]
     assert {"train_ce", "epoch_s", "images_per_s", "lr_head"} <= set(baseline.data.metrics)
     parent = next(r for r in runs if "drtune.ray_experiment" in r.data.tags)
-    best = json.loads((project / "metrics" / "tune.json").read_text())["best_config"]
+    best = json.loads((project / "metrics" / "tune.json").read_text())["best"]
     assert float(parent.data.params["best.lam"]) == pytest.approx(best["lam"])
     version = client.get_model_version_by_alias("drtune-digits", "champion")
     assert version.tags["method"] == "drtune" and float(version.tags["drtune.lam"]) == pytest.approx(best["lam"])
@@ -174,7 +181,7 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
     assert str(client.get_model_version_by_alias("drtune-digits", "challenger").version) == "2"
     assert str(client.get_model_version_by_alias("drtune-digits", "champion").version) == "1"
     decision = json.loads((project / "metrics" / "test.json").read_text())
-    assert decision["promoted"] is False
+    assert decision["promoted"] == 0
     assert decision["champion_test_top1_before"] == pytest.approx(float(v1.tags["test_top1"]), abs=1e-4)
 
 
@@ -220,37 +227,106 @@ def test_dvc_exp_run_with_a_tuning_knob_reruns_only_tune_and_register(project: P
     assert json.loads((project / "metrics" / "tune.json").read_text())["trials"] == 4
 
 
-def test_interrupted_search_resumes_and_keeps_finished_trials(tmp_path) -> None:
-    root = _copy_project(tmp_path / "project", tune={"num_samples": 3, "early_stopping": False})
-    env = _env(root)
-    subprocess.run([sys.executable, "-m", "pipeline.prepare"], cwd=root, env=env, check=True, capture_output=True)
+@pytest.fixture
+def object_store_and_tracking_server(tmp_path):
+    """A real S3 API (moto) and an MLflow tracking server keeping its artifacts in it, both on 127.0.0.1."""
+    s3_port, mlflow_port = _free_port(), _free_port()
+    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = dict(os.environ) | aws | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    servers = [subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        _wait_for(f"http://127.0.0.1:{s3_port}/")
+        import boto3
+
+        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket="drtune")
+        servers.append(subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", "s3://drtune/mlflow"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        _wait_for(f"http://127.0.0.1:{mlflow_port}/health")
+        yield aws, f"http://127.0.0.1:{mlflow_port}"
+    finally:
+        for server in servers:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+
+
+def _wait_for(url: str, timeout: float = 90) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            requests.get(url, timeout=2)
+            return
+        except requests.RequestException:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_search_on_s3_with_a_tracking_server_resumes_and_never_reads_the_drivers_disk(
+        tmp_path, object_store_and_tracking_server) -> None:
+    """The cluster setting on loopback: Ray storage in S3, MLflow on a server with S3 artifacts, the
+    prepared data gone from disk once the driver has read it, Ctrl-C after the first finished trial,
+    then a rerun that resumes from S3, registers, and serves the champion from the server."""
+    aws, tracking = object_store_and_tracking_server
+    root = _copy_project(tmp_path / "project", tune={"num_samples": 3, "early_stopping": False, "max_concurrent_trials": 1},
+                         ray={"storage_path": "s3://drtune/runs"})
+    env = _env(root) | aws | {"MLFLOW_TRACKING_URI": tracking}
+    for stage in ("prepare", "baseline"):
+        done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    prepared, away = root / "data" / "prepared", root / "elsewhere"
     first = subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=root, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     finished = None
     for line in first.stdout:
+        if prepared.exists() and " started with configuration" in line:
+            prepared.rename(away)  # the driver has read it: from now on no process can
         if line.startswith("trial ") and " completed after " in line:
             finished = line.split()[1]
             os.killpg(first.pid, signal.SIGINT)  # Ctrl-C, as a user stops `dvc repro`
             break
     first.stdout.read()
     first.wait(timeout=120)
-    assert finished is not None and first.returncode != 0
-    client = _client(root)
-    exp = client.get_experiment_by_name("drtune-digits").experiment_id
-    assert not client.search_runs([exp], filter_string="attributes.status = 'RUNNING'")  # nothing left RUNNING
-    history_before = [m.step for r in client.search_runs([exp], filter_string=f"tags.`drtune.trial_id` = '{finished}'")
-                      for m in client.get_metric_history(r.info.run_id, "val_top1")]
+    assert finished is not None and first.returncode != 0 and away.exists()  # a trial trained without the folder
+    away.rename(prepared)
 
     second = subprocess.run([sys.executable, "-m", "pipeline.tune"], cwd=root, env=env, capture_output=True, text=True,
                             timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"trial {finished} completed" not in second.stdout  # the finished trial was not run again
+    assert f"trial {finished} completed" not in second.stdout  # restored from S3, not run again
     summary = json.loads((root / "metrics" / "tune.json").read_text())
     assert summary["trials"] == 3 and summary["completed"] == 3
-    children = client.search_runs([exp], filter_string="tags.`drtune.trial_id` != ''")
-    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
-    run = next(r for r in children if r.data.tags["drtune.trial_id"] == finished)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == history_before == [1, 2, 3]
+    assert json.loads((root / "models" / "best.json").read_text())["experiment_path"].startswith("s3://drtune/runs/search-")
+    done = subprocess.run([sys.executable, "-m", "pipeline.register"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    assert not (root / "runs").exists() and not (root / "mlflow.db").exists()  # nothing local: S3 and the server
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                                           aws_access_key_id="test", aws_secret_access_key="test")
+            .list_objects_v2(Bucket="drtune", MaxKeys=1000)["Contents"]]
+    assert any(k.startswith("runs/train/") and k.endswith("/last.pt") for k in keys)
+    assert any(k.startswith("mlflow/") and k.endswith("inference.pt") for k in keys)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking, registry_uri=tracking)
+    exp = client.get_experiment_by_name("drtune-digits").experiment_id
+    assert not client.search_runs([exp], filter_string="attributes.status = 'RUNNING'")
+    assert len(client.search_runs([exp], filter_string="tags.`drtune.trial_id` != ''")) == 3
+    assert str(client.get_model_version_by_alias("drtune-digits", "champion").version) == "1"
+    load = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/drtune-digits@champion'); "
+            "print(len(m.predict(np.zeros((2, 8, 8, 3), np.uint8))))")
+    served = subprocess.run([sys.executable, "-c", load], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert served.stdout.strip().endswith("2"), served.stderr[-3000:]
 
 
 def test_ray_job_submit_runs_the_pipeline_on_a_head_started_here(tmp_path) -> None:

@@ -247,3 +247,32 @@ def test_a_bad_model_setting_stops_the_stage_before_ray_in_one_line(tmp_path, mo
     client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert not [r for r in client.search_runs(experiments) if r.info.status == "RUNNING"]
+
+
+def test_a_request_the_cluster_cannot_meet_now_fails_locally_and_waits_on_a_joined_cluster(monkeypatch) -> None:
+    from pipeline import cluster
+
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 8.0, cluster.DRIVER_RESOURCE: 100.0})
+    gpu = load(None, ["ray.gpus_per_worker=1"])
+    monkeypatch.setitem(cluster._private, "ray", True)
+    with pytest.raises(ConfigError, match=r"one trial needs 2 CPU and 1 GPU .* the cluster has 8 CPU and 0 GPU"):
+        cluster.trial_resources(gpu)
+    monkeypatch.setitem(cluster._private, "ray", False)
+    with pytest.warns(UserWarning, match="trials wait until nodes join"):
+        assert cluster.trial_resources(gpu) == ({"CPU": 0, cluster.DRIVER_RESOURCE: 1}, None)
+    assert cluster.trial_resources(load(None, ["ray.cpus_per_worker=2"]))[1] == 4  # 8 CPU / 2 per trial
+
+
+def test_every_params_key_a_stage_lists_is_in_both_parameter_files() -> None:
+    """DVC refuses to run a stage whose listed key is missing from params.yaml: the quick file is one too."""
+    import yaml
+
+    stages = yaml.safe_load(open("dvc.yaml"))["stages"]
+    for path in ("params.yaml", "configs/quick.yaml"):
+        tree = yaml.safe_load(open(path))
+        for name, stage in stages.items():
+            for key in stage.get("params", []):
+                node = tree
+                for part in key.split("."):
+                    assert isinstance(node, dict) and part in node, f"{path} lacks {key} ({name} stage)"
+                    node = node[part]
