@@ -18,8 +18,8 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline import tune as tune_stage
 from drtune.prepared import write_prepared
+from pipeline import tune as tune_stage
 from pipeline.config import load
 
 

@@ -120,6 +120,13 @@ class Config(Section):
     drtune: DRTuneConfig = DRTuneConfig()
     baselines: BaselinesConfig = BaselinesConfig()
 
+    @model_validator(mode="after")
+    def _stored_images_are_large_enough(self) -> Config:
+        if self.data.dataset.startswith("imagefolder:") and self.data.store_size < self.train.image_size:
+            raise ValueError(f"data.store_size = {self.data.store_size} is smaller than train.image_size = "
+                             f"{self.train.image_size}: the stored images would be upsampled; raise data.store_size")
+        return self
+
     def resolved(self, world_size: int = 1) -> Config:
         """A copy with the ``reference`` preset applied; the one place that preset is interpreted.
 

@@ -54,7 +54,10 @@ def to_chw(images: np.ndarray | list[np.ndarray]) -> list[torch.Tensor]:
     if isinstance(images, np.ndarray) and images.dtype != object and np.issubdtype(images.dtype, np.floating):
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"float input must be N × C × H × W in [0, 1] with C = 1 or 3, got shape {images.shape}")
-        batch = torch.from_numpy(np.clip(images, 0, 1) * 255).round().to(torch.uint8)
+        if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 1 or np.isnan(images).any()):
+            raise ValueError(f"float input must hold values in [0, 1], got {np.nanmin(images):.3g} … "
+                             f"{np.nanmax(images):.3g}; send 0–255 images as integers (uint8 H × W × C)")
+        batch = torch.from_numpy(images * 255).round().to(torch.uint8)
         return [b.expand(3, -1, -1) for b in batch]
     items = list(images) if not isinstance(images, np.ndarray) or images.dtype == object or images.ndim == 4 else [images]
     out = []
@@ -77,18 +80,23 @@ def classifier_from_state(task_state: dict, model_name: str, num_classes: int) -
 
 
 def load_predictor(checkpoint: str | Path) -> Predictor:
-    """A :class:`Predictor` from a ``last.pt`` written by :func:`drtune.train.fit`."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    """A :class:`Predictor` from an inference checkpoint (:func:`save_inference_checkpoint`).
+
+    It holds only tensors, strings and numbers, so it is read with ``weights_only=True``: a file
+    from a registry cannot run code when loaded. A training ``last.pt`` (optimiser and RNG state)
+    is stripped with :func:`save_inference_checkpoint` first.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     params, classes = state["params"], state["classes"]
     model = classifier_from_state(state["task"], params["model"]["name"], len(classes))
     return Predictor(model, classes, params["train"]["image_size"], data_config(model.encoder))
 
 
-
-
-
 def save_inference_checkpoint(checkpoint: str | Path, target: str | Path) -> Path:
-    """Strip a training checkpoint to what inference needs: encoder + head weights, params, classes."""
+    """Strip a training checkpoint to what inference needs: encoder + head weights, params, classes.
+
+    The training checkpoint is our own file (it holds numpy RNG state, hence ``weights_only=False``).
+    """
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     slim = {"params": state["params"], "classes": state["classes"], "history": state.get("history", []),
             "task": {k: v for k, v in state["task"].items() if k.startswith("model.")}}

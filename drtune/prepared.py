@@ -3,8 +3,9 @@
     data/prepared/
       train.npz  val.npz  test.npz   uint8 images N × H × W × C and int64 labels
       classes.json                   class names, index order
-      stats.json                     images per class per split, image shape, bad files skipped,
-                                     SHA-256 of each split and of the source arrays
+      stats.json                     images per class per split, image shape, unreadable files
+                                     skipped and non-image files ignored (listed), SHA-256 of each
+                                     split and of the source arrays
 
 :func:`write_prepared` builds everything in a sibling temporary folder and swaps it in only when
 complete, so a failed run leaves the previous output intact. :func:`load_prepared` reads it back.
@@ -57,7 +58,7 @@ def write_prepared(cfg: DataConfig) -> dict:
     splits = dict(zip(SPLITS, parts, strict=True))
     stats = {
         "dataset": cfg.dataset, "classes": raw.classes, "image_shape": list(raw.train.images.shape[1:]),
-        "skipped_bad_files": raw.skipped_bad,
+        "skipped_bad_files": len(raw.skipped), "skipped_files": raw.skipped, "ignored_files": raw.ignored,
         "counts": {name: np.bincount(s.labels, minlength=len(raw.classes)).tolist() for name, s in splits.items()},
         "sha256": {name: _sha256(s) for name, s in splits.items()},
         "source_sha256": {"train": _sha256(raw.train), "test": _sha256(raw.test)},

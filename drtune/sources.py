@@ -4,9 +4,14 @@
   It has no official test split, so a stratified quarter (seeded) is held out as test.
 * ``fashion-mnist`` — the standard idx files, looked up in ``<root>/fashion-mnist/`` and in
   ``/usr/share/datasets/fashion-mnist/`` (Debian's ``dataset-fashion-mnist``).
-* ``imagefolder:<path>`` — one folder per class (jpg, png, webp, bmp; any mode becomes RGB;
-  files in nested sub-folders belong to their top-level class). With ``train/`` and ``test/``
-  sub-folders those are the splits; otherwise a stratified, seeded fifth is held out as test.
+* ``imagefolder:<path>`` — one folder per class, found and filtered as
+  ``torchvision.datasets.ImageFolder`` does (every sub-folder is a class, sorted by name; files with
+  torchvision's image extensions; any mode becomes RGB; files in nested sub-folders belong to their
+  top-level class). Layouts: ``train/`` + ``test/`` are the splits (a ``val/`` beside them is left
+  out: validation is drawn from ``train/``); ``train/`` + ``val/`` use ``val/`` as the test split;
+  otherwise a stratified, seeded fifth is held out as test. Every problem is reported in one run
+  (empty class folders and unreadable files together); files that are not images are listed as
+  ignored, and skipped unreadable files (``data.skip_bad``) are listed too.
 * the paper's benchmarks by name (``cifar10``, ``dtd``, …) through torchvision: see
   :mod:`drtune.named_datasets`.
 """
@@ -14,18 +19,19 @@
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from tqdm import tqdm
 
 from drtune.config import DataConfig
 from drtune.data import ArraySplit
 from drtune.named_datasets import NAMED_DATASETS, load_named, square_rgb
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS)  # torchvision's: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp
 
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -41,7 +47,8 @@ class RawDataset:
     train: ArraySplit
     test: ArraySplit
     classes: list[str]
-    skipped_bad: int = 0  # unreadable files skipped (data.skip_bad)
+    skipped: list[str] = field(default_factory=list)  # unreadable files skipped (data.skip_bad)
+    ignored: list[str] = field(default_factory=list)  # files that are not images, folders not read
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -119,12 +126,16 @@ def stratified_take(labels: np.ndarray, *, fraction: float | None = None, per_cl
 
 
 class BadImagesError(ValueError):
-    """Some image files cannot be decoded; the message lists them."""
+    """An image folder has problems: empty class folders and/or unreadable files; the message lists all of them."""
 
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
-        shown = "\n  ".join(str(p) for p in paths[:20]) + (f"\n  … ({len(paths)} in all)" if len(paths) > 20 else "")
-        super().__init__(f"{len(paths)} unreadable image file(s) (set data.skip_bad: true to skip them):\n  {shown}")
+    def __init__(self, folder: Path, empty: list[Path], unreadable: list[Path]) -> None:
+        self.empty, self.unreadable = empty, unreadable
+        lines = [f"class folder {d} holds no images ({' '.join(IMAGE_EXTENSIONS)})" for d in empty]
+        lines += [f"unreadable image: {p}" for p in unreadable[:50]]
+        if len(unreadable) > 50:
+            lines.append(f"… ({len(unreadable)} unreadable files in all)")
+        hint = " (data.skip_bad: true skips unreadable files)" if unreadable else ""
+        super().__init__(f"{folder}: {len(empty) + len(unreadable)} problem(s){hint}:\n  " + "\n  ".join(lines))
 
 
 def _read_image(path: Path, size: int) -> np.ndarray:
@@ -134,21 +145,31 @@ def _read_image(path: Path, size: int) -> np.ndarray:
         return square_rgb(img, size)
 
 
-def _scan_classes(folder: Path) -> list[tuple[str, list[Path]]]:
-    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+def _scan_classes(folder: Path, empty: list[Path], ignored: list[str]) -> list[tuple[str, list[Path]]]:
+    """Class folders as torchvision finds them, with their image files; empty classes and
+    non-image files are collected, not raised, so one run reports them all."""
+    try:
+        names, _ = find_classes(str(folder))
+    except FileNotFoundError:
+        names = []
+    if len(names) < 2:
+        raise ValueError(f"{folder} has {len(names)} class folder(s); image classification needs at least two")
+    ignored += [str(f) for f in sorted(folder.iterdir()) if f.is_file()]
     out = []
-    for d in classes:
-        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    for name in names:
+        files = []
+        for f in sorted((folder / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(f)
+            elif f.is_file():
+                ignored.append(str(f))
         if not files:
-            raise ValueError(f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        out.append((d.name, files))
-    if len(out) < 2:
-        raise ValueError(f"{folder} has {len(out)} class folder(s); image classification needs at least two")
+            empty.append(folder / name)
+        out.append((name, files))
     return out
 
 
-def _read_folder(scanned: list[tuple[str, list[Path]]], classes: list[str], size: int, skip_bad: bool,
-                 bad: list[Path]) -> ArraySplit:
+def _read_folder(scanned: list[tuple[str, list[Path]]], classes: list[str], size: int, bad: list[Path]) -> ArraySplit:
     images, labels = [], []
     total = sum(len(files) for _, files in scanned)
     with tqdm(total=total, desc="reading images", disable=total < 500, leave=False) as bar:
@@ -161,8 +182,6 @@ def _read_folder(scanned: list[tuple[str, list[Path]]], classes: list[str], size
                 except (OSError, ValueError, Image.DecompressionBombError):
                     bad.append(f)
                 bar.update()
-    if bad and not skip_bad:
-        raise BadImagesError(bad)
     return ArraySplit(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
                       np.asarray(labels, dtype=np.int64))
 
@@ -172,20 +191,29 @@ def load_image_folder(folder: str | Path, size: int = 96, skip_bad: bool = False
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
+    empty: list[Path] = []
+    ignored: list[str] = []
     bad: list[Path] = []
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        train_scan, test_scan = _scan_classes(folder / "train"), _scan_classes(folder / "test")
+    test_dir = next((folder / d for d in ("test", "val") if (folder / d).is_dir()), None)
+    if (folder / "train").is_dir() and test_dir is not None:
+        train_scan, test_scan = _scan_classes(folder / "train", empty, ignored), _scan_classes(test_dir, empty, ignored)
+        if test_dir.name == "test" and (folder / "val").is_dir():
+            ignored.append(f"{folder / 'val'}/ (validation is drawn from train/)")
         classes = [name for name, _ in train_scan]
         missing = sorted(set(classes) - {name for name, _ in test_scan})
         if missing:
-            raise ValueError(f"{folder / 'test'} has no folder for class(es) {', '.join(missing)}")
-        train = _read_folder(train_scan, classes, size, skip_bad, bad)
-        test = _read_folder(test_scan, classes, size, skip_bad, bad)
+            raise ValueError(f"{test_dir} has no folder for class(es) {', '.join(missing)}")
+        train = _read_folder(train_scan, classes, size, bad)
+        test = _read_folder(test_scan, classes, size, bad)
     else:
-        scan = _scan_classes(folder)
+        scan = _scan_classes(folder, empty, ignored)
         classes = [name for name, _ in scan]
-        train, test = _hold_out_test(_read_folder(scan, classes, size, skip_bad, bad), seed)
-    return RawDataset(train, test, classes, skipped_bad=len(bad))
+        train, test = None, _read_folder(scan, classes, size, bad)
+    if empty or (bad and not skip_bad):
+        raise BadImagesError(folder, empty, bad)
+    if train is None:
+        train, test = _hold_out_test(test, seed)
+    return RawDataset(train, test, classes, skipped=[str(p) for p in bad], ignored=ignored)
 
 
 KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", *NAMED_DATASETS)

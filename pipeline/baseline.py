@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from drtune.config import Config
-from drtune.inference import load_predictor
-from drtune.prepared import load_prepared
+from drtune.inference import load_predictor, save_inference_checkpoint
 from drtune.preflight import preflight
+from drtune.prepared import load_prepared
 from pipeline.cluster import local_storage, start_ray, storage_uri
 from pipeline.config import PipelineConfig, load
 from pipeline.stage import flat, stage_main
@@ -58,7 +58,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = read_checkpoint(result.checkpoint, Path(tmp) / "last.pt")
             history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]
-            scores = load_predictor(checkpoint).score(data.test)
+            scores = load_predictor(save_inference_checkpoint(checkpoint, Path(tmp) / "inference.pt")).score(data.test)
         log_history(client, run_id, history)
         client.log_metric(run_id, "test_top1", scores["top1"])
         client.log_metric(run_id, "test_top5", scores["top5"])

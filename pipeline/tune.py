@@ -28,9 +28,9 @@ import torch
 from ray.tune import Callback
 
 from drtune.inference import save_inference_checkpoint
+from drtune.preflight import preflight
 from drtune.prepared import load_prepared
 from pipeline import plots
-from drtune.preflight import preflight
 from pipeline.cluster import local_storage, start_ray, storage_filesystem, storage_uri
 from pipeline.config import PipelineConfig, load
 from pipeline.search import METRIC, build_tuner, search_space, select_best, starting_points

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from drtune.config import load_config
+from drtune.config import ConfigError, load_config
+from drtune.prepared import load_prepared
+from drtune.prepared import write_prepared as prepare
 from drtune.sources import (
     BadImagesError,
     fashion_mnist_dir,
     few_label_splits,
     load_source,
 )
-from drtune.prepared import load_prepared
-from drtune.prepared import write_prepared as prepare
 
 
 def _folder(root, classes=("cat", "dog", "owl"), per_class=10):
@@ -34,7 +35,7 @@ def _folder(root, classes=("cat", "dog", "owl"), per_class=10):
 
 def _cfg(tmp_path, **kw):
     overrides = [f"data.{k}={v}" for k, v in kw.items()]
-    return load_config(None, [*overrides, f"data.prepared_dir={tmp_path / 'prepared'}"]).data
+    return load_config(None, [*overrides, f"data.prepared_dir={tmp_path / 'prepared'}", "train.image_size=16"]).data
 
 
 def test_digits_splits_are_disjoint_stratified_and_seeded(tmp_path) -> None:
@@ -152,3 +153,50 @@ def test_missing_fashion_mnist_offline_names_the_files(tmp_path, monkeypatch) ->
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.gz") as err:
         fashion_mnist_dir(tmp_path, download=False)
     assert str(tmp_path / "fashion-mnist") in str(err.value)
+
+
+def test_every_problem_of_an_image_folder_is_reported_in_one_run(tmp_path) -> None:
+    """An empty class no longer hides corrupt files; skipped and ignored files are listed in stats.json."""
+    root = _folder(tmp_path / "imgs")
+    (root / "empty").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (root / "dog" / name).write_bytes(b"not an image")
+    (root / "notes.txt").write_text("a stray file")
+    (root / "cat" / "readme.md").write_text("not an image either")
+    with pytest.raises(BadImagesError) as err:
+        load_source(f"imagefolder:{root}", image_size=16)
+    message = str(err.value)
+    assert "3 problem(s)" in message and "empty holds no images" in message
+    assert "dog/a.png" in message and "dog/b.jpg" in message
+    (root / "empty").rmdir()
+    stats = prepare(_cfg(tmp_path, dataset=f"imagefolder:{root}", labels_per_class="null", skip_bad="true",
+                         store_size=16))
+    assert stats["skipped_bad_files"] == 2 and sorted(Path(p).name for p in stats["skipped_files"]) == ["a.png", "b.jpg"]
+    assert sorted(Path(p).name for p in stats["ignored_files"]) == ["notes.txt", "readme.md"]
+
+
+@pytest.mark.parametrize("held_out", ["val", "test"])
+def test_train_and_val_or_test_folders_are_splits_not_classes(tmp_path, held_out) -> None:
+    root = tmp_path / "imgs"
+    _folder(root / "train")
+    _folder(root / held_out, per_class=4)
+    raw = load_source(f"imagefolder:{root}", image_size=16)
+    assert raw.classes == ["cat", "dog", "owl"]
+    assert len(raw.train) == 30 and len(raw.test) == 12
+
+
+def test_class_discovery_and_extensions_follow_torchvision(tmp_path) -> None:
+    from torchvision.datasets import ImageFolder
+
+    root = _folder(tmp_path / "imgs")
+    Image.new("L", (12, 9)).save(root / "owl" / "grey.tiff")
+    Image.new("RGB", (12, 9)).save(root / "cat" / "photo.ppm")
+    ours = load_source(f"imagefolder:{root}", image_size=16)
+    theirs = ImageFolder(str(root))
+    assert ours.classes == theirs.classes
+    assert len(ours.train) + len(ours.test) == len(theirs.samples) == 32
+
+
+def test_store_size_below_image_size_is_an_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"data.store_size = 32 is smaller than train.image_size = 64"):
+        load_config(None, ["data.dataset=imagefolder:/x", "data.store_size=32", "train.image_size=64"])

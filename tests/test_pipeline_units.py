@@ -16,10 +16,10 @@ from ray import tune
 from drtune.config import ConfigError
 from drtune.inference import Predictor, to_chw
 from drtune.task import Classifier
+from pipeline.config import PipelineConfig, load
 from pipeline.register import decide, model_description
 from pipeline.search import SEARCHED, PruningOptunaSearch, search_space, select_best, starting_points, trial_config
 from pipeline.serving import DRTuneClassifier
-from pipeline.config import PipelineConfig, load
 from pipeline.tracking import TrackingUnavailableError, connect
 
 
@@ -163,6 +163,8 @@ def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> No
     assert (model.predict(None, json_like)["class_index"] == out["class_index"][:2]).all()
     with pytest.raises(ValueError, match="N × C × H × W"):
         to_chw(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got 0 … 255"):  # 0–255 floats are not clipped to white
+        to_chw(batch.transpose(0, 3, 1, 2).astype(np.float32))
 
 
 @pytest.mark.parametrize("method, keys", [
