@@ -132,11 +132,10 @@ class FineTuneTask(nn.Module):
 
     def _loss(self, features: Tensor, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(total, CE, regulariser) of one batch in float32: Eq. 14 for DR-Tune, the baselines' otherwise."""
-        ce = F.cross_entropy(logits, y)
-        zero = torch.zeros((), device=ce.device)
-        if self.method == "drtune" and self.config.drtune.dr:
+        if self.method == "drtune" and self.config.drtune.dr:  # dr_tune_loss computes the CE term itself
             calibrated = self._calibrated_bank(features)
             return dr_tune_loss(logits, y, self.model.head(calibrated), self.bank.labels, self.config.drtune.lam)
+        ce = F.cross_entropy(logits, y)
         if self.method == "l2sp":
             b = self.config.baselines
             reg = l2sp_penalty(self.model.encoder.parameters(), self.frozen.parameters(), [self.model.head.weight],
@@ -145,7 +144,7 @@ class FineTuneTask(nn.Module):
         if self.method == "bss":
             reg = bss_penalty(features, self.config.baselines.bss_eta, self.config.baselines.bss_k)
             return ce + reg, ce, reg
-        return ce, ce, zero
+        return ce, ce, torch.zeros((), device=ce.device)
 
     def _calibrated_bank(self, batch_down: Tensor) -> Tensor:
         """Step 3: the bank's pretrained features, calibrated (or only normalised and scaled); float32."""
