@@ -41,6 +41,14 @@ CHECKPOINT_VERSION = 1
 Report = Callable[[dict, Path], None]
 
 
+class DivergedError(FloatingPointError):
+    """The loss became NaN or infinite: a property of the settings, which a retry would repeat."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(f"{message} in epoch {epoch}")
+        self.epoch = epoch
+
+
 @dataclass
 class FitResult:
     """Per-epoch validation history and the trained task (its model is the last epoch's: the tested one)."""
@@ -237,7 +245,10 @@ def fit(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if amp:
                 x = x.contiguous(memory_format=torch.channels_last)
-            step = task.train_step(opt, x, y, index, model=model, amp=amp)
+            try:
+                step = task.train_step(opt, x, y, index, model=model, amp=amp)
+            except FloatingPointError as err:
+                raise DivergedError(str(err), epoch + 1) from None
             totals += torch.tensor([step["loss"], step["ce"], step["reg"]], dtype=torch.float64)
             bar.set_postfix(loss=f"{step['loss']:.3f}")
         train_s = time.perf_counter() - started  # the training steps, data loading included; not validation

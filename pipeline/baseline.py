@@ -25,7 +25,16 @@ from drtune.prepared import load_prepared
 from pipeline.cluster import local_storage, start_ray, storage_uri
 from pipeline.config import PipelineConfig, load
 from pipeline.stage import flat, stage_main
-from pipeline.tracking import connect, dataset_inputs, experiment_id, git_commit, log_history, log_params, run_outcome
+from pipeline.tracking import (
+    connect,
+    dataset_inputs,
+    experiment_id,
+    git_commit,
+    log_history,
+    log_params,
+    run_outcome,
+    tracking_errors,
+)
 from pipeline.training import read_checkpoint, run_name, run_training, share_data
 
 
@@ -37,6 +46,7 @@ def baseline_config(p: PipelineConfig) -> Config:
     return ce
 
 
+@tracking_errors()
 def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     data = load_prepared(root / p.data.prepared_dir)
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
@@ -55,6 +65,9 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         client.log_inputs(run_id, datasets=dataset_inputs(data, p.data.prepared_dir))
         start = time.time()
         result = run_training(ce, p, share_data(data), f"{storage_uri(p, root)}/baseline", name, [])
+        if result.metrics.get("diverged"):
+            raise RuntimeError(f"the CE baseline diverged ({result.metrics['error']}): lower train.lr_backbone "
+                               f"({ce.train.lr_backbone}) or train.lr_head ({ce.train.lr_head})")
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = read_checkpoint(result.checkpoint, Path(tmp) / "last.pt")
             history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]

@@ -11,7 +11,10 @@
 3. ``champion`` moves to the new version only if its test accuracy beats the current champion's
    on this same test split — the champion is re-scored here rather than trusting a number from
    another split. Both accuracies and the decision are logged, and written to ``metrics/test.json``.
-4. The version gets a Markdown description (:func:`model_description`: what the model is, its
+4. Registering is idempotent: a version carries its checkpoint's SHA-256 (``checkpoint_sha256``)
+   from its creation on, so a rerun after an interruption finishes that version (aliases, tags,
+   description) instead of registering the same model twice.
+5. The version gets a Markdown description (:func:`model_description`: what the model is, its
    hyperparameters, data, test accuracy against CE-tuning, the decision, how to call it) and tags
    with its method and hyperparameters; the registered model's own description is the
    champion's, rewritten whenever a new version becomes champion.
@@ -19,6 +22,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -33,12 +37,13 @@ from mlflow.tracking import MlflowClient
 
 from drtune.inference import load_predictor
 from drtune.prepared import load_prepared
-from pipeline import plots
+from pipeline import faults, plots
 from pipeline.config import PipelineConfig, load
 from pipeline.serving import SIGNATURE, DRTuneClassifier
 from pipeline.stage import stage_main, write_csv
-from pipeline.tracking import connect
+from pipeline.tracking import connect, tracking_errors
 
+CHECKSUM_TAG = "checkpoint_sha256"
 CODE_PATHS = [str(Path(__file__).resolve().parents[1] / "drtune"), str(Path(__file__).resolve().parent)]
 
 
@@ -53,6 +58,15 @@ def champion_score(client: MlflowClient, name: str, test, classes: list[str]) ->
     if predictor.classes != classes:
         return version.version, None, "champion was trained on other classes; not comparable"
     return version.version, predictor.score(test)["top1"], "re-scored on this test split"
+
+
+def registered_version(client: MlflowClient, name: str, checksum: str):
+    """The version of ``name`` registered from the inference checkpoint with this SHA-256, if any."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get(CHECKSUM_TAG) == checksum), None)
 
 
 def decide(new: float, current: float | None, note: str) -> tuple[bool, str]:
@@ -116,6 +130,7 @@ Serve it: `mlflow models serve -m "models:/{name}@champion" -p 5001 --env-manage
 """
 
 
+@tracking_errors()
 def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     tune_summary = json.loads((root / "models" / "best.json").read_text())
     baseline = json.loads((root / "metrics" / "baseline.json").read_text())
@@ -143,14 +158,23 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         weights = Path(tmp) / "inference.pt"
         shutil.copy(root / "models" / "best.pt", weights)
         example = test.images[:2] if test.images.shape[-1] == 3 else np.repeat(test.images[:2], 3, axis=-1)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=DRTuneClassifier(), artifacts={"checkpoint": str(weights)},
-            signature=SIGNATURE, input_example=example, code_paths=CODE_PATHS, registered_model_name=name,
-            pip_requirements=_requirements(),
-        )
-        version = str(info.registered_model_version)
+        checksum = hashlib.sha256(weights.read_bytes()).hexdigest()
+        registered = registered_version(client, name, checksum)
+        if registered is None:
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=DRTuneClassifier(), artifacts={"checkpoint": str(weights)},
+                signature=SIGNATURE, input_example=example, code_paths=CODE_PATHS, pip_requirements=_requirements(),
+            )
+            # The checksum is a tag of the version from its creation on: an interrupted registration is
+            # finished by the next run, not registered twice.
+            registered = mlflow.register_model(info.model_uri, name, tags={CHECKSUM_TAG: checksum})
+        version = str(registered.version)
+        faults.interrupt("interrupt_registration")
         client.set_registered_model_alias(name, "challenger", version)
-        promote, decision = decide(scores["top1"], champion_top1, note)
+        if version_before == version:  # this very model is the champion already (a rerun)
+            promote, decision = True, "already champion: this model was registered and promoted before"
+        else:
+            promote, decision = decide(scores["top1"], champion_top1, note)
         if promote:
             client.set_registered_model_alias(name, "champion", version)
         params = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=False)["params"]

@@ -11,7 +11,7 @@ sets and the ``tune.*`` range it is drawn from. Which of them a method has is
 :func:`searched_names`; the sampled values become a trial's :class:`~drtune.config.Config` in
 :func:`trial_config`, and that object is what the workers train.
 
-Workers report validation metrics and a checkpoint every epoch; ``TuneReportCallback`` forwards
+Workers report validation metrics and a checkpoint every epoch; ``ReportToTune`` forwards
 rank 0's report to Tune, where ASHA (time unit: epochs) may stop the trial and the Optuna searcher
 records the value as an intermediate result.
 
@@ -27,21 +27,22 @@ checkpoint is not a finished model.
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 from dataclasses import dataclass
 
 import optuna
 import pyarrow.fs
 from ray import tune
 from ray.train import Checkpoint
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from drtune.config import Config, ConfigError
 from pipeline.cluster import trial_resources
 from pipeline.config import PipelineConfig
-from pipeline.training import SharedData, run_training
+from pipeline.training import ReportToTune, SharedData, run_training
 
 METRIC = "val_top1"
 
@@ -132,11 +133,55 @@ def trial_config(base: PipelineConfig, sampled: dict) -> Config:
 def trial_driver(sampled: dict, *, base: PipelineConfig, data: SharedData, storage: str) -> None:
     """A Tune trial: run this trial's config as a Ray Train job; metrics flow to Tune."""
     run_training(trial_config(base, sampled), base, data, storage, tune.get_context().get_trial_id(),
-                 [TuneReportCallback()])
+                 [ReportToTune(base.train.epochs)])
+
+
+class ExperimentStateError(RuntimeError):
+    """The stored search cannot be restored (a half-written state); the message says how to start afresh."""
+
+
+FRESH_HINT = "start it afresh with `python -m pipeline.tune --fresh` (or `DRTUNE_FRESH=1 dvc repro`)"
+
+
+def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+
+
+def check_experiment_state(path: str) -> None:
+    """Raise :class:`ExperimentStateError` naming the file when the search stored at ``path`` is
+    half-written: ``tuner.pkl`` and the newest ``experiment_state``, ``search_gen_state`` and
+    ``searcher-state`` files must all be present and readable (a disk that filled while Tune saved
+    them leaves one empty or cut, and Ray then fails later with a message about search spaces)."""
+    fs, base = _filesystem(path)
+    names = {info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(base)) if info.is_file}
+    states = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
+    stamp = states[-1][len("experiment_state-"):-len(".json")] if states else None
+    required = ["tuner.pkl"] + ([f"experiment_state-{stamp}.json", f"search_gen_state-{stamp}.json",
+                                 f"searcher-state-{stamp}.pkl"] if stamp else ["experiment_state-<time>.json"])
+    for name in required:
+        try:
+            with fs.open_input_stream(f"{base}/{name}") as f:
+                raw = f.read()
+            # experiment_state is JSON; search_gen_state, despite its name, is a pickle, like the others
+            json.loads(raw) if name.startswith("experiment_state-") else pickle.loads(raw)
+        except Exception as err:  # noqa: BLE001 - any way a file fails to read means the state is unusable
+            raise ExperimentStateError(f"the stored search at {path} is damaged: {name} cannot be read "
+                                       f"({type(err).__name__}); {FRESH_HINT}") from None
+
+
+def discard_experiment(path: str) -> bool:
+    """Delete the search stored at ``path`` (``--fresh``); True when there was one."""
+    fs, base = _filesystem(path)
+    if fs.get_file_info(base).type == pyarrow.fs.FileType.NotFound:
+        return False
+    fs.delete_dir(base)
+    return True
 
 
 def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list) -> tune.Tuner:
-    """A new Tuner, or the stored one restored (finished trials kept, unfinished ones resumed)."""
+    """A new Tuner, or the stored one restored: finished trials are kept, unfinished ones resumed and
+    errored ones retried, each from its last checkpoint (a trial that failed because a file or a
+    disk was bad then succeeds once that is fixed; a diverged trial is not an error and stays failed)."""
     driver, concurrency = trial_resources(config)
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=config, data=data, storage=f"{storage}/train"), driver)
@@ -144,8 +189,13 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=0))
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False)
+        check_experiment_state(path)
+        try:
+            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                      restart_errored=False)
+        except Exception as err:  # noqa: BLE001 - Ray raises many types for a state it cannot read
+            raise ExperimentStateError(f"the stored search at {path} cannot be restored ({type(err).__name__}: "
+                                       f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}") from None
     t = config.tune
     sampler = optuna.samplers.TPESampler(seed=t.seed, multivariate=True, constant_liar=True,
                                          n_startup_trials=t.startup_trials)
@@ -182,7 +232,8 @@ def select_best(results: tune.ResultGrid, max_epochs: int, filesystem: pyarrow.f
                 and math.isfinite(r.metrics.get(METRIC, float("nan")))]
     if not finished:
         raise RuntimeError(f"no trial completed all {max_epochs} epochs: {len(results)} trials, "
-                           f"{sum(r.error is not None for r in results)} failed; see the Ray logs under the experiment path")
+                           f"{sum(r.error is not None for r in results)} failed (their errors are in their MLflow runs); "
+                           "fix the cause and run the stage again: failed trials are retried from their last checkpoints")
     best = max(finished, key=lambda r: (r.metrics[METRIC], -r.metrics.get("val_loss", 0.0)))
     return Best(trial_id=best.metrics["trial_id"], config=dict(best.config), metrics=dict(best.metrics),
                 checkpoint=Checkpoint(best.metrics["checkpoint_path"], filesystem=filesystem))

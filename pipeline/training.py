@@ -9,7 +9,14 @@ Ray Train assigned the worker (``ray.train.torch.get_device``). Every epoch the 
 (already all-reduced) validation metrics and, from rank 0, a checkpoint holding ``last.pt``, stored
 under ``ray.storage_path`` (a local folder or an ``s3://`` / ``gs://`` URI). When Ray Train restarts
 a worker group after a failure, or a restored Tune experiment re-runs an unfinished trial,
-``ray.train.get_checkpoint()`` returns the trial's latest checkpoint and ``fit`` continues from it.
+``ray.train.get_checkpoint()`` returns the trial's latest checkpoint and ``fit`` continues from it;
+that attempt's first report carries ``resumed_from_epoch``, so the restart shows in the trial's
+MLflow run.
+
+Ray Train restarts a worker group (up to ``ray.max_failures`` times) for any error, but only a lost
+worker or node is worth it: a loss that became NaN would become NaN again. So a divergence is not
+raised; the workers report it as the run's last result (``diverged`` 1, validation top-1 NaN) and
+end, and the trial ends failed, once.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
 import drtune
 from drtune.config import Config
 from drtune.prepared import PreparedData
-from drtune.train import fit
+from drtune.train import DivergedError, fit
+from pipeline import faults
 from pipeline.config import PipelineConfig
 
 
@@ -65,22 +74,52 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scratch = Path(tempfile.mkdtemp(prefix=f"drtune-rank{rank}-"))
     try:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
+        restarted = checkpoint is not None
+        if restarted:
             with checkpoint.as_directory() as folder:
                 shutil.copy(Path(folder) / "last.pt", scratch / "last.pt")
+        epochs_done = 0
 
         def report(metrics: dict, checkpoint_path: Path) -> None:
+            nonlocal restarted, epochs_done
+            if restarted:  # this attempt's first report
+                metrics = metrics | {"resumed_from_epoch": float(metrics["epoch"] - 1)}
+                restarted = False
+            epochs_done = metrics["epoch"]
             if rank != 0:
                 ray.train.report(metrics)
-                return
-            with tempfile.TemporaryDirectory() as staging:
-                shutil.copy(checkpoint_path, Path(staging) / "last.pt")
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+            else:
+                with tempfile.TemporaryDirectory() as staging:
+                    faults.disk_full(metrics["epoch"])
+                    shutil.copy(checkpoint_path, Path(staging) / "last.pt")
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+            faults.lose_worker(metrics["epoch"])
 
-        fit(config, data["train"], data["val"], data["classes"], scratch, report=report, resume=True,
-            device=ray.train.torch.get_device())
+        try:
+            fit(config, data["train"], data["val"], data["classes"], scratch, report=report, resume=True,
+                device=ray.train.torch.get_device())
+        except DivergedError as err:
+            ray.train.report({"epoch": err.epoch, "val_top1": math.nan, "val_loss": math.nan, "diverged": 1.0,
+                              "error": str(err), "epochs_done": epochs_done})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+class ReportToTune(TuneReportCallback):
+    """Ray Train → Tune: rank 0's metrics and the checkpoint's path, as Ray's own callback forwards them.
+
+    Its one addition is the ``hold_final_report`` fault point (:mod:`pipeline.faults`): the gap
+    between a run's stored final checkpoint and Tune's record of it, where an interrupted search
+    once lost finished trials.
+    """
+
+    def __init__(self, max_epochs: int) -> None:
+        super().__init__()
+        self.max_epochs = max_epochs
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        faults.hold_final_report(int(metrics[0].get("epoch", 0)), self.max_epochs)
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def run_training(config: Config, pipeline: PipelineConfig, data: SharedData, storage: str, name: str,

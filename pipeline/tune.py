@@ -1,10 +1,13 @@
 """The ``tune`` stage: search DR-Tune's hyperparameters, record every trial, keep the best checkpoint.
 
-    python -m pipeline.tune --params params.yaml [--set tune.num_samples=4]
+    python -m pipeline.tune --params params.yaml [--set tune.num_samples=4] [--fresh]
 
 Order matters: parameters are validated, the prepared data is found and the tracking store is
 checked (an unreachable server fails here, before Ray starts), then the search runs or, when the
-same search was interrupted, resumes. Outputs:
+same search was interrupted or had failed trials, resumes (finished trials kept, unfinished and
+failed ones continued from their last checkpoints); ``--fresh`` (or ``DRTUNE_FRESH=1``) discards a
+stored search instead. After the search every trial's MLflow run is reconciled with Tune's results.
+Outputs:
 
 * ``models/best.pt`` — the best trial's final model: encoder + head, params, classes, history
   (the trial chosen by :func:`pipeline.search.select_best`, its last epoch: see :mod:`drtune.evaluation`);
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from ray import tune
 from ray.tune import Callback
 
 from drtune.inference import save_inference_checkpoint
@@ -33,17 +38,27 @@ from drtune.prepared import load_prepared
 from pipeline import plots
 from pipeline.cluster import local_storage, start_ray, storage_filesystem, storage_uri
 from pipeline.config import PipelineConfig, load
-from pipeline.search import METRIC, build_tuner, search_space, select_best, starting_points
+from pipeline.search import (
+    FRESH_HINT,
+    METRIC,
+    build_tuner,
+    discard_experiment,
+    search_space,
+    select_best,
+    starting_points,
+)
 from pipeline.stage import flat, stage_main, write_csv
 from pipeline.tracking import (
     TrialRuns,
     connect,
     dataset_inputs,
+    discard_parent,
     experiment_id,
     git_commit,
     log_params,
     parent_run,
     run_outcome,
+    tracking_errors,
 )
 from pipeline.training import read_checkpoint, run_name, share_data
 
@@ -56,6 +71,11 @@ class Progress(Callback):
         self.max_epochs = max_epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "resumed_from_epoch" in result:
+            print(f"trial {trial.trial_id} continued from its epoch-{int(result['resumed_from_epoch'])} checkpoint",
+                  flush=True)
+        if result.get("diverged"):
+            return
         print(f"trial {trial.trial_id} epoch {result.get('epoch')}/{self.max_epochs}: val top-1 "
               f"{result.get(METRIC, float('nan')):.4f}, val loss {result.get('val_loss', float('nan')):.4f}, train CE "
               f"{result.get('train_ce', float('nan')):.4f} + reg {result.get('train_reg', float('nan')):.4f}, "
@@ -64,6 +84,9 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         r = trial.last_result or {}
+        if r.get("diverged"):
+            print(f"trial {trial.trial_id} diverged in epoch {r.get('epoch')} ({r.get('error')}); not retried", flush=True)
+            return
         how = "completed" if r.get("epoch", 0) >= self.max_epochs else "stopped by ASHA"
         print(f"trial {trial.trial_id} {how} after {r.get('epoch')} epochs: val top-1 {r.get(METRIC, float('nan')):.4f}",
               flush=True)
@@ -72,8 +95,10 @@ class Progress(Callback):
         print(f"trial {trial.trial_id} failed (its error is in the trial's MLflow run); the search goes on", flush=True)
 
 
-def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
-    """Run (or resume) the search and write the stage's outputs under ``root``."""
+@tracking_errors()
+def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
+    """Run (or resume) the search and write the stage's outputs under ``root``; ``fresh`` first discards
+    a stored search of the same settings (its Ray experiment, and its MLflow parent is detached)."""
     data = load_prepared(root / p.data.prepared_dir)
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     space = search_space(p)
@@ -87,6 +112,14 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
     experiment_path = f"{storage}/{ray_run}"
     mlflow_experiment = experiment_id(client, p.mlflow_experiment())
+    if fresh:
+        discard_parent(client, mlflow_experiment, experiment_path)
+        if discard_experiment(experiment_path):
+            print(f"starting afresh: deleted the search stored at {experiment_path}", flush=True)
+    elif tune.Tuner.can_restore(experiment_path):
+        print(f"resuming the search stored at {experiment_path}: finished trials are kept, unfinished and failed ones "
+              f"continue from their last checkpoints; to {FRESH_HINT}",
+              flush=True)
     parent = parent_run(client, mlflow_experiment, experiment_path, run_name=ray_run, tags={
         "git_commit": git_commit(root), "data_sha256": data.checksum, "ray_experiment_path": experiment_path,
         "dataset": p.data.dataset, "method": p.train.method})
@@ -103,8 +136,9 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         finally:
             trial_runs.close_open_runs()
         if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
-            raise KeyboardInterrupt(f"search interrupted; run the stage again to resume it from {experiment_path}")
+            raise KeyboardInterrupt(f"search interrupted; its state is stored at {experiment_path}")
         wall = time.time() - start
+        trial_runs.reconcile(results)  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
         best = select_best(results, p.train.epochs, storage_filesystem(storage))
 
         models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
@@ -117,7 +151,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         rows = []
         for r in results:
             m = r.metrics or {}
-            status = "failed" if r.error is not None else ("completed" if m.get("epoch", 0) >= p.train.epochs else "stopped")
+            status = "failed" if r.error is not None or m.get("diverged") else ("completed" if m.get("epoch", 0) >= p.train.epochs else "stopped")
             rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in keys},
                          "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
         curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
@@ -146,8 +180,11 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("tune", __doc__, argv, lambda path, sets: run(load(path, sets)), lambda s: json.dumps(
-        {k: s[k] for k in ("best_trial", "best_val_top1", "completed", "stopped_early", "failed", "wall_s")}))
+    return stage_main("tune", __doc__, argv,
+                      lambda path, sets, fresh=False: run(load(path, sets), fresh=fresh or os.environ.get("DRTUNE_FRESH") == "1"),
+                      lambda s: json.dumps({k: s[k] for k in ("best_trial", "best_val_top1", "completed", "stopped_early",
+                                                              "failed", "wall_s")}),
+                      flags={"--fresh": "discard a stored search of the same settings and start it again"})
 
 
 if __name__ == "__main__":

@@ -174,9 +174,18 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
     images = np.repeat(test.images[:8], 3, axis=-1)
     out = model.predict(images)
     assert len(out) == 8 and set(out["label"]) <= {str(d) for d in range(10)}
-    # The same model registered again scores the same: it becomes challenger, not champion.
-    again = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", "params.yaml"], cwd=project,
-                           env=_env(project), capture_output=True, text=True, timeout=300)
+    # The same checkpoint registered again is the same version, not a second one.
+    register = [sys.executable, "-m", "pipeline.register", "--params", "params.yaml"]
+    again = subprocess.run(register, cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [str(v.version) for v in client.search_model_versions("name = 'drtune-digits'")] == ["1"]
+    assert "already champion" in json.loads((project / "models" / "registered.json").read_text())["decision"]
+    # Another checkpoint of the same weights scores the same: it becomes challenger, not champion.
+    import torch
+
+    best = torch.load(project / "models" / "best.pt", map_location="cpu", weights_only=True)
+    torch.save(best | {"note": "same weights, another file"}, project / "models" / "best.pt")
+    again = subprocess.run(register, cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert str(client.get_model_version_by_alias("drtune-digits", "challenger").version) == "2"
     assert str(client.get_model_version_by_alias("drtune-digits", "champion").version) == "1"

@@ -278,3 +278,90 @@ def test_every_params_key_a_stage_lists_is_in_both_parameter_files() -> None:
                 for part in key.split("."):
                     assert isinstance(node, dict) and part in node, f"{path} lacks {key} ({name} stage)"
                     node = node[part]
+
+
+def test_each_stage_lists_every_pipeline_module_it_imports() -> None:
+    """DVC reruns a stage when a dependency changes: every ``pipeline`` module a stage imports, directly
+    or through another, must be among its deps."""
+    import ast
+    from pathlib import Path
+
+    import yaml
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse(Path(f"pipeline/{module}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
+                found.add(node.module.split(".")[1])
+        return found
+
+    for name, stage in yaml.safe_load(open("dvc.yaml"))["stages"].items():
+        start = stage["cmd"].split("-m pipeline.")[1].split()[0]
+        needed, todo = set(), [start]
+        while todo:
+            module = todo.pop()
+            if module not in needed:
+                needed.add(module)
+                todo += imports(module)
+        missing = sorted(f"pipeline/{m}.py" for m in needed if f"pipeline/{m}.py" not in stage["deps"])
+        assert not missing, f"stage {name} imports {missing} but does not list them"
+
+
+def test_a_cut_search_state_file_is_named_with_the_command_that_starts_afresh(tmp_path) -> None:
+    import json
+    import pickle
+
+    from pipeline.search import ExperimentStateError, check_experiment_state
+
+    stamp = "2026-01-01_00-00-00"
+    (tmp_path / "tuner.pkl").write_bytes(pickle.dumps({"tuner": 1}))
+    (tmp_path / f"experiment_state-{stamp}.json").write_text(json.dumps({"trial_data": []}))
+    (tmp_path / f"search_gen_state-{stamp}.json").write_bytes(pickle.dumps({"counter": 1}))
+    searcher = pickle.dumps({"space": list(range(100))})
+    (tmp_path / f"searcher-state-{stamp}.pkl").write_bytes(searcher)
+    check_experiment_state(str(tmp_path))  # whole: no error
+    (tmp_path / f"searcher-state-{stamp}.pkl").write_bytes(searcher[:20])
+    with pytest.raises(ExperimentStateError, match=rf"searcher-state-{stamp}.pkl cannot be read.*--fresh"):
+        check_experiment_state(str(tmp_path))
+
+
+def test_trial_runs_hold_writes_while_the_server_is_away_and_log_each_epoch_once(tmp_path) -> None:
+    """The callback against a real SQLite store behind a switch that makes every call fail as a dead server's."""
+    import requests
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import TrialRuns
+
+    real = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = real.create_experiment("e")
+    parent = real.create_run(exp).info.run_id
+    away = {"now": False}
+
+    class Switch:
+        def __getattr__(self, name):
+            method = getattr(real, name)
+
+            def call(*args, **kwargs):
+                if away["now"]:
+                    raise requests.ConnectionError("Connection refused")
+                return method(*args, **kwargs)
+            return call
+
+    runs = TrialRuns(Switch(), exp, parent, max_epochs=2)
+    trial = SimpleNamespace(trial_id="t1", config={"lam": 1.0}, last_result={"epoch": 2, "val_top1": 0.5})
+    runs.on_trial_start(0, [], trial)
+    runs.on_trial_result(0, [], trial, {"epoch": 1, "val_top1": 0.4})
+    away["now"] = True
+    runs.on_trial_result(0, [], trial, {"epoch": 2, "val_top1": 0.5})
+    runs.on_trial_complete(0, [], trial)
+    assert len(runs.held) == 2  # nothing was lost, nothing was written
+    away["now"] = False
+    runs.on_trial_result(0, [], trial, {"epoch": 2, "val_top1": 0.5})  # Tune sees epoch 2 again after a resume
+    assert runs.held == []
+    run_id = runs.runs["t1"]
+    assert [m.step for m in real.get_metric_history(run_id, "val_top1")] == [1, 2]
+    finished = real.get_run(run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["outcome"] == "completed"
