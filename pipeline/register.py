@@ -35,16 +35,20 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from drtune import mlflow_model
+from drtune.export import export_onnx
 from drtune.inference import load_predictor
+from drtune.mlflow_model import SIGNATURE, model_metadata
 from drtune.prepared import load_prepared
 from pipeline import faults, plots
 from pipeline.config import PipelineConfig, load
-from pipeline.serving import SIGNATURE, DRTuneClassifier
 from pipeline.stage import stage_main, write_csv
 from pipeline.tracking import connect, tracking_errors
 
 CHECKSUM_TAG = "checkpoint_sha256"
-CODE_PATHS = [str(Path(__file__).resolve().parents[1] / "drtune"), str(Path(__file__).resolve().parent)]
+# Models-from-code: the pyfunc is this file, run by MLflow at load time, with drtune as its only code.
+MODEL_CODE = mlflow_model.__file__
+CODE_PATHS = [str(Path(mlflow_model.__file__).parent)]
 
 
 def champion_score(client: MlflowClient, name: str, test, classes: list[str]) -> tuple[str | None, float | None, str]:
@@ -58,6 +62,12 @@ def champion_score(client: MlflowClient, name: str, test, classes: list[str]) ->
     if predictor.classes != classes:
         return version.version, None, "champion was trained on other classes; not comparable"
     return version.version, predictor.score(test)["top1"], "re-scored on this test split"
+
+
+def example_batch(split, n: int) -> np.ndarray:
+    """The first ``n`` images of ``split`` as the model takes them: uint8 N × H × W × 3."""
+    images = split.images[:n]
+    return images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
 
 
 def registered_version(client: MlflowClient, name: str, checksum: str):
@@ -157,13 +167,16 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
                 mlflow.log_artifact(str(plots_dir / picture), artifact_path="plots")
         weights = Path(tmp) / "inference.pt"
         shutil.copy(root / "models" / "best.pt", weights)
-        example = test.images[:2] if test.images.shape[-1] == 3 else np.repeat(test.images[:2], 3, axis=-1)
+        example = example_batch(test, 2)
         checksum = hashlib.sha256(weights.read_bytes()).hexdigest()
         registered = registered_version(client, name, checksum)
+        onnx_check = export_onnx(predictor, Path(tmp) / "model.onnx", example_batch(test, 16))
         if registered is None:
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=DRTuneClassifier(), artifacts={"checkpoint": str(weights)},
+                name="model", python_model=MODEL_CODE, artifacts={"checkpoint": str(weights),
+                                                                  "onnx": str(Path(tmp) / "model.onnx")},
                 signature=SIGNATURE, input_example=example, code_paths=CODE_PATHS, pip_requirements=_requirements(),
+                metadata=model_metadata(classes, predictor.image_size, predictor.data_cfg) | {"onnx_check": onnx_check},
             )
             # The checksum is a tag of the version from its creation on: an interrupted registration is
             # finished by the next run, not registered twice.
@@ -181,6 +194,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         tags = {"test_top1": f"{scores['top1']:.4f}", "ce_baseline_test_top1": f"{baseline['test_top1']:.4f}",
                 "lift_over_ce": f"{lift:+.4f}", "data_sha256": tune_summary["data_sha256"], "decision": decision,
                 "best_trial": tune_summary["best_trial"], "source_run": parent, "method": params["train"]["method"],
+                "onnx_max_abs_logit_diff": f"{onnx_check['max_abs_logit_diff']:.2e}",
                 **{k: str(v) for k, v in hyperparameters(params).items()}}
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
@@ -207,7 +221,8 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "timm", "numpy", "pandas", "mlflow")]
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "timm", "numpy", "pandas", "mlflow", "pydantic",
+                                                 "pyyaml", "onnx", "onnxruntime")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,11 @@ from ray import tune
 
 from drtune.config import ConfigError
 from drtune.inference import Predictor, to_chw
+from drtune.mlflow_model import DRTuneClassifier
 from drtune.task import Classifier
 from pipeline.config import PipelineConfig, load
 from pipeline.register import decide, model_description
 from pipeline.search import SEARCHED, PruningOptunaSearch, search_space, select_best, starting_points, trial_config
-from pipeline.serving import DRTuneClassifier
 from pipeline.tracking import TrackingUnavailableError, connect
 
 

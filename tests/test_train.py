@@ -109,6 +109,41 @@ def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
     assert "train.epochs" in capsys.readouterr().err
 
 
+def test_cli_predicts_image_files_and_exports_onnx_that_onnxruntime_agrees_with(tmp_path, capsys) -> None:
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from drtune.inference import load_predictor, save_inference_checkpoint
+
+    out = tmp_path / "run"
+    assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", "train.epochs=1", "--output", str(out)]) == 0
+    train, _, classes = _data()
+    folder = tmp_path / "images" / "nested"
+    folder.mkdir(parents=True)
+    arrays = [np.repeat(train.images[i], 3, axis=-1) for i in range(3)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert cli_main(["predict", str(out), str(tmp_path / "images"), "--output", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    predictor = load_predictor(save_inference_checkpoint(out / "last.pt", tmp_path / "inference.pt"))
+    expected = predictor.predict_proba(np.stack(arrays))
+    assert [r["path"].rsplit("/", 1)[1] for r in rows] == ["0.png", "1.png", "2.png"]  # notes.txt is not an image
+    assert [r["label"] for r in rows] == [classes[i] for i in expected.argmax(1)]
+    assert [float(r["probability"]) for r in rows] == pytest.approx(expected.max(1).tolist(), abs=1e-5)
+
+    capsys.readouterr()
+    assert cli_main(["export", str(out)]) == 0
+    check = json.loads(capsys.readouterr().out)
+    assert check["labels_equal"] and check["relative_diff"] <= check["tolerance"] and (out / "model.onnx").is_file()
+
+    (folder / "3.png").write_bytes(b"not a png")
+    assert cli_main(["predict", str(out), str(folder), "--output", str(tmp_path / "q.csv")]) == 2
+    assert "3.png" in capsys.readouterr().err and not (tmp_path / "q.csv").exists()
+
+
 def test_resume_with_other_settings_is_refused(tmp_path) -> None:
     train, val, classes = _data()
     fit(load_config(None, [*QUICK, "train.epochs=1"]), train, val, classes, tmp_path)
