@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
@@ -39,7 +41,10 @@ class DRTuneClassifier(PythonModel):
         if isinstance(images, np.ndarray) and images.dtype == object and images.ndim > 1:
             images = np.asarray(images.tolist())  # JSON input arrives as an object array
             images = images.astype(np.float32) if np.issubdtype(images.dtype, np.floating) else images
-        proba = self.predictor.predict_proba(images)
+        try:
+            proba = self.predictor.predict_proba(images)
+        except ValueError as err:  # a served model answers 400 with this sentence, not a stack trace
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         index = proba.argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)
         return pd.DataFrame({
             "label": [self.predictor.classes[i] for i in index],

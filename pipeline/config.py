@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from drtune.config import Config, Section, load_config
+from drtune.config import Config, Method, Section, load_config
 
 
 class Range(Section):
@@ -31,6 +31,9 @@ class Range(Section):
 
 class TuneConfig(Section):
     num_samples: int = Field(8, ge=1, le=100_000, description="trials in the search")
+    methods: list[Method] | None = Field(
+        None, description="null: search train.method alone; a list: one study whose first choice is the method, then "
+        "that method's own hyperparameters (every method with the same epochs, early stopping and trial budget)")
     seed: int = Field(0, ge=0, description="seed of Optuna's TPE sampler")
     startup_trials: int = Field(3, ge=1, le=10_000, description="random trials before TPE starts modelling")
     max_concurrent_trials: int = Field(0, ge=0, le=10_000, description="0 = as many as the cluster's resources fit")
@@ -51,6 +54,13 @@ class TuneConfig(Section):
         description="trials run first (keys: the method's searched names): the library defaults, then the "
         "reference's effective setting (λ = K/B = 1024/32, backbone 0.01/(1 + 32), head 0.01)",
     )
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("must be null or a non-empty list of distinct methods")
+        return v
 
     @field_validator("queue_sizes")
     @classmethod
@@ -95,6 +105,10 @@ class PipelineConfig(Config):
         if self.tune.grace_period > self.train.epochs:
             raise ValueError(f"tune.grace_period = {self.tune.grace_period} exceeds train.epochs = {self.train.epochs}")
         return self
+
+    def search_methods(self) -> list[str]:
+        """The methods the search tries: ``tune.methods``, or ``train.method`` alone."""
+        return list(self.tune.methods or [self.train.method])
 
     def library(self) -> Config:
         """The library's sections alone: the :class:`Config` a training run reads."""

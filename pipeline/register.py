@@ -60,8 +60,27 @@ def champion_score(client: MlflowClient, name: str, test, classes: list[str]) ->
     champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     predictor = champion.unwrap_python_model().predictor
     if predictor.classes != classes:
-        return version.version, None, "champion was trained on other classes; not comparable"
-    return version.version, predictor.score(test)["top1"], "re-scored on this test split"
+        return str(version.version), None, "champion was trained on other classes; not comparable"
+    return str(version.version), predictor.score(test)["top1"], "re-scored on this test split"
+
+
+def leaderboard_test(board: dict[str, dict], folder: Path, test) -> dict[str, dict]:
+    """The search's leaderboard with each method's best model tested once on ``test`` (``test_top1``)."""
+    out = {}
+    for method, entry in board.items():
+        checkpoint = folder / f"{method}.pt"
+        tested = {"test_top1": load_predictor(checkpoint).score(test)["top1"]} if entry["best_trial"] and checkpoint.is_file() else {}
+        out[method] = entry | tested
+    return out
+
+
+def board_numbers(board: dict[str, dict]) -> dict[str, float]:
+    """Per method its best model's test top-1, and DR-Tune's test lift over the best other method (can be negative)."""
+    out = {f"{m}.test_top1": e["test_top1"] for m, e in board.items() if "test_top1" in e}
+    others = [e["test_top1"] for m, e in board.items() if m != "drtune" and "test_top1" in e]
+    if "test_top1" in board.get("drtune", {}) and others:
+        out["drtune_test_lift_over_best_other"] = board["drtune"]["test_top1"] - max(others)
+    return out
 
 
 def example_batch(split, n: int) -> np.ndarray:
@@ -157,11 +176,16 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     plots.confusion_matrix(scores["confusion"], classes, plots_dir / "confusion_matrix.png",
                            f"test top-1 {scores['top1']:.3f} ({scores['n']} images)")
     version_before, champion_top1, note = champion_score(client, name, test, classes)
+    board = leaderboard_test(tune_summary.get("leaderboard", {}), root / "models" / "leaderboard", test)
 
     parent = tune_summary["mlflow_parent_run_id"]
     with mlflow.start_run(run_id=parent), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics({"test_top1": scores["top1"], "test_top5": scores["top5"],
-                            "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift})
+                            "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift,
+                            **{f"leaderboard.{k}": v for k, v in board_numbers(board).items()}})
+        mlflow.log_dict({"columns": ["method", "trials", "completed", "best_trial", "best_val_top1", "test_top1"],
+                         "data": [[m, e["trials"], e["completed"], e["best_trial"], e["best_val_top1"], e.get("test_top1")]
+                                  for m, e in board.items()]}, "leaderboard.json")
         for picture in ("confusion_matrix.png", "learning_curve.png", "landscape.png"):
             if (plots_dir / picture).is_file():
                 mlflow.log_artifact(str(plots_dir / picture), artifact_path="plots")
@@ -211,7 +235,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
               [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(test.labels, scores["predicted"], strict=True)])
     metrics = {"test_top1": scores["top1"], "test_top5": scores["top5"], "n_test": scores["n"],
                "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift,
-               "champion_test_top1_before": champion_top1, "promoted": int(promote)}
+               "champion_test_top1_before": champion_top1, "promoted": int(promote), **board_numbers(board)}
     registered = {"registered_model": name, "version": version, "champion_before": version_before, "decision": decision}
     (root / "metrics" / "test.json").write_text(json.dumps(metrics, indent=2))  # numbers only: a DVC metrics file
     (root / "models" / "registered.json").write_text(json.dumps(registered, indent=2))

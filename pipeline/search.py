@@ -75,15 +75,15 @@ class PruningOptunaSearch(OptunaSearch):
         return super().on_trial_complete(trial_id, result, error=False)
 
 
-def searched_names(config: PipelineConfig) -> list[str]:
-    """The names of :data:`SEARCHED` that ``train.method`` has.
+def searched_names(config: PipelineConfig, method: str | None = None) -> list[str]:
+    """The names of :data:`SEARCHED` that ``method`` (default ``train.method``) has.
 
     Learning rates are real step sizes, so λ never rescales the backbone's rate. A linear probe
     has no backbone rate; L2-SP adds α and β, BSS η, DR-Tune λ and K. Under DR-Tune's
     ``reference`` preset only the authors' base rate and K are free: λ = K/B and the rates follow
     from them (:meth:`Config.resolved`).
     """
-    method = config.train.method
+    method = method or config.train.method
     if method == "drtune" and config.drtune.preset == "reference":
         return ["lr_backbone", "queue_size"]
     names = ["lr_head"] + (["lr_backbone"] if method != "linear_probe" else [])
@@ -93,26 +93,58 @@ def searched_names(config: PipelineConfig) -> list[str]:
     return names
 
 
+def across_methods(config: PipelineConfig) -> bool:
+    """Whether the search chooses the method too (``tune.methods`` lists more than one)."""
+    return len(config.search_methods()) > 1
+
+
 def search_space(config: PipelineConfig) -> dict:
-    """Ray Tune distributions of :func:`searched_names`."""
+    """Ray Tune distributions of :func:`searched_names`; empty when the search spans methods, whose
+    space is Optuna's define-by-run :class:`MethodSpace` instead."""
+    if across_methods(config):
+        return {}
     t = config.tune
     return {name: tune.choice(t.queue_sizes) if name == "queue_size"
             else tune.loguniform(getattr(t, name).low, getattr(t, name).high) for name in searched_names(config)}
 
 
+class MethodSpace:
+    """Optuna define-by-run space across ``tune.methods``: first the method, then its own names only,
+    each called ``<method>.<name>`` so TPE models every method apart (a linear-probe trial never draws λ).
+    Plain data and a ``__call__``, so the searcher's saved state pickles it."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        t = config.tune
+        self.methods = config.search_methods()
+        self.draws = {m: [(f"{m}.{name}", list(t.queue_sizes) if name == "queue_size"
+                           else (getattr(t, name).low, getattr(t, name).high)) for name in searched_names(config, m)]
+                      for m in self.methods}
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        method = trial.suggest_categorical("method", self.methods)
+        for key, drawn in self.draws[method]:
+            if isinstance(drawn, list):
+                trial.suggest_categorical(key, drawn)
+            else:
+                trial.suggest_float(key, *drawn, log=True)
+
+
 def starting_points(config: PipelineConfig) -> list[dict]:
     """``tune.points_to_evaluate`` for this method: names it does not search are dropped, names it
-    searches but a point leaves out take the config's value; a name :data:`SEARCHED` lacks is an error."""
+    searches but a point leaves out take the config's value; a name :data:`SEARCHED` lacks is an error.
+
+    Across methods every method starts from one point, the config's own values (an equal start for
+    each); ``tune.points_to_evaluate`` is for single-method searches."""
+    if across_methods(config):
+        return [{"method": m, **{f"{m}.{name}": _config_value(config, name) for name in searched_names(config, m)}}
+                for m in config.search_methods()]
     names = searched_names(config)
     points = []
     for i, given in enumerate(config.tune.points_to_evaluate):
         unknown = sorted(set(given) - set(SEARCHED))
         if unknown:
             raise ConfigError(f"tune.points_to_evaluate[{i}]: unknown names {unknown} (searchable: {sorted(SEARCHED)})")
-        point = {}
-        for name in names:
-            section, key = SEARCHED[name].split(".")
-            point[name] = given.get(name, getattr(getattr(config, section), key))
+        point = {name: given.get(name, _config_value(config, name)) for name in names}
         if "queue_size" in point and int(point["queue_size"]) not in config.tune.queue_sizes:
             raise ConfigError(f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in "
                               f"tune.queue_sizes {config.tune.queue_sizes}")
@@ -120,11 +152,21 @@ def starting_points(config: PipelineConfig) -> list[dict]:
     return points
 
 
+def _config_value(config: PipelineConfig, name: str) -> float | int:
+    section, key = SEARCHED[name].split(".")
+    return getattr(getattr(config, section), key)
+
+
 def trial_config(base: PipelineConfig, sampled: dict) -> Config:
-    """One trial's library :class:`Config`: ``base``'s library sections with the sampled values set."""
+    """One trial's library :class:`Config`: ``base``'s library sections with the sampled values set
+    (and the sampled ``method``, when the search spans methods; its names are ``<method>.<name>``)."""
     config = base.library()
     config.train.progress = False
+    config.train.method = sampled.get("method", base.train.method)
     for name, value in sampled.items():
+        if name == "method":
+            continue
+        name = name.split(".", 1)[1] if "." in name else name
         section, key = SEARCHED[name].split(".")
         setattr(getattr(config, section), key, int(value) if name == "queue_size" else float(value))
     return config
@@ -197,10 +239,12 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
             raise ExperimentStateError(f"the stored search at {path} cannot be restored ({type(err).__name__}: "
                                        f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}") from None
     t = config.tune
+    # group=True: TPE models each method's conditional subspace on the trials that drew it.
     sampler = optuna.samplers.TPESampler(seed=t.seed, multivariate=True, constant_liar=True,
-                                         n_startup_trials=t.startup_trials)
+                                         n_startup_trials=t.startup_trials, group=across_methods(config))
+    space = {"space": MethodSpace(config), "metric": METRIC, "mode": "max"} if across_methods(config) else {}
     searcher = PruningOptunaSearch(points_to_evaluate=starting_points(config) or None, sampler=sampler,
-                                   max_epochs=config.train.epochs)
+                                   max_epochs=config.train.epochs, **space)
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period,
                                reduction_factor=t.reduction_factor)
                  if t.early_stopping else FIFOScheduler())

@@ -292,7 +292,8 @@ class TrialRuns(Callback):
         if step in self.logged[run_id] or result.get("diverged"):
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in METRIC_KEYS if k in result]
+        metrics = [Metric(k, float(result[k]), now, step) for k in result
+                   if k in METRIC_KEYS or k.startswith("system/")]
         if "resumed_from_epoch" in result:  # the first result of a restarted attempt
             metrics.append(Metric("resumed_from_epoch", float(result["resumed_from_epoch"]), now, step))
         self.client.log_batch(run_id, metrics=metrics)

@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import ray
 import ray.train
 import ray.train.torch
@@ -79,6 +80,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with checkpoint.as_directory() as folder:
                 shutil.copy(Path(folder) / "last.pt", scratch / "last.pt")
         epochs_done = 0
+        device = ray.train.torch.get_device()
+        psutil.cpu_percent()  # starts the CPU-time window the first epoch's reading covers
 
         def report(metrics: dict, checkpoint_path: Path) -> None:
             nonlocal restarted, epochs_done
@@ -86,6 +89,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics = metrics | {"resumed_from_epoch": float(metrics["epoch"] - 1)}
                 restarted = False
             epochs_done = metrics["epoch"]
+            if rank == 0:
+                metrics = metrics | system_metrics(device)
             if rank != 0:
                 ray.train.report(metrics)
             else:
@@ -96,13 +101,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
             faults.lose_worker(metrics["epoch"])
 
         try:
-            fit(config, data["train"], data["val"], data["classes"], scratch, report=report, resume=True,
-                device=ray.train.torch.get_device())
+            fit(config, data["train"], data["val"], data["classes"], scratch, report=report, resume=True, device=device)
         except DivergedError as err:
             ray.train.report({"epoch": err.epoch, "val_top1": math.nan, "val_loss": math.nan, "diverged": 1.0,
                               "error": str(err), "epochs_done": epochs_done})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def system_metrics(device: torch.device) -> dict[str, float]:
+    """This worker's machine over the last epoch, under MLflow's system-metric names (its UI shows them in
+    the run's System metrics tab): CPU and memory, and on a GPU its peak allocated memory and utilisation.
+    They travel with the epoch's result, so the driver stays the only MLflow writer wherever workers run."""
+    memory = psutil.virtual_memory()
+    out = {"system/cpu_utilization_percentage": psutil.cpu_percent(),
+           "system/system_memory_usage_megabytes": memory.used / 1e6,
+           "system/system_memory_usage_percentage": memory.percent,
+           "system/worker_memory_rss_megabytes": psutil.Process().memory_info().rss / 1e6}
+    if device.type == "cuda":
+        i = device.index or 0
+        out[f"system/gpu_{i}_memory_usage_megabytes"] = torch.cuda.max_memory_allocated(device) / 1e6
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            out[f"system/gpu_{i}_utilization_percentage"] = float(torch.cuda.utilization(device))
+        except (ModuleNotFoundError, RuntimeError):  # needs pynvml / NVML
+            pass
+    return out
 
 
 class ReportToTune(TuneReportCallback):

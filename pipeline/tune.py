@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from ray import tune
 from ray.tune import Callback
@@ -43,7 +44,7 @@ from pipeline.search import (
     METRIC,
     build_tuner,
     discard_experiment,
-    search_space,
+    searched_names,
     select_best,
     starting_points,
 )
@@ -101,7 +102,6 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     a stored search of the same settings (its Ray experiment, and its MLflow parent is detached)."""
     data = load_prepared(root / p.data.prepared_dir)
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
-    space = search_space(p)
     starting_points(p)  # validates tune.points_to_evaluate before Ray starts
     largest = p.library()
     largest.drtune.queue_size = max(p.tune.queue_sizes)
@@ -147,13 +147,17 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), models / "best.pt")
         history = torch.load(models / "best.pt", map_location="cpu", weights_only=False)["history"]  # every epoch, resumes included
-        keys = sorted(space)
+        methods = p.search_methods()
+        keys = sorted({name for m in methods for name in searched_names(p, m)})
         rows = []
         for r in results:
             m = r.metrics or {}
             status = "failed" if r.error is not None or m.get("diverged") else ("completed" if m.get("epoch", 0) >= p.train.epochs else "stopped")
-            rows.append({"trial": m.get("trial_id", "?"), **{k: r.config.get(k) for k in keys},
+            values = unprefixed(r.config)
+            rows.append({"trial": m.get("trial_id", "?"), "method": r.config.get("method", p.train.method),
+                         **{k: values.get(k) for k in keys},
                          "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
+        board = leaderboard(results, rows, methods, p, storage, models / "leaderboard")
         curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
         write_csv(metrics_dir / "tune_curve.csv", curve)
         write_csv(metrics_dir / "landscape.csv", rows)
@@ -163,20 +167,69 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         metrics = {
             "best_val_top1": best.metrics[METRIC], "best_val_loss": best.metrics["val_loss"], "trials": len(rows),
             "completed": sum(r["status"] == "completed" for r in rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
-            "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1), "best": best.config,
+            "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1),
+            "best": unprefixed(best.config),
         }
         chosen = {
-            "best_trial": best.trial_id, "best_config": best.config, "experiment_path": experiment_path,
+            "best_trial": best.trial_id, "best_method": best.config.get("method", p.train.method),
+            "best_config": best.config, "experiment_path": experiment_path, "leaderboard": board,
             "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment, "data_sha256": data.checksum,
         }
         (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
+        (metrics_dir / "leaderboard.json").write_text(json.dumps(leaderboard_numbers(board), indent=2))
         (models / "best.json").write_text(json.dumps(chosen, indent=2))
         summary = metrics | chosen
         client.log_metric(parent, "best_val_top1", best.metrics[METRIC])
         client.set_tag(parent, "best_trial", best.trial_id)
+        client.set_tag(parent, "best_method", chosen["best_method"])
+        # the table format of MLflow's log_table, written whole (log_table appends on a rerun)
+        client.log_dict(parent, pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
+                        "leaderboard_val.json")
+        for key, value in leaderboard_numbers(board).items():
+            client.log_metric(parent, f"leaderboard.{key}", value)
         # The parent's own params are the base params.yaml values; the winner's are logged beside them.
         log_params(client, parent, {f"best.{k}": v for k, v in best.config.items()})
     return summary
+
+
+def unprefixed(config: dict) -> dict:
+    """A trial's sampled values under their :data:`~pipeline.search.SEARCHED` names (``drtune.lam`` → ``lam``)."""
+    return {k.split(".", 1)[1] if "." in k else k: v for k, v in config.items() if k != "method"}
+
+
+def leaderboard(results, rows: list[dict], methods: list[str], p: PipelineConfig, storage: str,
+                folder: Path) -> dict[str, dict]:
+    """Each searched method's trials, completed trials and best trial (the same rule as the overall pick:
+    :func:`select_best` on its own trials), whose inference checkpoint goes to ``folder/<method>.pt``
+    for the register stage to test. A method with no completed trial is listed with ``best_val_top1`` None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    board = {}
+    for method in methods:
+        mine = [r for r, row in zip(results, rows, strict=True) if row["method"] == method]
+        entry = {"trials": len(mine), "completed": sum(row["method"] == method and row["status"] == "completed"
+                                                       for row in rows),
+                 "best_val_top1": None, "best_trial": None}
+        if entry["completed"]:
+            best = select_best(mine, p.train.epochs, storage_filesystem(storage))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), folder / f"{method}.pt")
+            entry |= {"best_val_top1": best.metrics[METRIC], "best_trial": best.trial_id}
+        board[method] = entry
+    return board
+
+
+def leaderboard_numbers(board: dict[str, dict]) -> dict[str, float]:
+    """The leaderboard as flat numbers (a DVC metrics file, MLflow metrics): per method its best validation
+    top-1 and trial counts, and DR-Tune's lift over the best other method when both ran (negative when it lost)."""
+    out = {}
+    for method, e in board.items():
+        out |= {f"{method}.trials": e["trials"], f"{method}.completed": e["completed"]}
+        if e["best_val_top1"] is not None:
+            out[f"{method}.best_val_top1"] = e["best_val_top1"]
+    others = [e["best_val_top1"] for m, e in board.items() if m != "drtune" and e["best_val_top1"] is not None]
+    if "drtune" in board and others and board["drtune"]["best_val_top1"] is not None:
+        out["drtune_val_lift_over_best_other"] = board["drtune"]["best_val_top1"] - max(others)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

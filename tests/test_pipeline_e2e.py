@@ -122,6 +122,8 @@ def test_mlflow_run_tree(project: Path) -> None:
         if run.info.status == "FINISHED":
             epochs = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
             assert epochs == sorted(set(epochs)) and epochs[0] == 1
+            cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+            assert [m.step for m in cpu] == epochs and all(0 <= m.value <= 100 * os.cpu_count() for m in cpu)
     for tag in ("git_commit", "data_sha256", "ray_experiment_path"):
         assert parent.data.tags[tag]
     assert {"test_top1", "ce_baseline_test_top1", "lift_over_ce"} <= set(parent.data.metrics)
@@ -217,23 +219,42 @@ def test_mlflow_models_serve_answers_http(project: Path) -> None:
         rows = reply.json()["predictions"]
         assert len(rows) == 2 and {"label", "class_index", "probability", "probabilities"} <= set(rows[0])
         assert abs(sum(rows[0]["probabilities"]) - 1) < 1e-4
+        two_channels = np.zeros((1, 8, 8, 2), np.uint8).tolist()
+        bad = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": two_channels}, timeout=30)
+        assert bad.status_code == 400 and "expected H × W × C (C = 1, 3 or 4)" in bad.json()["message"]
+        assert "Traceback" not in bad.text and str(project) not in bad.text
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
-def test_dvc_exp_run_with_a_tuning_knob_reruns_only_tune_and_register(project: Path) -> None:
+def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_with_a_leaderboard(project: Path) -> None:
     env = _env(project)
     for cmd in (["git", "add", "dvc.lock", "metrics", "plots"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "quick run"]):
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)
-    exp = subprocess.run(["dvc", "exp", "run", "-S", "tune.num_samples=4"], cwd=project, env=env, capture_output=True,
-                         text=True, timeout=900)
+    exp = subprocess.run(["dvc", "exp", "run", "-S", "tune.methods=[drtune,linear_probe]"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=900)
     out = exp.stdout + exp.stderr
     assert exp.returncode == 0, out[-4000:]
     assert "Running stage 'tune'" in out and "Running stage 'register'" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'baseline'" not in out
-    assert json.loads((project / "metrics" / "tune.json").read_text())["trials"] == 4
+    assert json.loads((project / "metrics" / "tune.json").read_text())["trials"] == 3
+    board = json.loads((project / "metrics" / "leaderboard.json").read_text())
+    assert board["drtune.trials"] + board["linear_probe.trials"] == 3 and "drtune_val_lift_over_best_other" in board
+    test = json.loads((project / "metrics" / "test.json").read_text())
+    assert {"drtune.test_top1", "linear_probe.test_top1", "drtune_test_lift_over_best_other"} <= set(test)
+    chosen = json.loads((project / "models" / "best.json").read_text())
+    client = _client(project)
+    version = json.loads((project / "models" / "registered.json").read_text())["version"]
+    assert client.get_model_version("drtune-digits", version).tags["method"] == chosen["best_method"]
+    parent = client.get_run(chosen["mlflow_parent_run_id"])
+    assert parent.data.tags["best_method"] == chosen["best_method"]
+    assert {"leaderboard.json", "leaderboard_val.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    trials = client.search_runs([parent.info.experiment_id],
+                                filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    probes = [t for t in trials if t.data.params.get("method") == "linear_probe"]
+    assert probes and all(set(t.data.params) == {"method", "linear_probe.lr_head"} for t in probes)  # never λ
 
 
 @pytest.fixture

@@ -19,7 +19,15 @@ from drtune.mlflow_model import DRTuneClassifier
 from drtune.task import Classifier
 from pipeline.config import PipelineConfig, load
 from pipeline.register import decide, model_description
-from pipeline.search import SEARCHED, PruningOptunaSearch, search_space, select_best, starting_points, trial_config
+from pipeline.search import (
+    SEARCHED,
+    PruningOptunaSearch,
+    search_space,
+    searched_names,
+    select_best,
+    starting_points,
+    trial_config,
+)
 from pipeline.tracking import TrackingUnavailableError, connect
 
 
@@ -161,6 +169,10 @@ def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> No
     assert len(model.predict(None, ragged)) == 2
     json_like = np.array(batch[:2].tolist(), dtype=object)  # what `mlflow models serve` hands over
     assert (model.predict(None, json_like)["class_index"] == out["class_index"][:2]).all()
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match=r"expected H × W × C \(C = 1, 3 or 4\)"):
+        model.predict(None, np.zeros((1, 8, 8, 2), np.uint8))
     with pytest.raises(ValueError, match="N × C × H × W"):
         to_chw(np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match=r"values in \[0, 1\], got 0 … 255"):  # 0–255 floats are not clipped to white
@@ -365,3 +377,52 @@ def test_trial_runs_hold_writes_while_the_server_is_away_and_log_each_epoch_once
     assert [m.step for m in real.get_metric_history(run_id, "val_top1")] == [1, 2]
     finished = real.get_run(run_id)
     assert finished.info.status == "FINISHED" and finished.data.tags["outcome"] == "completed"
+
+
+def test_a_search_across_methods_draws_each_methods_own_hyperparameters_only() -> None:
+    """Define-by-run: the method first, then only its names; a linear-probe trial never receives λ, and its
+    Config keeps the base λ while its method is set."""
+    import pickle
+
+    from pipeline.search import MethodSpace
+
+    p = load(None, ["tune.methods=[drtune, ce, linear_probe, l2sp, bss]"])
+    define = pickle.loads(pickle.dumps(MethodSpace(p)))  # Ray saves the searcher's state
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
+        seed=0, multivariate=True, group=True, n_startup_trials=5))
+    seen = {}
+    for i in range(40):
+        trial = study.ask()
+        define(trial)
+        method = trial.params["method"]
+        names = {k.split(".", 1)[1] for k in trial.params if k != "method"}
+        assert all(k.startswith(f"{method}.") for k in trial.params if k != "method")
+        assert names == set(searched_names(p, method)), (method, names)
+        seen[method] = trial.params
+        study.tell(trial, float(i % 7) / 7)
+    assert set(seen) == {"drtune", "ce", "linear_probe", "l2sp", "bss"}
+    probe = trial_config(p, seen["linear_probe"])
+    assert probe.train.method == "linear_probe" and probe.drtune.lam == p.drtune.lam
+    assert probe.train.lr_head == seen["linear_probe"]["linear_probe.lr_head"]
+    dr = trial_config(p, seen["drtune"])
+    assert dr.drtune.lam == seen["drtune"]["drtune.lam"] and dr.drtune.queue_size in p.tune.queue_sizes
+    points = starting_points(p)
+    assert [pt["method"] for pt in points] == ["drtune", "ce", "linear_probe", "l2sp", "bss"]
+    assert points[2] == {"method": "linear_probe", "linear_probe.lr_head": p.train.lr_head}
+    assert search_space(p) == {}
+    with pytest.raises(ConfigError, match="tune.methods"):
+        load(None, ["tune.methods=[ce, ce]"])
+
+
+def test_selection_regret_is_the_test_accuracy_lost_by_choosing_on_validation() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("regret", "bench/regret.py")
+    regret = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regret)
+    trials = [{"val_top1": 0.70, "val_loss": 1.0, "test_top1": 0.74},
+              {"val_top1": 0.72, "val_loss": 0.9, "test_top1": 0.71},   # chosen on validation
+              {"val_top1": 0.72, "val_loss": 1.1, "test_top1": 0.80},   # ties on validation, loses on loss
+              {"val_top1": 0.60, "val_loss": 1.5, "test_top1": 0.76}]
+    assert regret.selection_regret(trials) == pytest.approx(0.80 - 0.71)
+    assert regret.selection_regret(trials[:1]) == 0.0
