@@ -11,7 +11,8 @@
   out: validation is drawn from ``train/``); ``train/`` + ``val/`` use ``val/`` as the test split;
   otherwise a stratified, seeded fifth is held out as test. Every problem is reported in one run
   (empty class folders and unreadable files together); files that are not images are listed as
-  ignored, and skipped unreadable files (``data.skip_bad``) are listed too.
+  ignored, and skipped unreadable files (``data.skip_bad``) are listed too. Under a label budget
+  only the labelled training images and the test images are decoded.
 * the paper's benchmarks by name (``cifar10``, ``dtd``, …) through torchvision: see
   :mod:`drtune.named_datasets`.
 """
@@ -49,6 +50,7 @@ class RawDataset:
     classes: list[str]
     skipped: list[str] = field(default_factory=list)  # unreadable files skipped (data.skip_bad)
     ignored: list[str] = field(default_factory=list)  # files that are not images, folders not read
+    labelled: bool = False  # train is already the labelled subset (an image folder read under a budget)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -169,25 +171,34 @@ def _scan_classes(folder: Path, empty: list[Path], ignored: list[str]) -> list[t
     return out
 
 
-def _read_folder(scanned: list[tuple[str, list[Path]]], classes: list[str], size: int, bad: list[Path]) -> ArraySplit:
-    images, labels = [], []
-    total = sum(len(files) for _, files in scanned)
-    with tqdm(total=total, desc="reading images", disable=total < 500, leave=False) as bar:
-        for name, files in scanned:
-            label = classes.index(name)
-            for f in files:
-                try:
-                    images.append(_read_image(f, size))
-                    labels.append(label)
-                except (OSError, ValueError, Image.DecompressionBombError):
-                    bad.append(f)
-                bar.update()
-    return ArraySplit(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
-                      np.asarray(labels, dtype=np.int64))
+def _listing(scanned: list[tuple[str, list[Path]]], classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """(files, labels) of a scan, in class order: labels without decoding a single image."""
+    files = [f for _, fs in scanned for f in fs]
+    labels = np.asarray([classes.index(name) for name, fs in scanned for _ in fs], dtype=np.int64)
+    return files, labels
 
 
-def load_image_folder(folder: str | Path, size: int = 96, skip_bad: bool = False, seed: int = 0) -> RawDataset:
-    """A dataset from a folder of class folders; see the module docstring."""
+def _read_files(files: list[Path], labels: np.ndarray, size: int, bad: list[Path]) -> ArraySplit:
+    images, kept = [], []
+    for i, f in enumerate(tqdm(files, desc="reading images", disable=len(files) < 500, leave=False)):
+        try:
+            images.append(_read_image(f, size))
+            kept.append(i)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            bad.append(f)
+    return ArraySplit(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), labels[kept])
+
+
+def load_image_folder(folder: str | Path, size: int = 96, skip_bad: bool = False, seed: int = 0,
+                      budget: tuple[int | None, float | None] | None = None) -> RawDataset:
+    """A dataset from a folder of class folders; see the module docstring.
+
+    With ``budget`` = (``labels_per_class``, ``label_fraction``) only the training images of the
+    labelled subset (:func:`stratified_take` on the file list's labels) and the test images are
+    decoded, and the result is marked ``labelled``: the same splits as decoding every file, read
+    from a fraction of the disk. A skipped unreadable file (``skip_bad``) then leaves its class
+    one image short instead of being replaced.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
@@ -203,17 +214,25 @@ def load_image_folder(folder: str | Path, size: int = 96, skip_bad: bool = False
         missing = sorted(set(classes) - {name for name, _ in test_scan})
         if missing:
             raise ValueError(f"{test_dir} has no folder for class(es) {', '.join(missing)}")
-        train = _read_folder(train_scan, classes, size, bad)
-        test = _read_folder(test_scan, classes, size, bad)
+        train_files, train_labels = _listing(train_scan, classes)
+        test_files, test_labels = _listing(test_scan, classes)
     else:
         scan = _scan_classes(folder, empty, ignored)
         classes = [name for name, _ in scan]
-        train, test = None, _read_folder(scan, classes, size, bad)
+        files, labels = _listing(scan, classes)
+        test_idx = stratified_take(labels, fraction=0.2, seed=seed)  # a seeded, stratified fifth
+        train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+        train_files, train_labels = [files[i] for i in train_idx], labels[train_idx]
+        test_files, test_labels = [files[i] for i in test_idx], labels[test_idx]
+    if budget is not None and budget != (None, None):
+        kept = stratified_take(train_labels, per_class=budget[0], fraction=budget[1], seed=seed)
+        train_files, train_labels = [train_files[i] for i in kept], train_labels[kept]
+    train = _read_files(train_files, train_labels, size, bad)
+    test = _read_files(test_files, test_labels, size, bad)
     if empty or (bad and not skip_bad):
         raise BadImagesError(folder, empty, bad)
-    if train is None:
-        train, test = _hold_out_test(test, seed)
-    return RawDataset(train, test, classes, skipped=[str(p) for p in bad], ignored=ignored)
+    return RawDataset(train, test, classes, skipped=[str(p) for p in bad], ignored=ignored,
+                      labelled=budget is not None)
 
 
 KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", *NAMED_DATASETS)
@@ -226,14 +245,16 @@ def _hold_out_test(train: ArraySplit, seed: int) -> tuple[ArraySplit, ArraySplit
 
 
 def load_source(dataset: str, root: str | Path = "data/raw", seed: int = 0, *, image_size: int = 96,
-                skip_bad: bool = False, download: bool = False) -> RawDataset:
-    """Load a dataset by name; see the module docstring for the names."""
+                skip_bad: bool = False, download: bool = False,
+                budget: tuple[int | None, float | None] | None = None) -> RawDataset:
+    """Load a dataset by name; see the module docstring for the names. ``budget`` (labels per class, label
+    fraction) lets an image folder decode only the labelled subset (:func:`load_image_folder`)."""
     if dataset == "digits":
         return load_digits_dataset(seed)
     if dataset == "fashion-mnist":
         return load_fashion_mnist(root, download)
     if dataset.startswith("imagefolder:"):
-        return load_image_folder(dataset.split(":", 1)[1], image_size, skip_bad, seed)
+        return load_image_folder(dataset.split(":", 1)[1], image_size, skip_bad, seed, budget)
     if dataset in NAMED_DATASETS:
         train, test, classes = load_named(dataset, root, size=image_size, download=download)
         if test is None:
@@ -247,7 +268,7 @@ def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fra
     """(train, val, test): the labelled budget is sampled per class from the official training
     split, validation is a stratified share of that budget, the official test split is untouched."""
     labels = raw.train.labels
-    if labels_per_class is None and label_fraction is None:
+    if raw.labelled or (labels_per_class is None and label_fraction is None):
         kept = np.arange(len(labels))
     else:
         kept = stratified_take(labels, fraction=label_fraction, per_class=labels_per_class, seed=seed)
@@ -270,6 +291,6 @@ def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fra
 def load_splits(cfg: DataConfig) -> tuple[RawDataset, tuple[ArraySplit, ArraySplit, ArraySplit]]:
     """The source named by ``data.*`` and its (train, val, test) splits: what ``prepare`` writes."""
     raw = load_source(cfg.dataset, cfg.root, cfg.seed, image_size=cfg.store_size, skip_bad=cfg.skip_bad,
-                      download=cfg.download)
+                      download=cfg.download, budget=(cfg.labels_per_class, cfg.label_fraction))
     return raw, few_label_splits(raw, labels_per_class=cfg.labels_per_class, label_fraction=cfg.label_fraction,
                                  val_fraction=cfg.val_fraction, seed=cfg.seed)

@@ -200,3 +200,26 @@ def test_class_discovery_and_extensions_follow_torchvision(tmp_path) -> None:
 def test_store_size_below_image_size_is_an_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"data.store_size = 32 is smaller than train.image_size = 64"):
         load_config(None, ["data.dataset=imagefolder:/x", "data.store_size=32", "train.image_size=64"])
+
+
+@pytest.mark.parametrize("layout", ["one folder", "train + test"])
+def test_only_the_labelled_subset_is_decoded_and_the_splits_are_the_same(tmp_path, monkeypatch, layout) -> None:
+    """Under a label budget an image folder decodes the test images and only the labelled training images,
+    and few_label_splits gives exactly the splits that decoding every file gives."""
+    import drtune.sources as sources
+
+    root = tmp_path / "imgs"
+    if layout == "one folder":
+        _folder(root, per_class=20)
+    else:
+        _folder(root / "train", per_class=20)
+        _folder(root / "test", per_class=4)
+    full = load_source(f"imagefolder:{root}", image_size=16)
+    decoded = []
+    read = sources._read_image
+    monkeypatch.setattr(sources, "_read_image", lambda path, size: decoded.append(path) or read(path, size))
+    subset = load_source(f"imagefolder:{root}", image_size=16, budget=(3, None))
+    assert len(decoded) == 9 + len(full.test)  # 3 per class, and the test split
+    split = dict(labels_per_class=3, label_fraction=None, val_fraction=0.34, seed=0)
+    for a, b in zip(few_label_splits(full, **split), few_label_splits(subset, **split), strict=True):
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
