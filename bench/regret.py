@@ -26,6 +26,7 @@ def selection_regret(trials: list[dict]) -> float:
 
 
 def main() -> None:
+    from ray.train import Checkpoint
     from ray.tune import ExperimentAnalysis
 
     from drtune.inference import load_predictor, save_inference_checkpoint
@@ -42,14 +43,15 @@ def main() -> None:
     chosen = json.loads(Path("models/best.json").read_text())
     test = load_prepared(Path(p.data.prepared_dir)).test
     path = chosen["experiment_path"]
-    analysis = ExperimentAnalysis(path, storage_filesystem(path))
+    analysis = ExperimentAnalysis(path, storage_filesystem=storage_filesystem(path))
     trials = []
     for trial in analysis.trials:
         last = trial.last_result or {}
-        if last.get("epoch", 0) < p.train.epochs or trial.checkpoint is None:
+        if last.get("epoch", 0) < p.train.epochs or "checkpoint_path" not in last:
             continue
+        checkpoint = Checkpoint(last["checkpoint_path"], filesystem=storage_filesystem(path))  # the Train run's
         with tempfile.TemporaryDirectory() as tmp:
-            weights = save_inference_checkpoint(read_checkpoint(trial.checkpoint, Path(tmp) / "last.pt"),
+            weights = save_inference_checkpoint(read_checkpoint(checkpoint, Path(tmp) / "last.pt"),
                                                 Path(tmp) / "inference.pt")
             test_top1 = load_predictor(weights).score(test)["top1"]
         trials.append({"trial": trial.trial_id, "val_top1": last["val_top1"], "val_loss": last["val_loss"],

@@ -51,14 +51,26 @@ MODEL_CODE = mlflow_model.__file__
 CODE_PATHS = [str(Path(mlflow_model.__file__).parent)]
 
 
-def champion_score(client: MlflowClient, name: str, test, classes: list[str]) -> tuple[str | None, float | None, str]:
-    """(version, test top-1 on *this* test split, note) of the current champion, if comparable."""
+def champion_score(client: MlflowClient, name: str, test, classes: list[str],
+                   data_sha256: str) -> tuple[str | None, float | None, str]:
+    """(version, test top-1 on *this* test split, note) of the current champion, if comparable.
+
+    The champion is re-scored here. One registered by an older release of this project may not load
+    with today's code (its pickled model named modules that have moved); then its recorded test
+    top-1 stands in when it was measured on this same prepared data, else it is not comparable.
+    """
     try:
         version = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
         return None, None, "no champion yet"
-    champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    predictor = champion.unwrap_python_model().predictor
+    try:
+        predictor = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().predictor
+    except Exception as err:  # noqa: BLE001 - whatever an old model's loading raises
+        recorded = version.tags.get("test_top1")
+        if recorded is not None and version.tags.get("data_sha256") == data_sha256:
+            return (str(version.version), float(recorded),
+                    f"champion's recorded test top-1 on this same data (it does not load with this code: {type(err).__name__})")
+        return str(version.version), None, f"champion does not load with this code ({type(err).__name__}); not comparable"
     if predictor.classes != classes:
         return str(version.version), None, "champion was trained on other classes; not comparable"
     return str(version.version), predictor.score(test)["top1"], "re-scored on this test split"
@@ -98,12 +110,14 @@ def registered_version(client: MlflowClient, name: str, checksum: str):
     return next((v for v in versions if v.tags.get(CHECKSUM_TAG) == checksum), None)
 
 
-def decide(new: float, current: float | None, note: str) -> tuple[bool, str]:
-    """Promote when there is no champion or the new model is strictly better on the same split."""
+def decide(new: float, current: float | None, note: str, champion_loads: bool = True) -> tuple[bool, str]:
+    """Promote when there is no champion or the new model is strictly better on the same split; a tie
+    promotes too when the champion no longer loads (a model people can use beats an equal one they cannot)."""
     if current is None:
         return note == "no champion yet", f"promoted: {note}" if note == "no champion yet" else f"kept champion: {note}"
-    if new > current:
-        return True, f"promoted: test top-1 {new:.4f} > champion's {current:.4f}"
+    if new > current or (new == current and not champion_loads):
+        relation = ">" if new > current else "= (the champion no longer loads)"
+        return True, f"promoted: test top-1 {new:.4f} {relation} champion's {current:.4f}"
     return False, f"kept champion: test top-1 {new:.4f} ≤ champion's {current:.4f}"
 
 
@@ -175,7 +189,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     lift = scores["top1"] - baseline["test_top1"]
     plots.confusion_matrix(scores["confusion"], classes, plots_dir / "confusion_matrix.png",
                            f"test top-1 {scores['top1']:.3f} ({scores['n']} images)")
-    version_before, champion_top1, note = champion_score(client, name, test, classes)
+    version_before, champion_top1, note = champion_score(client, name, test, classes, tune_summary["data_sha256"])
     board = leaderboard_test(tune_summary.get("leaderboard", {}), root / "models" / "leaderboard", test)
 
     parent = tune_summary["mlflow_parent_run_id"]
@@ -211,7 +225,8 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         if version_before == version:  # this very model is the champion already (a rerun)
             promote, decision = True, "already champion: this model was registered and promoted before"
         else:
-            promote, decision = decide(scores["top1"], champion_top1, note)
+            promote, decision = decide(scores["top1"], champion_top1, note,
+                                       champion_loads="does not load" not in note)
         if promote:
             client.set_registered_model_alias(name, "champion", version)
         params = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=False)["params"]

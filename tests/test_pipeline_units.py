@@ -426,3 +426,24 @@ def test_selection_regret_is_the_test_accuracy_lost_by_choosing_on_validation() 
               {"val_top1": 0.60, "val_loss": 1.5, "test_top1": 0.76}]
     assert regret.selection_regret(trials) == pytest.approx(0.80 - 0.71)
     assert regret.selection_regret(trials[:1]) == 0.0
+
+
+def test_a_champion_that_no_longer_loads_is_compared_by_its_recorded_score_on_the_same_data(monkeypatch) -> None:
+    """A champion pickled by an older release (its module moved) still gates promotion: by the test top-1
+    it recorded on the same prepared data, and not at all when the data differ."""
+    import mlflow
+
+    from pipeline.register import champion_score
+
+    def old_model(uri):
+        raise ModuleNotFoundError("No module named 'pipeline.serving'")
+
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", old_model)
+    version = SimpleNamespace(version=3, tags={"test_top1": "0.7962", "data_sha256": "abc"})
+    client = SimpleNamespace(get_model_version_by_alias=lambda name, alias: version)
+    assert champion_score(client, "m", None, [], "abc")[:2] == ("3", 0.7962)
+    kept, decision = decide(0.79, champion_score(client, "m", None, [], "abc")[1], "", champion_loads=False)
+    assert not kept and "0.7962" in decision
+    assert decide(0.7962, 0.7962, "", champion_loads=False)[0] and not decide(0.7962, 0.7962, "")[0]
+    version_, score, note = champion_score(client, "m", None, [], "other data")
+    assert score is None and "not comparable" in note and not decide(0.9, score, note)[0]
