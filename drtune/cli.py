@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -61,11 +60,8 @@ def _run_predictor(run: str):
     checkpoint = Path(run) / "last.pt"
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint} not found: give the --output folder of a `drtune fit` run")
-    state_file = Path(tempfile.mkdtemp()) / "inference.pt"
-    try:
-        return load_predictor(save_inference_checkpoint(checkpoint, state_file))
-    finally:
-        shutil.rmtree(state_file.parent, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_predictor(save_inference_checkpoint(checkpoint, Path(tmp) / "inference.pt"))
 
 
 def _image_files(paths: list[str]) -> list[Path]:

@@ -14,7 +14,7 @@ any size and C = 1, 3 or 4 (a list of same-sized images: ``np.stack(images)``; f
 images were. Over HTTP (``mlflow models serve``) send ``{"inputs": [[[[r, g, b], ...], ...]]}``:
 the server reads the integers as uint8 by that schema. The model's metadata (``model_metadata``)
 names its classes, input size, mean/std and layout, and the model version carries an ONNX export
-of the network (``onnx/model.onnx``) for runtimes without Python.
+of the network (``artifacts/model.onnx``) for runtimes without Python.
 """
 
 from __future__ import annotations
@@ -37,12 +37,8 @@ class DRTuneClassifier(PythonModel):
         self.predictor = load_predictor(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
-        images = model_input
-        if isinstance(images, np.ndarray) and images.dtype == object and images.ndim > 1:
-            images = np.asarray(images.tolist())  # JSON input arrives as an object array
-            images = images.astype(np.float32) if np.issubdtype(images.dtype, np.floating) else images
         try:
-            proba = self.predictor.predict_proba(images)
+            proba = self.predictor.predict_proba(model_input)
         except ValueError as err:  # a served model answers 400 with this sentence, not a stack trace
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         index = proba.argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)

@@ -30,13 +30,18 @@ def storage_uri(config: PipelineConfig, root: Path = Path(".")) -> str:
     return path if "://" in path else str((root / path).resolve())
 
 
+def filesystem_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A storage URI (or local path) as a pyarrow filesystem and the path within it."""
+    return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
+
+
 def storage_filesystem(storage: str) -> pyarrow.fs.FileSystem | None:
     """The filesystem of a storage URI (``s3://`` honours ``AWS_ENDPOINT_URL``), None for a local path.
 
     Ray Tune reports a checkpoint as a path *within* its storage filesystem (``drtune/runs/…`` for
     ``s3://drtune/runs``); a :class:`ray.train.Checkpoint` built from it needs this filesystem.
     """
-    return pyarrow.fs.FileSystem.from_uri(storage)[0] if "://" in storage else None
+    return filesystem_and_path(storage)[0] if "://" in storage else None
 
 
 def local_storage(config: PipelineConfig, root: Path = Path(".")) -> Path | None:

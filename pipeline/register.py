@@ -52,8 +52,8 @@ CODE_PATHS = [str(Path(mlflow_model.__file__).parent)]
 
 
 def champion_score(client: MlflowClient, name: str, test, classes: list[str],
-                   data_sha256: str) -> tuple[str | None, float | None, str]:
-    """(version, test top-1 on *this* test split, note) of the current champion, if comparable.
+                   data_sha256: str) -> tuple[str | None, float | None, str, bool]:
+    """(version, test top-1 on *this* test split, note, whether it loads) of the current champion, if comparable.
 
     The champion is re-scored here. One registered by an older release of this project may not load
     with today's code (its pickled model named modules that have moved); then its recorded test
@@ -62,27 +62,32 @@ def champion_score(client: MlflowClient, name: str, test, classes: list[str],
     try:
         version = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
-        return None, None, "no champion yet"
+        return None, None, "no champion yet", True
     try:
         predictor = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().predictor
     except Exception as err:  # noqa: BLE001 - whatever an old model's loading raises
         recorded = version.tags.get("test_top1")
         if recorded is not None and version.tags.get("data_sha256") == data_sha256:
-            return (str(version.version), float(recorded),
-                    f"champion's recorded test top-1 on this same data (it does not load with this code: {type(err).__name__})")
-        return str(version.version), None, f"champion does not load with this code ({type(err).__name__}); not comparable"
+            return (str(version.version), float(recorded), "champion's recorded test top-1 on this same data "
+                    f"(it does not load with this code: {type(err).__name__})", False)
+        return (str(version.version), None, f"champion does not load with this code ({type(err).__name__}); "
+                "not comparable", False)
     if predictor.classes != classes:
-        return str(version.version), None, "champion was trained on other classes; not comparable"
-    return str(version.version), predictor.score(test)["top1"], "re-scored on this test split"
+        return str(version.version), None, "champion was trained on other classes; not comparable", True
+    return str(version.version), predictor.score(test)["top1"], "re-scored on this test split", True
 
 
-def leaderboard_test(board: dict[str, dict], folder: Path, test) -> dict[str, dict]:
-    """The search's leaderboard with each method's best model tested once on ``test`` (``test_top1``)."""
+def leaderboard_test(board: dict[str, dict], folder: Path, test, known: dict[str, float]) -> dict[str, dict]:
+    """The search's leaderboard with each method's best model tested once on ``test`` (``test_top1``);
+    ``known`` maps trial ids already tested (the champion candidate) to their test top-1."""
     out = {}
     for method, entry in board.items():
-        checkpoint = folder / f"{method}.pt"
-        tested = {"test_top1": load_predictor(checkpoint).score(test)["top1"]} if entry["best_trial"] and checkpoint.is_file() else {}
-        out[method] = entry | tested
+        trial, checkpoint = entry["best_trial"], folder / f"{method}.pt"
+        if trial in known:
+            entry = entry | {"test_top1": known[trial]}
+        elif trial and checkpoint.is_file():
+            entry = entry | {"test_top1": load_predictor(checkpoint).score(test)["top1"]}
+        out[method] = entry
     return out
 
 
@@ -189,8 +194,10 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     lift = scores["top1"] - baseline["test_top1"]
     plots.confusion_matrix(scores["confusion"], classes, plots_dir / "confusion_matrix.png",
                            f"test top-1 {scores['top1']:.3f} ({scores['n']} images)")
-    version_before, champion_top1, note = champion_score(client, name, test, classes, tune_summary["data_sha256"])
-    board = leaderboard_test(tune_summary.get("leaderboard", {}), root / "models" / "leaderboard", test)
+    version_before, champion_top1, note, champion_loads = champion_score(client, name, test, classes,
+                                                                         tune_summary["data_sha256"])
+    board = leaderboard_test(tune_summary.get("leaderboard", {}), root / "models" / "leaderboard", test,
+                             {tune_summary["best_trial"]: scores["top1"]})
 
     parent = tune_summary["mlflow_parent_run_id"]
     with mlflow.start_run(run_id=parent), tempfile.TemporaryDirectory() as tmp:
@@ -225,8 +232,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         if version_before == version:  # this very model is the champion already (a rerun)
             promote, decision = True, "already champion: this model was registered and promoted before"
         else:
-            promote, decision = decide(scores["top1"], champion_top1, note,
-                                       champion_loads="does not load" not in note)
+            promote, decision = decide(scores["top1"], champion_top1, note, champion_loads)
         if promote:
             client.set_registered_model_alias(name, "champion", version)
         params = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=False)["params"]

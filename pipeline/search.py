@@ -40,7 +40,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from drtune.config import Config, ConfigError
-from pipeline.cluster import trial_resources
+from pipeline.cluster import filesystem_and_path, trial_resources
 from pipeline.config import PipelineConfig
 from pipeline.training import ReportToTune, SharedData, run_training
 
@@ -163,13 +163,15 @@ def trial_config(base: PipelineConfig, sampled: dict) -> Config:
     config = base.library()
     config.train.progress = False
     config.train.method = sampled.get("method", base.train.method)
-    for name, value in sampled.items():
-        if name == "method":
-            continue
-        name = name.split(".", 1)[1] if "." in name else name
+    for name, value in unprefixed(sampled).items():
         section, key = SEARCHED[name].split(".")
         setattr(getattr(config, section), key, int(value) if name == "queue_size" else float(value))
     return config
+
+
+def unprefixed(sampled: dict) -> dict:
+    """A trial's sampled values under their :data:`SEARCHED` names (``drtune.lam`` → ``lam``), method left out."""
+    return {k.split(".", 1)[1] if "." in k else k: v for k, v in sampled.items() if k != "method"}
 
 
 def trial_driver(sampled: dict, *, base: PipelineConfig, data: SharedData, storage: str) -> None:
@@ -185,16 +187,12 @@ class ExperimentStateError(RuntimeError):
 FRESH_HINT = "start it afresh with `python -m pipeline.tune --fresh` (or `DRTUNE_FRESH=1 dvc repro`)"
 
 
-def _filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
-
-
 def check_experiment_state(path: str) -> None:
     """Raise :class:`ExperimentStateError` naming the file when the search stored at ``path`` is
     half-written: ``tuner.pkl`` and the newest ``experiment_state``, ``search_gen_state`` and
     ``searcher-state`` files must all be present and readable (a disk that filled while Tune saved
     them leaves one empty or cut, and Ray then fails later with a message about search spaces)."""
-    fs, base = _filesystem(path)
+    fs, base = filesystem_and_path(path)
     names = {info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(base)) if info.is_file}
     states = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
     stamp = states[-1][len("experiment_state-"):-len(".json")] if states else None
@@ -213,7 +211,7 @@ def check_experiment_state(path: str) -> None:
 
 def discard_experiment(path: str) -> bool:
     """Delete the search stored at ``path`` (``--fresh``); True when there was one."""
-    fs, base = _filesystem(path)
+    fs, base = filesystem_and_path(path)
     if fs.get_file_info(base).type == pyarrow.fs.FileType.NotFound:
         return False
     fs.delete_dir(base)

@@ -292,10 +292,9 @@ class TrialRuns(Callback):
         if step in self.logged[run_id] or result.get("diverged"):
             return
         now = int(time.time() * 1000)
+        # resumed_from_epoch: only in the first result of a restarted attempt
         metrics = [Metric(k, float(result[k]), now, step) for k in result
-                   if k in METRIC_KEYS or k.startswith("system/")]
-        if "resumed_from_epoch" in result:  # the first result of a restarted attempt
-            metrics.append(Metric("resumed_from_epoch", float(result["resumed_from_epoch"]), now, step))
+                   if k in METRIC_KEYS or k.startswith("system/") or k == "resumed_from_epoch"]
         self.client.log_batch(run_id, metrics=metrics)
         self.logged[run_id].add(step)
         if "resumed_from_epoch" in result:

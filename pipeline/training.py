@@ -79,21 +79,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if restarted:
             with checkpoint.as_directory() as folder:
                 shutil.copy(Path(folder) / "last.pt", scratch / "last.pt")
-        epochs_done = 0
         device = ray.train.torch.get_device()
         psutil.cpu_percent()  # starts the CPU-time window the first epoch's reading covers
 
         def report(metrics: dict, checkpoint_path: Path) -> None:
-            nonlocal restarted, epochs_done
+            nonlocal restarted
             if restarted:  # this attempt's first report
                 metrics = metrics | {"resumed_from_epoch": float(metrics["epoch"] - 1)}
                 restarted = False
-            epochs_done = metrics["epoch"]
-            if rank == 0:
-                metrics = metrics | system_metrics(device)
             if rank != 0:
                 ray.train.report(metrics)
             else:
+                metrics = metrics | system_metrics(device)
                 with tempfile.TemporaryDirectory() as staging:
                     faults.disk_full(metrics["epoch"])
                     shutil.copy(checkpoint_path, Path(staging) / "last.pt")
@@ -104,7 +101,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             fit(config, data["train"], data["val"], data["classes"], scratch, report=report, resume=True, device=device)
         except DivergedError as err:
             ray.train.report({"epoch": err.epoch, "val_top1": math.nan, "val_loss": math.nan, "diverged": 1.0,
-                              "error": str(err), "epochs_done": epochs_done})
+                              "error": str(err)})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

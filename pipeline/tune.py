@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ from pipeline.search import (
     searched_names,
     select_best,
     starting_points,
+    unprefixed,
 )
 from pipeline.stage import flat, stage_main, write_csv
 from pipeline.tracking import (
@@ -144,9 +146,6 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
         for d in (models, metrics_dir, plots_dir):
             d.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), models / "best.pt")
-        history = torch.load(models / "best.pt", map_location="cpu", weights_only=False)["history"]  # every epoch, resumes included
         methods = p.search_methods()
         keys = sorted({name for m in methods for name in searched_names(p, m)})
         rows = []
@@ -158,6 +157,11 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                          **{k: values.get(k) for k in keys},
                          "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
         board = leaderboard(results, rows, methods, p, storage, models / "leaderboard")
+        best_method = best.config.get("method", p.train.method)
+        # The overall pick is its method's pick (the same rule over the same trials in the same order),
+        # so its inference model is on disk already: copied, not read from storage a second time.
+        shutil.copy(models / "leaderboard" / f"{best_method}.pt", models / "best.pt")
+        history = torch.load(models / "best.pt", map_location="cpu", weights_only=False)["history"]  # every epoch, resumes included
         curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
         write_csv(metrics_dir / "tune_curve.csv", curve)
         write_csv(metrics_dir / "landscape.csv", rows)
@@ -171,30 +175,26 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             "best": unprefixed(best.config),
         }
         chosen = {
-            "best_trial": best.trial_id, "best_method": best.config.get("method", p.train.method),
+            "best_trial": best.trial_id, "best_method": best_method,
             "best_config": best.config, "experiment_path": experiment_path, "leaderboard": board,
             "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment, "data_sha256": data.checksum,
         }
         (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
-        (metrics_dir / "leaderboard.json").write_text(json.dumps(leaderboard_numbers(board), indent=2))
+        board_metrics = leaderboard_numbers(board)
+        (metrics_dir / "leaderboard.json").write_text(json.dumps(board_metrics, indent=2))
         (models / "best.json").write_text(json.dumps(chosen, indent=2))
         summary = metrics | chosen
         client.log_metric(parent, "best_val_top1", best.metrics[METRIC])
         client.set_tag(parent, "best_trial", best.trial_id)
-        client.set_tag(parent, "best_method", chosen["best_method"])
+        client.set_tag(parent, "best_method", best_method)
         # the table format of MLflow's log_table, written whole (log_table appends on a rerun)
         client.log_dict(parent, pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
                         "leaderboard_val.json")
-        for key, value in leaderboard_numbers(board).items():
+        for key, value in board_metrics.items():
             client.log_metric(parent, f"leaderboard.{key}", value)
         # The parent's own params are the base params.yaml values; the winner's are logged beside them.
         log_params(client, parent, {f"best.{k}": v for k, v in best.config.items()})
     return summary
-
-
-def unprefixed(config: dict) -> dict:
-    """A trial's sampled values under their :data:`~pipeline.search.SEARCHED` names (``drtune.lam`` → ``lam``)."""
-    return {k.split(".", 1)[1] if "." in k else k: v for k, v in config.items() if k != "method"}
 
 
 def leaderboard(results, rows: list[dict], methods: list[str], p: PipelineConfig, storage: str,
@@ -205,12 +205,11 @@ def leaderboard(results, rows: list[dict], methods: list[str], p: PipelineConfig
     folder.mkdir(parents=True, exist_ok=True)
     board = {}
     for method in methods:
-        mine = [r for r, row in zip(results, rows, strict=True) if row["method"] == method]
-        entry = {"trials": len(mine), "completed": sum(row["method"] == method and row["status"] == "completed"
-                                                       for row in rows),
+        mine = [(r, row) for r, row in zip(results, rows, strict=True) if row["method"] == method]
+        entry = {"trials": len(mine), "completed": sum(row["status"] == "completed" for _, row in mine),
                  "best_val_top1": None, "best_trial": None}
         if entry["completed"]:
-            best = select_best(mine, p.train.epochs, storage_filesystem(storage))
+            best = select_best([r for r, _ in mine], p.train.epochs, storage_filesystem(storage))
             with tempfile.TemporaryDirectory() as tmp:
                 save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), folder / f"{method}.pt")
             entry |= {"best_val_top1": best.metrics[METRIC], "best_trial": best.trial_id}

@@ -167,7 +167,7 @@ def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> No
     ragged = np.empty(2, dtype=object)
     ragged[0], ragged[1] = batch[0], rng.integers(0, 256, (40, 12), dtype=np.uint8)  # second one grey, other size
     assert len(model.predict(None, ragged)) == 2
-    json_like = np.array(batch[:2].tolist(), dtype=object)  # what `mlflow models serve` hands over
+    json_like = np.array(batch[:2].tolist(), dtype=object)  # nested lists as an object array
     assert (model.predict(None, json_like)["class_index"] == out["class_index"][:2]).all()
     from mlflow.exceptions import MlflowException
 
@@ -442,8 +442,9 @@ def test_a_champion_that_no_longer_loads_is_compared_by_its_recorded_score_on_th
     version = SimpleNamespace(version=3, tags={"test_top1": "0.7962", "data_sha256": "abc"})
     client = SimpleNamespace(get_model_version_by_alias=lambda name, alias: version)
     assert champion_score(client, "m", None, [], "abc")[:2] == ("3", 0.7962)
+    assert champion_score(client, "m", None, [], "abc")[3] is False  # it does not load
     kept, decision = decide(0.79, champion_score(client, "m", None, [], "abc")[1], "", champion_loads=False)
     assert not kept and "0.7962" in decision
     assert decide(0.7962, 0.7962, "", champion_loads=False)[0] and not decide(0.7962, 0.7962, "")[0]
-    version_, score, note = champion_score(client, "m", None, [], "other data")
+    version_, score, note, loads = champion_score(client, "m", None, [], "other data")
     assert score is None and "not comparable" in note and not decide(0.9, score, note)[0]
