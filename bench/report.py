@@ -1,7 +1,7 @@
 """Render the benchmark results in ``bench/results/`` as the Markdown tables the README shows.
 
     python bench/report.py            # every result file present
-    python bench/report.py step       # one of: accuracy, calibration, step, search
+    python bench/report.py step       # one of: accuracy, calibration, step, search, datascale
 
 The README's tables are pasted from this output, so no number is copied by hand.
 """
@@ -79,12 +79,37 @@ def search(res: dict) -> None:
     print(f"\nASHA: {res['speedup']:.2f}× the speed of the search without early stopping")
 
 
+def datascale(res: dict) -> None:
+    """Test top-1 (mean ± std over seeds) per method and labels per class, and CE-tuning's overfitting:
+    its final training CE and how far its last validation top-1 is below its best epoch's."""
+    cells = sorted(res["cells"], key=int)
+    methods = list(dict.fromkeys(k.split("/")[0] for n in cells for k in res["cells"][n]["runs"]))
+    print(f"{res['settings']}\n")
+    print("| method | " + " | ".join(f"{n} labels/class" for n in cells) + " |\n|---|" + "---|" * len(cells))
+    for method in methods:
+        row = []
+        for n in cells:
+            got = [r["test_top1"] for k, r in res["cells"][n]["runs"].items() if k.split("/")[0] == method]
+            row.append(_mean_std(got) if got else "–")
+        print(f"| {method} | " + " | ".join(row) + " |")
+    print("\n| labels/class | method | final train CE | best val top-1 (epoch) | last val top-1 |\n|---|---|---|---|---|")
+    for n in cells:
+        for method in ("ce", "drtune"):
+            run = res["cells"][n]["runs"].get(f"{method}/seed0")
+            if run:
+                h = run["history"]
+                best = max(h, key=lambda e: e["val_top1"])
+                print(f"| {n} | {method} | {h[-1]['train_ce']:.4f} | {best['val_top1']:.3f} ({best['epoch']}) "
+                      f"| {h[-1]['val_top1']:.3f} |")
+    print(f"\nwall time: {res['wall_s'] / 60:.0f} min ({res.get('machine', '?')})")
+
+
 def main() -> None:
     # imported here, not at the top: accuracy.py prints its tables through this module
     from accuracy import ABLATIONS
 
     renderers = {"accuracy": lambda res: accuracy(res, ABLATIONS), "calibration": calibration, "step": step,
-                 "search": search}
+                 "search": search, "datascale": datascale}
     for name in sys.argv[1:] or list(renderers):
         for variant in (name, f"{name}-quick"):
             res = _load(variant)

@@ -218,6 +218,19 @@ def discard_experiment(path: str) -> bool:
     return True
 
 
+def _restored(path: str, trainable) -> tune.Tuner | None:
+    """The Tuner stored at ``path`` (finished trials kept, unfinished resumed, errored retried), or None."""
+    if not tune.Tuner.can_restore(path):
+        return None
+    check_experiment_state(path)
+    try:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False)
+    except Exception as err:  # noqa: BLE001 - Ray raises many types for a state it cannot read
+        raise ExperimentStateError(f"the stored search at {path} cannot be restored ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}") from None
+
+
 def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list) -> tune.Tuner:
     """A new Tuner, or the stored one restored: finished trials are kept, unfinished ones resumed and
     errored ones retried, each from its last checkpoint (a trial that failed because a file or a
@@ -225,17 +238,11 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
     driver, concurrency = trial_resources(config)
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=config, data=data, storage=f"{storage}/train"), driver)
-    path = f"{storage}/{name}"
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=0))
-    if tune.Tuner.can_restore(path):
-        check_experiment_state(path)
-        try:
-            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                      restart_errored=False)
-        except Exception as err:  # noqa: BLE001 - Ray raises many types for a state it cannot read
-            raise ExperimentStateError(f"the stored search at {path} cannot be restored ({type(err).__name__}: "
-                                       f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}") from None
+    restored = _restored(f"{storage}/{name}", trainable)
+    if restored is not None:
+        return restored
     t = config.tune
     # group=True: TPE models each method's conditional subspace on the trials that drew it.
     sampler = optuna.samplers.TPESampler(seed=t.seed, multivariate=True, constant_liar=True,
@@ -265,17 +272,74 @@ class Best:
     checkpoint: Checkpoint
 
 
-def select_best(results: tune.ResultGrid, max_epochs: int, filesystem: pyarrow.fs.FileSystem | None = None) -> Best:
-    """Highest final-epoch validation top-1 among trials that ran every epoch (ties: lower val loss).
+def ranked(results, max_epochs: int, filesystem: pyarrow.fs.FileSystem | None = None) -> list[Best]:
+    """Trials that ran every epoch, best first: highest final-epoch validation top-1, ties by lower
+    validation loss, then Tune's order.
 
     ``filesystem`` is the storage's (:func:`pipeline.cluster.storage_filesystem`): the checkpoint
     path Tune reports is relative to it."""
     finished = [r for r in results if r.error is None and r.metrics and r.metrics.get("epoch", 0) >= max_epochs
                 and math.isfinite(r.metrics.get(METRIC, float("nan")))]
+    order = sorted(finished, key=lambda r: (-r.metrics[METRIC], r.metrics.get("val_loss", 0.0)))
+    return [Best(trial_id=r.metrics["trial_id"], config=dict(r.config), metrics=dict(r.metrics),
+                 checkpoint=Checkpoint(r.metrics["checkpoint_path"], filesystem=filesystem)) for r in order]
+
+
+def select_best(results, max_epochs: int, filesystem: pyarrow.fs.FileSystem | None = None) -> Best:
+    """The first of :func:`ranked`: the pick on the validation split alone."""
+    finished = ranked(results, max_epochs, filesystem)
     if not finished:
         raise RuntimeError(f"no trial completed all {max_epochs} epochs: {len(results)} trials, "
                            f"{sum(r.error is not None for r in results)} failed (their errors are in their MLflow runs); "
                            "fix the cause and run the stage again: failed trials are retried from their last checkpoints")
-    best = max(finished, key=lambda r: (r.metrics[METRIC], -r.metrics.get("val_loss", 0.0)))
-    return Best(trial_id=best.metrics["trial_id"], config=dict(best.config), metrics=dict(best.metrics),
-                checkpoint=Checkpoint(best.metrics["checkpoint_path"], filesystem=filesystem))
+    return finished[0]
+
+
+def finalist_driver(point: dict, *, base: PipelineConfig, finalists: list[dict], data: SharedData, storage: str) -> None:
+    """A re-validation trial: finalist ``point["finalist"]`` (its sampled values) trained on extra fold ``point["fold"]``."""
+    run_training(trial_config(base, finalists[point["finalist"]]), base, data, storage, tune.get_context().get_trial_id(),
+                 [ReportToTune(base.train.epochs)], fold=point["fold"])
+
+
+def build_finalist_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, finalists: list[Best],
+                         callbacks: list) -> tune.Tuner:
+    """Every finalist on every one of ``tune.finalist_folds`` extra folds (:mod:`drtune.folds`), all epochs, no
+    early stopping and no sampler: a grid. Restored, like :func:`build_tuner`'s search, when it is stored."""
+    driver, concurrency = trial_resources(config)
+    trainable = tune.with_resources(tune.with_parameters(
+        finalist_driver, base=config, finalists=[b.config for b in finalists], data=data, storage=f"{storage}/train"),
+        driver)
+    restored = _restored(f"{storage}/{name}", trainable)
+    if restored is not None:
+        return restored
+    space = {"finalist": tune.grid_search(list(range(len(finalists)))),
+             "fold": tune.grid_search(list(range(1, config.tune.finalist_folds + 1)))}
+    return tune.Tuner(trainable, param_space=space,
+                      tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+                      run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
+                                                failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def cross_validated(finalists: list[Best], refits, max_epochs: int) -> list[dict]:
+    """Each finalist's validation top-1 on its own split and on every extra fold, and their mean ``cv_top1``
+    (the folds are the same size, so the mean is its accuracy over all of their images).
+
+    A finalist that diverges on a fold scores 0 there: a setting that trains only on some splits is fragile.
+    A refit that failed or did not finish is an error: its fold would be missing from the mean."""
+    folds = {i: {} for i in range(len(finalists))}
+    for r in refits:
+        m = r.metrics or {}
+        if r.error is not None or not (m.get("diverged") or m.get("epoch", 0) >= max_epochs):
+            raise RuntimeError(f"finalist {finalists[r.config['finalist']].trial_id} on extra fold {r.config['fold']} "
+                               "did not finish; run the stage again: it continues from its last checkpoint")
+        folds[r.config["finalist"]][r.config["fold"]] = 0.0 if m.get("diverged") else float(m[METRIC])
+    out = []
+    for i, b in enumerate(finalists):
+        scores = [float(b.metrics[METRIC])] + [folds[i][f] for f in sorted(folds[i])]
+        out.append({"trial": b.trial_id, "val_top1": scores[0], "fold_top1": scores[1:], "cv_top1": sum(scores) / len(scores)})
+    return out
+
+
+def cross_validated_pick(finalists: list[Best], scores: list[dict]) -> Best:
+    """The finalist with the highest ``cv_top1``; ties go to the earlier finalist (the validation split's order)."""
+    return finalists[max(range(len(finalists)), key=lambda i: (scores[i]["cv_top1"], -i))]

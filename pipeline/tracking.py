@@ -278,6 +278,11 @@ class TrialRuns(Callback):
             self.logged[run_id] = {int(m.step) for m in self.client.get_metric_history(run_id, "val_top1")}
         return run_id
 
+    def log_final(self, trial_id: str, metrics: dict[str, float]) -> None:
+        """Numbers about a finished trial that come after it (its cross-validated score), on its run."""
+        self._write(lambda: self.client.log_batch(self._run(trial_id), metrics=[
+            Metric(k, float(v), int(time.time() * 1000), self.max_epochs) for k, v in metrics.items()]))
+
     def _start(self, trial_id: str, config: dict) -> str:
         run_id = self._run(trial_id)
         self.client.update_run(run_id, status="RUNNING")

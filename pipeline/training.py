@@ -39,6 +39,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 import drtune
 from drtune.config import Config
+from drtune.folds import extra_fold
 from drtune.prepared import PreparedData
 from drtune.train import DivergedError, fit
 from pipeline import faults
@@ -67,10 +68,13 @@ def share_data(data: PreparedData) -> SharedData:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; ``loop_config`` = {"config": the trial's :class:`Config`, "data": :class:`SharedData`,
-    "threads": torch threads}."""
+    "threads": torch threads, "fold": 0 for the prepared split, j ≥ 1 for :func:`drtune.folds.extra_fold` j}."""
     config: Config = loop_config["config"]
     torch.set_num_threads(max(1, math.ceil(loop_config["threads"])))
     data = loop_config["data"].get()
+    train, val = data["train"], data["val"]
+    if loop_config["fold"]:
+        train, val = extra_fold(train, val, loop_config["fold"], config.data.seed)
     rank = ray.train.get_context().get_world_rank()
     scratch = Path(tempfile.mkdtemp(prefix=f"drtune-rank{rank}-"))
     try:
@@ -98,7 +102,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             faults.lose_worker(metrics["epoch"])
 
         try:
-            fit(config, data["train"], data["val"], data["classes"], scratch, report=report, resume=True, device=device)
+            fit(config, train, val, data["classes"], scratch, report=report, resume=True, device=device)
         except DivergedError as err:
             ray.train.report({"epoch": err.epoch, "val_top1": math.nan, "val_loss": math.nan, "diverged": 1.0,
                               "error": str(err)})
@@ -144,14 +148,15 @@ class ReportToTune(TuneReportCallback):
 
 
 def run_training(config: Config, pipeline: PipelineConfig, data: SharedData, storage: str, name: str,
-                 callbacks: list) -> ray.train.Result:
-    """One Ray Train run of ``config`` with the workers ``pipeline.ray`` asks for; resumes ``storage/name`` if present."""
+                 callbacks: list, fold: int = 0) -> ray.train.Result:
+    """One Ray Train run of ``config`` with the workers ``pipeline.ray`` asks for; resumes ``storage/name`` if present.
+    ``fold`` ≥ 1 trains and validates on that extra fold of the labelled images (:mod:`drtune.folds`)."""
     r = pipeline.ray
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "data": data, "threads": r.cpus_per_worker},
+        train_loop_config={"config": config, "data": data, "threads": r.cpus_per_worker, "fold": fold},
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -7,6 +7,10 @@ checked (an unreachable server fails here, before Ray starts), then the search r
 same search was interrupted or had failed trials, resumes (finished trials kept, unfinished and
 failed ones continued from their last checkpoints); ``--fresh`` (or ``DRTUNE_FRESH=1``) discards a
 stored search instead. After the search every trial's MLflow run is reconciled with Tune's results.
+With ``tune.finalists`` = N ≥ 2 the N best completed trials are then trained again on
+``tune.finalist_folds`` more held-out folds of the same labelled images (:mod:`drtune.folds`; a grid
+of Ray Train runs, resumable like the search) and the pick is the best mean validation top-1 over
+all folds; its model is still the search trial's own.
 Outputs:
 
 * ``models/best.pt`` — the best trial's final model: encoder + head, params, classes, history
@@ -34,6 +38,8 @@ import torch
 from ray import tune
 from ray.tune import Callback
 
+from drtune.config import ConfigError
+from drtune.folds import max_extra_folds
 from drtune.inference import save_inference_checkpoint
 from drtune.preflight import preflight
 from drtune.prepared import load_prepared
@@ -43,8 +49,12 @@ from pipeline.config import PipelineConfig, load
 from pipeline.search import (
     FRESH_HINT,
     METRIC,
+    build_finalist_tuner,
     build_tuner,
+    cross_validated,
+    cross_validated_pick,
     discard_experiment,
+    ranked,
     searched_names,
     select_best,
     starting_points,
@@ -105,10 +115,15 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     data = load_prepared(root / p.data.prepared_dir)
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     starting_points(p)  # validates tune.points_to_evaluate before Ray starts
+    folds = max_extra_folds(data.train, data.val)
+    if p.tune.finalists and p.tune.finalist_folds > folds:
+        raise ConfigError(f"tune.finalist_folds = {p.tune.finalist_folds}: the prepared training split holds {folds} "
+                          "disjoint folds the size of the validation split (per class); lower it")
     largest = p.library()
     largest.drtune.queue_size = max(p.tune.queue_sizes)
     # Everything a worker would reject, before Ray starts; each trial keeps one checkpoint in storage.
-    preflight(largest, local_storage(p, root), field="ray.storage_path", checkpoints=p.tune.num_samples + 1)
+    preflight(largest, local_storage(p, root), field="ray.storage_path",
+              checkpoints=p.tune.num_samples + p.tune.finalists * p.tune.finalist_folds + 1)
     start_ray(p)
     storage = storage_uri(p, root)
     ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
@@ -116,7 +131,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     mlflow_experiment = experiment_id(client, p.mlflow_experiment())
     if fresh:
         discard_parent(client, mlflow_experiment, experiment_path)
-        if discard_experiment(experiment_path):
+        if discard_experiment(f"{experiment_path}-finalists") | discard_experiment(experiment_path):
             print(f"starting afresh: deleted the search stored at {experiment_path}", flush=True)
     elif tune.Tuner.can_restore(experiment_path):
         print(f"resuming the search stored at {experiment_path}: finished trials are kept, unfinished and failed ones "
@@ -131,7 +146,8 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         client.log_inputs(parent, datasets=inputs)
         trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs)
         progress = Progress(p.train.epochs)
-        tuner = build_tuner(p, share_data(data), storage, ray_run, [trial_runs, progress])
+        shared = share_data(data)
+        tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress])
         start = time.time()
         try:
             results = tuner.fit()
@@ -139,9 +155,21 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             trial_runs.close_open_runs()
         if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
             raise KeyboardInterrupt(f"search interrupted; its state is stored at {experiment_path}")
-        wall = time.time() - start
         trial_runs.reconcile(results)  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
         best = select_best(results, p.train.epochs, storage_filesystem(storage))
+        finalists = ranked(results, p.train.epochs, storage_filesystem(storage))[:p.tune.finalists]
+        scores = []
+        if len(finalists) > 1:  # re-validate the top trials on more held-out folds of the same labels
+            print(f"re-validating the top {len(finalists)} trials on {p.tune.finalist_folds} more held-out folds", flush=True)
+            refits = build_finalist_tuner(p, shared, storage, f"{ray_run}-finalists", finalists, [progress]).fit()
+            if refits.num_terminated + refits.num_errors < len(finalists) * p.tune.finalist_folds:
+                raise KeyboardInterrupt(f"re-validation interrupted; its state is stored at {experiment_path}-finalists")
+            scores = cross_validated(finalists, refits, p.train.epochs)
+            best = cross_validated_pick(finalists, scores)
+            for row in scores:
+                trial_runs.log_final(row["trial"], {"cv_top1": row["cv_top1"]})
+            trial_runs.flush()
+        wall = time.time() - start
 
         models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
         for d in (models, metrics_dir, plots_dir):
@@ -156,7 +184,8 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             rows.append({"trial": m.get("trial_id", "?"), "method": r.config.get("method", p.train.method),
                          **{k: values.get(k) for k in keys},
                          "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
-        board = leaderboard(results, rows, methods, p, storage, models / "leaderboard")
+        board = leaderboard(results, rows, methods, p, storage, models / "leaderboard",
+                            {row["trial"]: row["cv_top1"] for row in scores})
         best_method = best.config.get("method", p.train.method)
         # The overall pick is its method's pick (the same rule over the same trials in the same order),
         # so its inference model is on disk already: copied, not read from storage a second time.
@@ -173,10 +202,13 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             "completed": sum(r["status"] == "completed" for r in rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
             "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1),
             "best": unprefixed(best.config),
+            **({"best_cv_top1": next(r["cv_top1"] for r in scores if r["trial"] == best.trial_id),
+                "finalists": len(scores)} if scores else {}),
         }
         chosen = {
             "best_trial": best.trial_id, "best_method": best_method,
             "best_config": best.config, "experiment_path": experiment_path, "leaderboard": board,
+            "selection": "cross-validated finalists" if scores else "validation split", "finalists": scores,
             "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment, "data_sha256": data.checksum,
         }
         (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
@@ -187,6 +219,10 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         client.log_metric(parent, "best_val_top1", best.metrics[METRIC])
         client.set_tag(parent, "best_trial", best.trial_id)
         client.set_tag(parent, "best_method", best_method)
+        client.set_tag(parent, "selection", chosen["selection"])
+        if scores:
+            client.log_metric(parent, "best_cv_top1", metrics["best_cv_top1"])
+            client.log_dict(parent, pd.DataFrame(scores).to_dict(orient="split"), "finalists.json")
         # the table format of MLflow's log_table, written whole (log_table appends on a rerun)
         client.log_dict(parent, pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
                         "leaderboard_val.json")
@@ -198,21 +234,27 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
 
 
 def leaderboard(results, rows: list[dict], methods: list[str], p: PipelineConfig, storage: str,
-                folder: Path) -> dict[str, dict]:
+                folder: Path, cv: dict[str, float]) -> dict[str, dict]:
     """Each searched method's trials, completed trials and best trial (the same rule as the overall pick:
-    :func:`select_best` on its own trials), whose inference checkpoint goes to ``folder/<method>.pt``
-    for the register stage to test. A method with no completed trial is listed with ``best_val_top1`` None."""
+    the highest ``cv`` score among its re-validated finalists when it has any, else :func:`select_best` on
+    its own trials), whose inference checkpoint goes to ``folder/<method>.pt``
+    for the register stage to test. A method with no completed trial (ASHA stopped all of them, or they failed)
+    is listed with ``best_val_top1`` None: a score from fewer epochs would not be comparable with the others'."""
     folder.mkdir(parents=True, exist_ok=True)
     board = {}
     for method in methods:
         mine = [(r, row) for r, row in zip(results, rows, strict=True) if row["method"] == method]
         entry = {"trials": len(mine), "completed": sum(row["status"] == "completed" for _, row in mine),
+                 "stopped_early": sum(row["status"] == "stopped" for _, row in mine),
                  "best_val_top1": None, "best_trial": None}
         if entry["completed"]:
-            best = select_best([r for r, _ in mine], p.train.epochs, storage_filesystem(storage))
+            order = ranked([r for r, _ in mine], p.train.epochs, storage_filesystem(storage))
+            checked = [b for b in order if b.trial_id in cv]  # in validation order: ties go to the earlier one
+            best = max(checked, key=lambda b: cv[b.trial_id]) if checked else order[0]
             with tempfile.TemporaryDirectory() as tmp:
                 save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), folder / f"{method}.pt")
-            entry |= {"best_val_top1": best.metrics[METRIC], "best_trial": best.trial_id}
+            entry |= {"best_val_top1": best.metrics[METRIC], "best_trial": best.trial_id,
+                      **({"best_cv_top1": cv[best.trial_id]} if checked else {})}
         board[method] = entry
     return board
 
@@ -222,7 +264,8 @@ def leaderboard_numbers(board: dict[str, dict]) -> dict[str, float]:
     top-1 and trial counts, and DR-Tune's lift over the best other method when both ran (negative when it lost)."""
     out = {}
     for method, e in board.items():
-        out |= {f"{method}.trials": e["trials"], f"{method}.completed": e["completed"]}
+        out |= {f"{method}.trials": e["trials"], f"{method}.completed": e["completed"],
+                f"{method}.stopped_early": e["stopped_early"]}
         if e["best_val_top1"] is not None:
             out[f"{method}.best_val_top1"] = e["best_val_top1"]
     others = [e["best_val_top1"] for m, e in board.items() if m != "drtune" and e["best_val_top1"] is not None]

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from drtune.config import ConfigError, load_config
+from drtune.data import ArraySplit
+from drtune.folds import extra_fold, max_extra_folds
 from drtune.prepared import load_prepared
 from drtune.prepared import write_prepared as prepare
 from drtune.sources import (
@@ -223,3 +225,28 @@ def test_only_the_labelled_subset_is_decoded_and_the_splits_are_the_same(tmp_pat
     split = dict(labels_per_class=3, label_fraction=None, val_fraction=0.34, seed=0)
     for a, b in zip(few_label_splits(full, **split), few_label_splits(subset, **split), strict=True):
         assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+
+
+def test_extra_folds_hold_out_disjoint_stratified_blocks_of_the_training_split() -> None:
+    # 3 classes; images carry their own id in pixel 0 so every image can be followed through the folds
+    labels = np.repeat([0, 1, 2], [20, 25, 30])
+    ids = np.arange(len(labels))
+    images = np.zeros((len(labels), 4, 4, 1), np.uint8)
+    images[:, 0, 0, 0] = ids
+    val_idx = np.concatenate([np.flatnonzero(labels == c)[:k] for c, k in ((0, 4), (1, 5), (2, 6))])
+    train_idx = np.setdiff1d(ids, val_idx)
+    train, val = ArraySplit(images[train_idx], labels[train_idx]), ArraySplit(images[val_idx], labels[val_idx])
+    assert max_extra_folds(train, val) == 4  # 16 // 4, 20 // 5, 24 // 6
+    held_out = [set(val.images[:, 0, 0, 0])]
+    for fold in range(1, 5):
+        fold_train, fold_val = extra_fold(train, val, fold, seed=3)
+        assert np.array_equal(np.bincount(fold_val.labels), np.bincount(val.labels))  # val's per-class sizes
+        assert len(fold_train) == len(train)  # every fold trains on as many images as the search did
+        seen_val, seen_train = set(fold_val.images[:, 0, 0, 0]), set(fold_train.images[:, 0, 0, 0])
+        assert not seen_val & seen_train and seen_val | seen_train == set(ids)
+        assert np.array_equal(fold_val.labels, labels[sorted(seen_val)])  # images keep their labels
+        assert all(not seen_val & before for before in held_out)  # disjoint from val and from earlier folds
+        held_out.append(seen_val)
+    again = extra_fold(train, val, 2, seed=3)[1]
+    assert np.array_equal(again.images, extra_fold(train, val, 2, seed=3)[1].images)
+    assert set(extra_fold(train, val, 2, seed=4)[1].images[:, 0, 0, 0]) != held_out[2]
