@@ -65,7 +65,10 @@ def search(p: PipelineConfig, work: Path, name: str) -> dict:
     """The method's search on validation: the chosen hyperparameters, their validation top-1, wall time."""
     started = time.time()
     data = share_data(load_prepared(work / p.data.prepared_dir))
-    best = select_best(build_tuner(p, data, str(work / "ray"), name, callbacks=[]).fit(), p.train.epochs)
+    results = build_tuner(p, data, str(work / "ray"), name, callbacks=[]).fit()
+    if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
+        raise KeyboardInterrupt(f"search {name} interrupted; the next invocation resumes it")
+    best = select_best(results, p.train.epochs)
     return {"config": best.config, "val_top1": best.metrics["val_top1"], "wall_s": round(time.time() - started, 1)}
 
 
@@ -138,8 +141,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--labels", type=int, nargs="+", default=[10, 30, 100], help="labelled images per class")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--labels", type=int, nargs="+", default=[10, 30], help="labelled images per class")
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--trials", type=int, default=4, help="search trials per method and scale")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
