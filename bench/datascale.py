@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
@@ -164,6 +165,7 @@ def main() -> None:
         results = None
         shutil.rmtree(work, ignore_errors=True)
     results = results or {"settings": overrides, "cells": {}, "wall_s": 0.0}
+    results["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} CPUs"
 
     def save() -> None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +201,6 @@ def main() -> None:
                     save()
                     print(f"{n} labels/class {key}: test top-1 {cell['runs'][key]['test_top1']:.4f}", flush=True)
             plot(results, RESULTS / f"{tag}.png")
-    results["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}"
     save()
     print_table(results)
 
