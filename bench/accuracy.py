@@ -74,11 +74,15 @@ def row_config(base: PipelineConfig, row: str) -> PipelineConfig:
 
 
 def search(p: PipelineConfig, work: Path, name: str) -> dict:
-    """The method's search on validation; returns the chosen hyperparameters."""
+    """The method's search on validation: the chosen hyperparameters, their validation top-1, wall time.
+    An interrupted search (Ctrl-C: Tune saves its state and returns) is not a result; the next call resumes it."""
+    started = time.time()
     data = share_data(load_prepared(work / p.data.prepared_dir))
-    tuner = build_tuner(p, data, str(work / "ray"), name, callbacks=[])
-    best = select_best(tuner.fit(), p.train.epochs)
-    return {"config": best.config, "val_top1": best.metrics["val_top1"]}
+    results = build_tuner(p, data, str(work / "ray"), name, callbacks=[]).fit()
+    if results.num_terminated + results.num_errors < p.tune.num_samples:
+        raise KeyboardInterrupt(f"search {name} interrupted; the next invocation resumes it")
+    best = select_best(results, p.train.epochs)
+    return {"config": best.config, "val_top1": best.metrics["val_top1"], "wall_s": round(time.time() - started, 1)}
 
 
 def train_and_test(config: Config, work: Path, out_name: str) -> dict:

@@ -32,7 +32,7 @@ import shutil
 import time
 from pathlib import Path
 
-from accuracy import DEFAULT_POINTS
+from accuracy import DEFAULT_POINTS, search
 from report import datascale as print_table
 
 from drtune.backbones import data_config
@@ -43,8 +43,7 @@ from drtune.prepared import load_prepared, write_prepared
 from drtune.train import fit
 from pipeline.cluster import start_ray
 from pipeline.config import PipelineConfig, load
-from pipeline.search import build_tuner, select_best, trial_config
-from pipeline.training import share_data
+from pipeline.search import trial_config
 
 METHODS = ["ce", "linear_probe", "l2sp", "drtune", "drtune-cached"]
 RESULTS = Path(__file__).parent / "results"
@@ -60,17 +59,6 @@ def method_config(base: PipelineConfig, method: str) -> PipelineConfig:
         point["queue_size"] = p.tune.queue_sizes[-1]
     p.tune.points_to_evaluate = [point]
     return p
-
-
-def search(p: PipelineConfig, work: Path, name: str) -> dict:
-    """The method's search on validation: the chosen hyperparameters, their validation top-1, wall time."""
-    started = time.time()
-    data = share_data(load_prepared(work / p.data.prepared_dir))
-    results = build_tuner(p, data, str(work / "ray"), name, callbacks=[]).fit()
-    if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
-        raise KeyboardInterrupt(f"search {name} interrupted; the next invocation resumes it")
-    best = select_best(results, p.train.epochs)
-    return {"config": best.config, "val_top1": best.metrics["val_top1"], "wall_s": round(time.time() - started, 1)}
 
 
 def train_and_test(config: Config, work: Path, name: str) -> dict:
