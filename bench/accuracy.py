@@ -36,7 +36,8 @@ from drtune.prepared import load_prepared, write_prepared
 from drtune.train import fit
 from pipeline.cluster import start_ray
 from pipeline.config import PipelineConfig, load
-from pipeline.search import build_tuner, select_best, trial_config
+from pipeline.search import build_tuner, require_finished, select_best
+from pipeline.space import trial_config
 from pipeline.training import share_data
 
 # Budget of the full run (stated in the README): 64 px, 6 epochs, batch 32, 4 trials per search
@@ -79,8 +80,7 @@ def search(p: PipelineConfig, work: Path, name: str) -> dict:
     started = time.time()
     data = share_data(load_prepared(work / p.data.prepared_dir))
     results = build_tuner(p, data, str(work / "ray"), name, callbacks=[]).fit()
-    if results.num_terminated + results.num_errors < p.tune.num_samples:
-        raise KeyboardInterrupt(f"search {name} interrupted; the next invocation resumes it")
+    require_finished(results, p.tune.num_samples, f"search {name} interrupted; the next invocation resumes it")
     best = select_best(results, p.train.epochs)
     return {"config": best.config, "val_top1": best.metrics["val_top1"], "wall_s": round(time.time() - started, 1)}
 

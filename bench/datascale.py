@@ -1,91 +1,153 @@
 """Data scale: how each method's test accuracy falls as labels get scarce (the paper's Table 5 regime).
 
-    python bench/datascale.py                                   # the run reported in the README
-    python bench/datascale.py --labels 10 30 100 300 --epochs 40 --image-size 64   # the full grid (GPU-sized)
-    python bench/datascale.py --quick                           # digits + a tiny random model: a smoke check
+    python bench/datascale.py --workers 15                                   # one GPU box (the README's run)
+    python bench/datascale.py --labels 10 --steps 200 --out /tmp/datascale   # this CPU: one short cell
+    python bench/datascale.py --quick                                        # digits + a tiny random model
 
-ImageNet Lite0 (bundled weights) → Fashion-MNIST with ``--labels`` labelled images per class (a fifth of
-them held out for validation). The schedule is long on purpose (``--epochs``, the same for every
-method and scale): the paper's claim is that CE-tuning overfits a few labels over a long schedule
-and DR-Tune's regulariser holds it back. The CE runs' training loss and validation top-1 per epoch
-are kept so the plot shows whether that overfitting happens here.
+ImageNet Lite0 (bundled weights) → Fashion-MNIST with ``--labels`` labelled images per class (a fifth
+held out for validation, stratified). Every run takes the same number of optimiser steps
+(``--steps``, batch 32), whatever the scale: 600 steps are 300 epochs over 10 labels per class
+and 8 over 300. The schedule is long on purpose: the paper's claim is that CE-tuning overfits a
+few labels and DR-Tune's regulariser holds it back, so every run keeps its training loss and
+validation curve per epoch, and the plot shows whether that overfitting happens.
 
-For each scale and method (CE-tuning, linear probe, L2-SP, DR-Tune, DR-Tune with cached pretrained
-features) the pipeline's own search (Ray Tune, Optuna TPE, ASHA; :func:`pipeline.search.build_tuner`)
-runs the same number of trials over that method's hyperparameters, starting from the method's
-defaults, and picks on validation; the chosen setting is then trained with 3 seeds and each
-seed's last-epoch model is tested once on the 10,000 test images.
+Each method (CE-tuning, linear probe, L2-SP, DR-Tune, DR-Tune with cached pretrained features)
+gets the same search at every scale: ``--trials`` runs, the first at the config's own values (the
+library defaults), the others drawn from the method's own ranges in ``params.yaml``'s ``tune``
+section (:func:`pipeline.space.random_point`: log-uniform rates, λ and α/β, a choice of K). All
+run the whole schedule (no early stopping) and the pick is the best last-epoch validation top-1
+(ties: lower validation loss). The chosen setting is trained again with the other ``--seeds``;
+its own search run is seed 0. Every run's last-epoch model is tested once on the 10,000 test
+images (test never enters the pick).
 
-Resumable: every search and run is written to ``bench/results/datascale[-quick].json`` as it
-finishes and skipped on the next invocation; an interrupted search resumes (Tuner.restore).
-Settings are stored with the results; running with different ones refuses unless ``--restart``.
-``python bench/report.py datascale`` prints the table; the plot is ``bench/results/datascale.png``.
+Runs are independent fits, so they go to a pool of ``--workers`` processes (on one GPU they share
+the card: a Lite0 step at 64 px is too small to fill it). No Ray: this script runs where only
+torch, timm and pydantic are installed, such as a bare GPU machine. Finished runs are written to
+``--out``/datascale[-quick].json as they finish and skipped by the next invocation; ``--deadline``
+stops starting runs after that many seconds. Settings are stored with the results; other
+settings are refused unless ``--restart``. ``python bench/report.py datascale`` prints the tables;
+the plot is ``datascale[-quick].png`` beside the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import math
+import multiprocessing
 import os
 import platform
+import random
 import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from accuracy import DEFAULT_POINTS, search
+import torch
 from report import datascale as print_table
 
 from drtune.backbones import data_config
 from drtune.config import Config
 from drtune.data import build_loader
 from drtune.evaluation import evaluate
-from drtune.prepared import load_prepared, write_prepared
-from drtune.train import fit
-from pipeline.cluster import start_ray
+from drtune.prepared import PreparedData, load_prepared, write_prepared
+from drtune.train import DivergedError, fit
 from pipeline.config import PipelineConfig, load
-from pipeline.search import trial_config
+from pipeline.space import random_point, starting_points, trial_config
 
 METHODS = ["ce", "linear_probe", "l2sp", "drtune", "drtune-cached"]
-RESULTS = Path(__file__).parent / "results"
+KEPT = ("epoch", "train_loss", "train_ce", "val_top1", "val_loss")  # per-epoch history kept for the curves
 
 
 def method_config(base: PipelineConfig, method: str) -> PipelineConfig:
-    """``base`` set up to search ``method``, starting from its library defaults (:data:`DEFAULT_POINTS`)."""
+    """``base`` set up to search ``method``; its first point is the config's own values."""
     p = base.model_copy(deep=True)
     p.train.method = "drtune" if method.startswith("drtune") else method
     p.drtune.pretrained_features = "cached" if method == "drtune-cached" else "online"
-    point = dict(DEFAULT_POINTS["drtune" if method.startswith("drtune") else method])
-    if "queue_size" in point and point["queue_size"] not in p.tune.queue_sizes:
-        point["queue_size"] = p.tune.queue_sizes[-1]
-    p.tune.points_to_evaluate = [point]
+    p.tune.points_to_evaluate = [{}]
     return p
 
 
-def train_and_test(config: Config, work: Path, name: str) -> dict:
-    """One seed: fit (history kept: the overfitting evidence), then the last epoch's model tested once."""
+def search_points(p: PipelineConfig, trials: int, labels: int, method: str) -> list[dict]:
+    """The equal search: the config's values, then ``trials - 1`` seeded draws from the method's ranges."""
+    rng = random.Random(f"{labels}/{method}")
+    return starting_points(p)[:1] + [random_point(p, rng) for _ in range(trials - 1)]
+
+
+def epochs_for(steps: int, train_images: int, batch_size: int) -> int:
+    """Epochs that give at least ``steps`` optimiser steps (the last partial batch is dropped)."""
+    return math.ceil(steps / max(1, train_images // batch_size))
+
+
+@dataclass(order=True)
+class Job:
+    """One fit. Ordered so that smaller scales finish first and a cell's seeds go before the next
+    cell's search: an interrupted or deadline-cut run leaves whole cells (``--first`` methods go first)."""
+
+    rank: int  # 0: a --first method, 1: the others
+    labels: int
+    phase: int  # 0: search trial, 1: seed of the chosen setting
+    method_index: int
+    index: int  # trial number or seed
+    method: str = field(compare=False)
+    config: Config = field(compare=False)
+    point: dict = field(compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}/{'trial' if self.phase == 0 else 'seed'}{self.index}"
+
+
+_CACHE: dict[str, object] = {}  # per pool process: the prepared split and the test batches in GPU memory
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # the pool shares the machine's cores; the steps run on the GPU
+
+
+def _test_batches(prepared: str, data: PreparedData, model: torch.nn.Module, image_size: int, device: torch.device) -> list:
+    """The test split through the eval transform once per process (half precision on the device),
+    instead of 10,000 CPU transforms for every run."""
+    key = f"{prepared}@{image_size}"
+    if _CACHE.get("test_key") != key:
+        loader = build_loader(data.test, data_config(model.encoder), image_size, 256, train=False)
+        _CACHE["test"] = [(x.to(device, torch.float16), y.to(device)) for x, y, *_ in loader]
+        _CACHE["test_key"] = key
+    return _CACHE["test"]
+
+
+def run_job(config: Config, prepared: str, out: str) -> dict:
+    """Fit one run (resuming its checkpoint if an earlier invocation was cut), test its last epoch."""
     started = time.time()
-    data = load_prepared(work / config.data.prepared_dir)
-    result = fit(config, data.train, data.val, data.classes, work / "runs" / name, resume=True)
+    if _CACHE.get("data_key") != prepared:
+        _CACHE["data"], _CACHE["data_key"] = load_prepared(prepared), prepared
+    data: PreparedData = _CACHE["data"]
+    every = max(1, config.train.epochs // 5)
+    try:
+        result = fit(config, data.train, data.val, data.classes, out, resume=True, checkpoint_every=every)
+    except DivergedError as err:
+        return {"diverged": str(err), "val_top1": 0.0, "val_loss": math.inf, "wall_s": round(time.time() - started, 1)}
     model = result.task.inference_model()
-    loader = build_loader(data.test, data_config(model.encoder), config.train.image_size, 256, train=False)
-    test = evaluate(model, loader, next(model.parameters()).device)
-    curve = [{k: h[k] for k in ("epoch", "train_loss", "train_ce", "val_top1", "val_loss")} for h in result.history]
-    return {"val_top1": curve[-1]["val_top1"], "test_top1": test["top1"], "history": curve,
-            "wall_s": round(time.time() - started, 1)}
+    device = next(model.parameters()).device
+    batches = _test_batches(prepared, data, model, config.train.image_size, device)
+    test = evaluate(model, ((x.float(), y) for x, y in batches), device)
+    history = [{k: round(h[k], 5) for k in KEPT} for h in result.history]
+    last = result.history[-1]
+    return {"val_top1": last["val_top1"], "val_loss": last["val_loss"], "test_top1": test["top1"],
+            "epochs": last["epoch"], "images_per_s": round(sum(h["images_per_s"] for h in result.history) / len(history), 1),
+            "history": history, "wall_s": round(time.time() - started, 1)}
 
 
-def settings(args: argparse.Namespace) -> list[str]:
-    """The overrides every cell shares: the schedule, the image size and the equal search budget (ASHA:
-    every trial gets a third of the schedule, the top third of the trials go on to the end)."""
-    grace = max(1, args.epochs // 3)
-    return [f"train.epochs={args.epochs}", f"train.image_size={args.image_size}", f"tune.num_samples={args.trials}",
-            f"tune.grace_period={grace}", "tune.reduction_factor=3", "tune.startup_trials=1",
-            "train.progress=false", "ray.cpus_per_worker=2"]
+def chosen_trial(trials: dict[str, dict]) -> str:
+    """The trial with the best last-epoch validation top-1; ties: lower validation loss, then the earlier trial."""
+    return min(trials, key=lambda k: (-trials[k]["val_top1"], trials[k]["val_loss"], int(k.rsplit("trial", 1)[1])))
 
 
 def plot(results: dict, path: Path) -> None:
-    """Left: test top-1 against labels per class (mean ± std over seeds). Right: CE-tuning's training
-    loss and validation top-1 per epoch at the smallest scale, beside DR-Tune's (the overfitting picture)."""
+    """Left: test top-1 against labels per class (mean ± std over seeds). Right: CE-tuning's and
+    DR-Tune's training CE and validation top-1 per epoch at the smallest scale (the overfitting picture)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +159,8 @@ def plot(results: dict, path: Path) -> None:
     for method in METHODS:
         xs, means, stds = [], [], []
         for n in cells:
-            tests = [r["test_top1"] for k, r in results["cells"][n]["runs"].items() if k.split("/")[0] == method]
+            tests = [r["test_top1"] for k, r in results["cells"][n]["runs"].items()
+                     if k.split("/")[0] == method and "test_top1" in r]
             if tests:
                 xs.append(int(n))
                 means.append(np.mean(tests))
@@ -105,7 +168,7 @@ def plot(results: dict, path: Path) -> None:
         if xs:
             acc.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
     acc.set(xscale="log", xlabel="labelled images per class (a fifth held out for validation)", ylabel="test top-1",
-            title="Lite0 → Fashion-MNIST")
+            title=f"Lite0 → Fashion-MNIST, {results['settings']['steps']} steps per run")
     acc.set_xticks([int(n) for n in cells], labels=cells)
     acc.grid(alpha=0.3)
     acc.legend()
@@ -113,15 +176,14 @@ def plot(results: dict, path: Path) -> None:
     twin = curve.twinx()
     for method, colour in (("ce", "tab:blue"), ("drtune", "tab:red")):
         run = smallest.get(f"{method}/seed0")
-        if run:
+        if run and "history" in run:
             epochs = [h["epoch"] for h in run["history"]]
             curve.plot(epochs, [h["train_ce"] for h in run["history"]], color=colour, ls="--", label=f"{method}: train CE")
             twin.plot(epochs, [h["val_top1"] for h in run["history"]], color=colour, label=f"{method}: validation top-1")
     curve.set(xlabel="epoch", ylabel="training cross-entropy", yscale="log",
               title=f"{cells[0] if cells else '?'} labels per class, seed 0")
     twin.set_ylabel("validation top-1")
-    lines = curve.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
+    lines, more = curve.get_legend_handles_labels(), twin.get_legend_handles_labels()
     curve.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -130,67 +192,121 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--labels", type=int, nargs="+", default=[10, 30], help="labelled images per class")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--trials", type=int, default=4, help="search trials per method and scale")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--labels", type=int, nargs="+", default=[10, 30, 100, 300], help="labelled images per class")
+    parser.add_argument("--steps", type=int, default=600, help="optimiser steps per run, at every scale")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--trials", type=int, default=4, help="search runs per method and scale")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seed 0 is the chosen search run")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--first", nargs="+", default=[], choices=METHODS,
+                        help="methods whose runs, at every scale, start before any other method's")
+    parser.add_argument("--workers", type=int, default=1, help="concurrent runs (processes)")
+    parser.add_argument("--deadline", type=float, default=math.inf, help="seconds after which no run is started")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--work", type=Path, default=None, help="checkpoints and prepared data (default runs/bench/<tag>)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--restart", action="store_true", help="discard stored results made with other settings")
     args = parser.parse_args()
     if args.quick:
-        args.labels, args.epochs, args.image_size, args.trials, args.seeds = [10, 30], 3, 16, 2, [0, 1]
+        args.labels, args.steps, args.image_size, args.trials, args.seeds = [10, 30], 12, 16, 2, [0, 1]
+    begun = time.time()
     tag = "datascale-quick" if args.quick else "datascale"
-    work = (Path("runs/bench") / tag).resolve()
-    results_path = RESULTS / f"{tag}.json"
-    overrides = settings(args)
+    work = (args.work or Path("runs/bench") / tag).resolve()
+    results_path = args.out / f"{tag}.json"
+    settings = {"steps": args.steps, "image_size": args.image_size, "trials": args.trials, "batch_size": 32}
     results = json.loads(results_path.read_text()) if results_path.exists() else None
-    if results is not None and results["settings"] != overrides:
+    if results is not None and results["settings"] != settings:
         if not args.restart:
-            raise SystemExit(f"{results_path} was made with {results['settings']}, not {overrides}; "
+            raise SystemExit(f"{results_path} was made with {results['settings']}, not {settings}; "
                              "pass the same settings, or --restart to discard it")
         results = None
         shutil.rmtree(work, ignore_errors=True)
-    results = results or {"settings": overrides, "cells": {}, "wall_s": 0.0}
-    results["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} CPUs"
+    results = results or {"settings": settings, "cells": {}, "wall_s": 0.0}
+    earlier_s = results["wall_s"]  # the earlier invocations' wall time; this one's is added as it goes
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {gpu}" if gpu else "")
+    results["workers"] = args.workers
 
     def save() -> None:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results["wall_s"] = round(earlier_s + time.time() - begun, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
+        plot(results, args.out / f"{tag}.png")
 
+    overrides = [f"train.image_size={args.image_size}", "train.batch_size=32", "train.progress=false",
+                 "train.num_workers=0"]
     base = load("configs/quick.yaml" if args.quick else "params.yaml", overrides)
-    base.ray.storage_path = str(work / "ray")
-    start_ray(base)
+    base.train.seed = 0  # the search runs are seed 0 of the chosen setting
+    queue: list[Job] = []
+    searches: dict[tuple[int, str], PipelineConfig] = {}
     for n in sorted(args.labels):
-        cell = results["cells"].setdefault(str(n), {"searches": {}, "runs": {}})
-        cell_base = base.model_copy(deep=True)
-        cell_base.data.labels_per_class = n
-        cell_base.data.prepared_dir = f"data/prepared-{n}"
-        if not (work / cell_base.data.prepared_dir / "stats.json").exists():
-            prepared = cell_base.data.model_copy()
-            prepared.prepared_dir = str(work / cell_base.data.prepared_dir)
+        cell = results["cells"].setdefault(str(n), {"searches": {}, "trials": {}, "runs": {}})
+        prepared = base.data.model_copy()
+        prepared.labels_per_class, prepared.prepared_dir = n, str(work / f"data/prepared-{n}")
+        if not (work / prepared.prepared_dir / "stats.json").exists():
             write_prepared(prepared)
-        for method in args.methods:
-            p = method_config(cell_base, method)
-            if method not in cell["searches"]:
-                started = time.time()
-                cell["searches"][method] = search(p, work, f"search-{n}-{method}")
-                results["wall_s"] += time.time() - started
+        cell_base = base.model_copy(deep=True)
+        cell_base.data = prepared
+        cell_base.train.epochs = epochs_for(args.steps, len(load_prepared(prepared.prepared_dir).train), 32)
+        for m, method in enumerate(args.methods):
+            p = searches[n, method] = method_config(cell_base, method)
+            for k, point in enumerate(search_points(p, args.trials, n, method)):
+                if f"{method}/trial{k}" not in cell["trials"]:
+                    queue.append(Job(int(method not in args.first), n, 0, m, k, method, trial_config(p, point), point))
+    heapq.heapify(queue)
+
+    def seeds_when_searched(n: int, method: str) -> None:
+        """Once every trial of (n, method) is in, pick and queue the other seeds of the chosen setting."""
+        cell = results["cells"][str(n)]
+        trials = {k.split("/")[1]: r for k, r in cell["trials"].items() if k.split("/")[0] == method}
+        if len(trials) < args.trials:
+            return
+        best = chosen_trial(trials)
+        cell["searches"][method] = {"trial": best, "point": trials[best]["point"], "val_top1": trials[best]["val_top1"]}
+        cell["runs"][f"{method}/seed0"] = trials[best]
+        for seed in args.seeds:
+            if seed != 0 and f"{method}/seed{seed}" not in cell["runs"]:
+                config = trial_config(searches[n, method], trials[best]["point"])
+                config.train.seed = seed
+                rank = int(method not in args.first)
+                heapq.heappush(queue, Job(rank, n, 1, args.methods.index(method), seed, method, config, trials[best]["point"]))
+
+    for n, method in searches:
+        seeds_when_searched(n, method)
+    errors = []
+    pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    running: dict = {}
+    try:
+        while queue or running:
+            while queue and len(running) < args.workers and time.time() - begun < args.deadline:
+                job = heapq.heappop(queue)
+                out = work / "runs" / f"{job.labels}-{job.key.replace('/', '-')}"
+                running[pool.submit(run_job, job.config, str(work / f"data/prepared-{job.labels}"), str(out))] = job
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                cell = results["cells"][str(job.labels)]
+                try:
+                    record = {**future.result(), "point": job.point}
+                except Exception as err:  # noqa: BLE001 — kept and reported; the other runs go on
+                    errors.append(f"{job.labels} labels/class {job.key}: {type(err).__name__}: {err}")
+                    print(errors[-1], flush=True)
+                    continue
+                (cell["trials"] if job.phase == 0 else cell["runs"])[job.key] = record
+                print(f"{time.time() - begun:6.0f} s  {job.labels} labels/class {job.key}: val {record['val_top1']:.3f} "
+                      f"test {record.get('test_top1', float('nan')):.4f} ({record['wall_s']:.0f} s, "
+                      f"{record.get('images_per_s', 0):.0f} img/s)", flush=True)
+                if job.phase == 0:
+                    seeds_when_searched(job.labels, job.method)
                 save()
-            chosen = trial_config(p, cell["searches"][method]["config"])
-            for seed in args.seeds:
-                key = f"{method}/seed{seed}"
-                if key not in cell["runs"]:
-                    chosen.train.seed = seed
-                    started = time.time()
-                    cell["runs"][key] = train_and_test(chosen, work, f"{n}-{method}-seed{seed}")
-                    results["wall_s"] += time.time() - started
-                    save()
-                    print(f"{n} labels/class {key}: test top-1 {cell['runs'][key]['test_top1']:.4f}", flush=True)
-            plot(results, RESULTS / f"{tag}.png")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     save()
     print_table(results)
+    if queue or errors:
+        print(f"\nnot finished: {len(queue)} runs never started (deadline), {len(errors)} failed: {errors}")
 
 
 if __name__ == "__main__":

@@ -80,28 +80,36 @@ def search(res: dict) -> None:
 
 
 def datascale(res: dict) -> None:
-    """Test top-1 (mean ± std over seeds) per method and labels per class, and CE-tuning's overfitting:
-    its final training CE and how far its last validation top-1 is below its best epoch's."""
+    """Test top-1 (mean ± std over seeds) per method and labels per class, the chosen settings, and
+    whether CE-tuning overfits: its final training CE, its best validation epoch against its last."""
     cells = sorted(res["cells"], key=int)
-    methods = list(dict.fromkeys(k.split("/")[0] for n in cells for k in res["cells"][n]["runs"]))
-    print(f"{res['settings']}\n")
+    runs = {n: res["cells"][n]["runs"] for n in cells}
+    methods = list(dict.fromkeys(k.split("/")[0] for n in cells for k in runs[n]))
+    print(f"settings: {res['settings']}\n")
     print("| method | " + " | ".join(f"{n} labels/class" for n in cells) + " |\n|---|" + "---|" * len(cells))
     for method in methods:
         row = []
         for n in cells:
-            got = [r["test_top1"] for k, r in res["cells"][n]["runs"].items() if k.split("/")[0] == method]
-            row.append(_mean_std(got) if got else "–")
+            got = [r for k, r in runs[n].items() if k.split("/")[0] == method]
+            tested = [r["test_top1"] for r in got if "test_top1" in r]
+            cell = _mean_std(tested) if tested else "–"
+            cell += " (1 seed)" if len(tested) == 1 else ""
+            cell += f" ({len(got) - len(tested)} diverged)" if len(got) > len(tested) else ""
+            row.append(cell)
         print(f"| {method} | " + " | ".join(row) + " |")
-    print("\n| labels/class | method | final train CE | best val top-1 (epoch) | last val top-1 |\n|---|---|---|---|---|")
+    print("\n| labels/class | method | chosen setting (trial) | epochs | final train CE | best val top-1 (epoch) | last val top-1 |"
+          "\n|---|---|---|---|---|---|---|")
     for n in cells:
-        for method in ("ce", "drtune"):
-            run = res["cells"][n]["runs"].get(f"{method}/seed0")
-            if run:
-                h = run["history"]
-                best = max(h, key=lambda e: e["val_top1"])
-                print(f"| {n} | {method} | {h[-1]['train_ce']:.4f} | {best['val_top1']:.3f} ({best['epoch']}) "
-                      f"| {h[-1]['val_top1']:.3f} |")
-    print(f"\nwall time: {res['wall_s'] / 60:.0f} min ({res.get('machine', '?')})")
+        for method, found in res["cells"][n]["searches"].items():
+            run = runs[n].get(f"{method}/seed0", {})
+            if "history" not in run:
+                continue
+            h = run["history"]
+            best = max(h, key=lambda e: e["val_top1"])
+            point = ", ".join(f"{k} {v}" if k == "queue_size" else f"{k} {v:.3g}" for k, v in found["point"].items())
+            print(f"| {n} | {method} | {point} ({found['trial']}) | {h[-1]['epoch']} | {h[-1]['train_ce']:.4f} "
+                  f"| {best['val_top1']:.3f} ({best['epoch']}) | {h[-1]['val_top1']:.3f} |")
+    print(f"\nwall time: {res['wall_s'] / 60:.1f} min ({res.get('machine', '?')}, {res.get('workers', 1)} concurrent runs)")
 
 
 def main() -> None:

@@ -69,13 +69,27 @@ def procrustes_rotate(pre: Tensor, down: Tensor) -> Tensor:
 
 
 def _svd(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.linalg.svd`` with cuSOLVER's ``gesvda`` driver on CUDA.
+    """``torch.linalg.svd`` with cuSOLVER's ``gesvda`` driver on CUDA, ``gesvd`` when that fails.
 
     Measured on an H200 at 2048 × 2048 (float32, error of the rotated features against float64):
     the default driver (gesvdj) 263 ms and 2.3e-4, ``gesvd`` 287 ms and 4e-6, ``gesvda`` 27 ms and
-    1.3e-6. The CPU has one LAPACK path and no choice to make.
+    1.3e-6. But ``gesvda`` does not converge on many repeated or zero singular values, and a bank
+    of few images gives exactly that: on an H200, every DR-Tune run on Lite0 → Fashion-MNIST with
+    10 to 300 labels per class raised "linalg.svd: The algorithm failed to converge" (bench/datascale.py).
+    ``gesvd`` (QR iteration) always converges, so it takes over when ``gesvda`` reports failure.
+    The CPU has one LAPACK path and no choice to make.
     """
-    return torch.linalg.svd(s, driver="gesvda") if s.is_cuda else torch.linalg.svd(s)
+    return first_converging_svd(s, ("gesvda", "gesvd")) if s.is_cuda else torch.linalg.svd(s)
+
+
+def first_converging_svd(s: Tensor, drivers: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """The SVD by the first of ``drivers`` that converges (the last one's error propagates)."""
+    for driver in drivers[:-1]:
+        try:
+            return torch.linalg.svd(s, driver=driver)
+        except torch.linalg.LinAlgError:
+            pass
+    return torch.linalg.svd(s, driver=drivers[-1])
 
 
 # Below this K/D ratio the two thin QRs and the K × K SVD beat one D × D SVD (measured on CPU:

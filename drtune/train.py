@@ -38,7 +38,7 @@ from drtune.evaluation import evaluate
 from drtune.task import FineTuneTask
 
 CHECKPOINT_VERSION = 1
-Report = Callable[[dict, Path], None]
+Report = Callable[[dict, Path | None], None]
 
 
 class DivergedError(FloatingPointError):
@@ -170,15 +170,20 @@ def fit(
     report: Report | None = None,
     resume: bool = True,
     device: torch.device | None = None,
+    checkpoint_every: int = 1,
 ) -> FitResult:
     """Fine-tune once. Works alone, under torchrun and inside a Ray Train worker (gloo or nccl).
 
     ``report(metrics, checkpoint_path)`` is called after every epoch on every rank (metrics are
-    already all-reduced). With ``resume`` and an existing ``output_dir/last.pt`` the run
-    continues from it; a checkpoint that already holds every epoch trains nothing and reports its
-    last epoch again, so a caller interrupted between the checkpoint and its record of the
-    report (a Tune trial) still learns the run's true final result. ``device`` defaults to ``train.device``; a Ray worker passes the one Ray
-    Train assigned it.
+    already all-reduced). ``last.pt`` is written every ``checkpoint_every`` epochs and after the
+    last; on the epochs between, the report's checkpoint is None (a long schedule over a few images
+    is hundreds of short epochs, and writing each would cost more than training it).
+
+    With ``resume`` and an existing ``output_dir/last.pt`` the run continues from it; a checkpoint
+    that already holds every epoch trains nothing and reports its last epoch again, so a caller
+    interrupted between the checkpoint and its record of the report (a Tune trial) still learns
+    the run's true final result. ``device`` defaults to ``train.device``; a Ray worker passes the
+    one Ray Train assigned it.
     """
     distributed, rank, world = _distributed()
     out = Path(output_dir)
@@ -261,11 +266,12 @@ def fit(
                    "train_reg": totals[2].item() / steps, "lr": lr_used[0], "lr_head": lr_used[-1],
                    "epoch_s": train_s, "images_per_s": steps * t.batch_size * world / train_s}
         result.history.append(metrics)
-        if rank == 0:
+        written = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == t.epochs
+        if rank == 0 and written:
             save_checkpoint(ckpt, task, opt, sched, epoch, resolved, classes, result.history)
         if show:
             tqdm.write(f"epoch {epoch + 1}: val top1 {metrics['val_top1']:.4f} loss {metrics['val_loss']:.4f}")
         if report is not None:
-            report(metrics, ckpt)
+            report(metrics, ckpt if written else None)
     result.task = task
     return result

@@ -6,10 +6,10 @@ Shape of one search (the Train V2 pattern; ``Tuner(TorchTrainer(...))`` is gone 
                └── TorchTrainer.fit() ── ``workers_per_trial`` workers, each running
                                          pipeline.training.train_loop_per_worker (gloo or nccl)
 
-What a trial searches is one table, :data:`SEARCHED`: each searched name, the config field it
-sets and the ``tune.*`` range it is drawn from. Which of them a method has is
-:func:`searched_names`; the sampled values become a trial's :class:`~drtune.config.Config` in
-:func:`trial_config`, and that object is what the workers train.
+What a trial searches is :mod:`pipeline.space` (Ray-free): each searched name, the config field it
+sets and the ``tune.*`` range it is drawn from; the sampled values become a trial's
+:class:`~drtune.config.Config` in :func:`~pipeline.space.trial_config`, and that object is what the
+workers train. This module turns that space into Ray Tune and Optuna distributions.
 
 Workers report validation metrics and a checkpoint every epoch; ``ReportToTune`` forwards
 rank 0's report to Tune, where ASHA (time unit: epochs) may stop the trial and the Optuna searcher
@@ -39,25 +39,13 @@ from ray.train import Checkpoint
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from drtune.config import Config, ConfigError
 from pipeline.cluster import filesystem_and_path, trial_resources
 from pipeline.config import PipelineConfig
+from pipeline.space import across_methods, searched_names, starting_points, trial_config
 from pipeline.training import ReportToTune, SharedData, run_training
 
 METRIC = "val_top1"
 
-# Searched name → the config field it sets. Each is drawn log-uniformly from ``tune.<name>``,
-# except ``queue_size``, a choice among ``tune.queue_sizes``.
-SEARCHED = {
-    "lr_backbone": "train.lr_backbone",
-    "lr_head": "train.lr_head",
-    "weight_decay": "train.weight_decay",
-    "lam": "drtune.lam",
-    "queue_size": "drtune.queue_size",
-    "l2sp_alpha": "baselines.l2sp_alpha",
-    "l2sp_beta": "baselines.l2sp_beta",
-    "bss_eta": "baselines.bss_eta",
-}
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -73,29 +61,6 @@ class PruningOptunaSearch(OptunaSearch):
         if result.get("epoch", 0) < self.max_epochs:
             return super().on_trial_complete(trial_id, None, error=False)  # no value, no error → PRUNED
         return super().on_trial_complete(trial_id, result, error=False)
-
-
-def searched_names(config: PipelineConfig, method: str | None = None) -> list[str]:
-    """The names of :data:`SEARCHED` that ``method`` (default ``train.method``) has.
-
-    Learning rates are real step sizes, so λ never rescales the backbone's rate. A linear probe
-    has no backbone rate; L2-SP adds α and β, BSS η, DR-Tune λ and K. Under DR-Tune's
-    ``reference`` preset only the authors' base rate and K are free: λ = K/B and the rates follow
-    from them (:meth:`Config.resolved`).
-    """
-    method = method or config.train.method
-    if method == "drtune" and config.drtune.preset == "reference":
-        return ["lr_backbone", "queue_size"]
-    names = ["lr_head"] + (["lr_backbone"] if method != "linear_probe" else [])
-    names += {"drtune": ["lam", "queue_size"], "l2sp": ["l2sp_alpha", "l2sp_beta"], "bss": ["bss_eta"]}.get(method, [])
-    if config.tune.weight_decay is not None:
-        names.append("weight_decay")
-    return names
-
-
-def across_methods(config: PipelineConfig) -> bool:
-    """Whether the search chooses the method too (``tune.methods`` lists more than one)."""
-    return len(config.search_methods()) > 1
 
 
 def search_space(config: PipelineConfig) -> dict:
@@ -127,51 +92,6 @@ class MethodSpace:
                 trial.suggest_categorical(key, drawn)
             else:
                 trial.suggest_float(key, *drawn, log=True)
-
-
-def starting_points(config: PipelineConfig) -> list[dict]:
-    """``tune.points_to_evaluate`` for this method: names it does not search are dropped, names it
-    searches but a point leaves out take the config's value; a name :data:`SEARCHED` lacks is an error.
-
-    Across methods every method starts from one point, the config's own values (an equal start for
-    each); ``tune.points_to_evaluate`` is for single-method searches."""
-    if across_methods(config):
-        return [{"method": m, **{f"{m}.{name}": _config_value(config, name) for name in searched_names(config, m)}}
-                for m in config.search_methods()]
-    names = searched_names(config)
-    points = []
-    for i, given in enumerate(config.tune.points_to_evaluate):
-        unknown = sorted(set(given) - set(SEARCHED))
-        if unknown:
-            raise ConfigError(f"tune.points_to_evaluate[{i}]: unknown names {unknown} (searchable: {sorted(SEARCHED)})")
-        point = {name: given.get(name, _config_value(config, name)) for name in names}
-        if "queue_size" in point and int(point["queue_size"]) not in config.tune.queue_sizes:
-            raise ConfigError(f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in "
-                              f"tune.queue_sizes {config.tune.queue_sizes}")
-        points.append(point)
-    return points
-
-
-def _config_value(config: PipelineConfig, name: str) -> float | int:
-    section, key = SEARCHED[name].split(".")
-    return getattr(getattr(config, section), key)
-
-
-def trial_config(base: PipelineConfig, sampled: dict) -> Config:
-    """One trial's library :class:`Config`: ``base``'s library sections with the sampled values set
-    (and the sampled ``method``, when the search spans methods; its names are ``<method>.<name>``)."""
-    config = base.library()
-    config.train.progress = False
-    config.train.method = sampled.get("method", base.train.method)
-    for name, value in unprefixed(sampled).items():
-        section, key = SEARCHED[name].split(".")
-        setattr(getattr(config, section), key, int(value) if name == "queue_size" else float(value))
-    return config
-
-
-def unprefixed(sampled: dict) -> dict:
-    """A trial's sampled values under their :data:`SEARCHED` names (``drtune.lam`` → ``lam``), method left out."""
-    return {k.split(".", 1)[1] if "." in k else k: v for k, v in sampled.items() if k != "method"}
 
 
 def trial_driver(sampled: dict, *, base: PipelineConfig, data: SharedData, storage: str) -> None:
@@ -270,6 +190,14 @@ class Best:
     config: dict
     metrics: dict
     checkpoint: Checkpoint
+
+
+def require_finished(results, expected: int, message: str) -> None:
+    """Raise KeyboardInterrupt(``message``) unless all ``expected`` trials ended (done or errored):
+    a Tuner stopped by Ctrl-C saves its state and *returns*, and its partial results must never
+    be taken for a finished search."""
+    if results.num_terminated + results.num_errors < expected:
+        raise KeyboardInterrupt(message)
 
 
 def ranked(results, max_epochs: int, filesystem: pyarrow.fs.FileSystem | None = None) -> list[Best]:

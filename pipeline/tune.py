@@ -55,11 +55,10 @@ from pipeline.search import (
     cross_validated_pick,
     discard_experiment,
     ranked,
-    searched_names,
+    require_finished,
     select_best,
-    starting_points,
-    unprefixed,
 )
+from pipeline.space import searched_names, starting_points, unprefixed
 from pipeline.stage import flat, stage_main, write_csv
 from pipeline.tracking import (
     TrialRuns,
@@ -153,8 +152,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             results = tuner.fit()
         finally:
             trial_runs.close_open_runs()
-        if results.num_terminated + results.num_errors < p.tune.num_samples:  # Ctrl-C: Tune saved its state and returned
-            raise KeyboardInterrupt(f"search interrupted; its state is stored at {experiment_path}")
+        require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {experiment_path}")
         trial_runs.reconcile(results)  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
         best = select_best(results, p.train.epochs, storage_filesystem(storage))
         finalists = ranked(results, p.train.epochs, storage_filesystem(storage))[:p.tune.finalists]
@@ -162,8 +160,8 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         if len(finalists) > 1:  # re-validate the top trials on more held-out folds of the same labels
             print(f"re-validating the top {len(finalists)} trials on {p.tune.finalist_folds} more held-out folds", flush=True)
             refits = build_finalist_tuner(p, shared, storage, f"{ray_run}-finalists", finalists, [progress]).fit()
-            if refits.num_terminated + refits.num_errors < len(finalists) * p.tune.finalist_folds:
-                raise KeyboardInterrupt(f"re-validation interrupted; its state is stored at {experiment_path}-finalists")
+            require_finished(refits, len(finalists) * p.tune.finalist_folds,
+                             f"re-validation interrupted; its state is stored at {experiment_path}-finalists")
             scores = cross_validated(finalists, refits, p.train.epochs)
             best = cross_validated_pick(finalists, scores)
             for row in scores:

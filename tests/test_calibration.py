@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from drtune.calibration import (
     class_translation,
+    first_converging_svd,
     procrustes_rotate,
     procrustes_rotation_matrix,
     semantic_calibrate,
@@ -165,3 +166,23 @@ def test_reused_rotation_equals_fresh_rotation_on_same_bank() -> None:
     fresh = semantic_calibrate(x, y, labels, head, 1.0, normalized=True)
     reused = semantic_calibrate(x, y, labels, head, 1.0, normalized=True, rotation=r)
     assert rel_err(reused, fresh) <= 1e-5
+
+
+def test_an_svd_driver_that_does_not_converge_hands_over_to_the_next(monkeypatch) -> None:
+    """cuSOLVER's gesvda fails on banks of few images (seen on an H200); gesvd must take over.
+    Drivers are CUDA-only, so the failing one is simulated and the others run the CPU's SVD."""
+    real, asked = torch.linalg.svd, []
+
+    def svd(a, driver=None):
+        asked.append(driver)
+        if driver == "gesvda":
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 1244)")
+        return real(a)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    s = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    u, sigma, vh = first_converging_svd(s, ("gesvda", "gesvd"))
+    assert asked == ["gesvda", "gesvd"]
+    assert torch.allclose((u * sigma) @ vh, s, atol=1e-5)
+    with pytest.raises(torch.linalg.LinAlgError):
+        first_converging_svd(s, ("gesvda",))

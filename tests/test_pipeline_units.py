@@ -3,6 +3,7 @@ gate, the tracking check and the pyfunc model's inputs."""
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from types import SimpleNamespace
@@ -20,17 +21,15 @@ from drtune.task import Classifier
 from pipeline.config import PipelineConfig, load
 from pipeline.register import decide, model_description
 from pipeline.search import (
-    SEARCHED,
     PruningOptunaSearch,
     cross_validated,
     cross_validated_pick,
     ranked,
+    require_finished,
     search_space,
-    searched_names,
     select_best,
-    starting_points,
-    trial_config,
 )
+from pipeline.space import SEARCHED, random_point, searched_names, starting_points, trial_config
 from pipeline.tracking import TrackingUnavailableError, connect
 
 
@@ -491,3 +490,31 @@ def test_a_champion_that_no_longer_loads_is_compared_by_its_recorded_score_on_th
     assert decide(0.7962, 0.7962, "", champion_loads=False)[0] and not decide(0.7962, 0.7962, "")[0]
     version_, score, note, loads = champion_score(client, "m", None, [], "other data")
     assert score is None and "not comparable" in note and not decide(0.9, score, note)[0]
+
+
+def test_random_points_draw_only_the_methods_names_inside_their_ranges() -> None:
+    """The Ray-free draw (bench/datascale.py's equal search) uses the same names and ranges as the search."""
+    import random
+
+    rng = random.Random(0)
+    for method in ("linear_probe", "ce", "l2sp", "drtune"):
+        p = load(None, [f"train.method={method}"])
+        points = [random_point(p, rng) for _ in range(200)]
+        assert all(sorted(pt) == sorted(searched_names(p)) for pt in points), method
+        for name in searched_names(p):
+            values = [pt[name] for pt in points]
+            if name == "queue_size":
+                assert set(values) == set(p.tune.queue_sizes)
+            else:
+                bounds = getattr(p.tune, name)
+                assert bounds.low <= min(values) and max(values) <= bounds.high
+                logs = sorted(math.log(v) for v in values)  # log-uniform: the median sits mid-range in log space
+                assert abs(logs[100] - (math.log(bounds.low) + math.log(bounds.high)) / 2) < 0.15 * math.log(bounds.high / bounds.low)
+
+
+def test_a_search_stopped_before_all_its_trials_ended_is_not_taken_as_a_result() -> None:
+    from types import SimpleNamespace
+
+    require_finished(SimpleNamespace(num_terminated=3, num_errors=1), 4, "unused")
+    with pytest.raises(KeyboardInterrupt, match="search interrupted; resumes"):
+        require_finished(SimpleNamespace(num_terminated=2, num_errors=1), 4, "search interrupted; resumes")

@@ -50,6 +50,27 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, features: str, augm
     assert full[2]["train_loss"] != full[1]["train_loss"]
 
 
+def test_checkpoints_every_n_epochs_and_resumes_from_the_last_one_written(tmp_path) -> None:
+    params = load_config(None, [*QUICK, "train.epochs=4"])
+    train, val, classes = _data()
+    full = fit(params, train, val, classes, tmp_path / "full", resume=False).history
+    written = []
+
+    def stop_after_three(metrics, ckpt):
+        written.append(ckpt is not None and torch.load(ckpt, weights_only=False)["epoch"] + 1)
+        if metrics["epoch"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(params, train, val, classes, tmp_path / "cut", report=stop_after_three, checkpoint_every=2)
+    assert written == [False, 2, False]  # epoch 3's state was never written: resume redoes it
+    resumed = fit(params, train, val, classes, tmp_path / "cut", resume=True, checkpoint_every=2).history
+    assert [m["epoch"] for m in resumed] == [1, 2, 3, 4]
+    for key in ("train_loss", "val_loss", "val_top1"):
+        assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-6, abs=1e-7), key
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 3  # the last epoch is always written
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)

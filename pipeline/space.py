@@ -1,0 +1,114 @@
+"""What a trial searches, without Ray: the searched names, their ranges, starting points, and the
+library :class:`~drtune.config.Config` a sampled point becomes.
+
+:data:`SEARCHED` is the one table: each searched name and the config field it sets. Which names a
+method has is :func:`searched_names`; its ranges are ``tune.<name>`` (log-uniform) and
+``tune.queue_sizes`` (a choice). :mod:`pipeline.search` turns them into Ray Tune and Optuna spaces;
+:func:`random_point` draws from the same ranges for code that runs trials without Ray (the
+data-scale benchmark's process pool on one GPU box).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from drtune.config import Config, ConfigError
+from pipeline.config import PipelineConfig
+
+# Searched name → the config field it sets. Each is drawn log-uniformly from ``tune.<name>``,
+# except ``queue_size``, a choice among ``tune.queue_sizes``.
+SEARCHED = {
+    "lr_backbone": "train.lr_backbone",
+    "lr_head": "train.lr_head",
+    "weight_decay": "train.weight_decay",
+    "lam": "drtune.lam",
+    "queue_size": "drtune.queue_size",
+    "l2sp_alpha": "baselines.l2sp_alpha",
+    "l2sp_beta": "baselines.l2sp_beta",
+    "bss_eta": "baselines.bss_eta",
+}
+
+
+def searched_names(config: PipelineConfig, method: str | None = None) -> list[str]:
+    """The names of :data:`SEARCHED` that ``method`` (default ``train.method``) has.
+
+    Learning rates are real step sizes, so λ never rescales the backbone's rate. A linear probe
+    has no backbone rate; L2-SP adds α and β, BSS η, DR-Tune λ and K. Under DR-Tune's
+    ``reference`` preset only the authors' base rate and K are free: λ = K/B and the rates follow
+    from them (:meth:`Config.resolved`).
+    """
+    method = method or config.train.method
+    if method == "drtune" and config.drtune.preset == "reference":
+        return ["lr_backbone", "queue_size"]
+    names = ["lr_head"] + (["lr_backbone"] if method != "linear_probe" else [])
+    names += {"drtune": ["lam", "queue_size"], "l2sp": ["l2sp_alpha", "l2sp_beta"], "bss": ["bss_eta"]}.get(method, [])
+    if config.tune.weight_decay is not None:
+        names.append("weight_decay")
+    return names
+
+
+def across_methods(config: PipelineConfig) -> bool:
+    """Whether the search chooses the method too (``tune.methods`` lists more than one)."""
+    return len(config.search_methods()) > 1
+
+
+def starting_points(config: PipelineConfig) -> list[dict]:
+    """``tune.points_to_evaluate`` for this method: names it does not search are dropped, names it
+    searches but a point leaves out take the config's value; a name :data:`SEARCHED` lacks is an error.
+
+    Across methods every method starts from one point, the config's own values (an equal start for
+    each); ``tune.points_to_evaluate`` is for single-method searches."""
+    if across_methods(config):
+        return [{"method": m, **{f"{m}.{name}": _config_value(config, name) for name in searched_names(config, m)}}
+                for m in config.search_methods()]
+    names = searched_names(config)
+    points = []
+    for i, given in enumerate(config.tune.points_to_evaluate):
+        unknown = sorted(set(given) - set(SEARCHED))
+        if unknown:
+            raise ConfigError(f"tune.points_to_evaluate[{i}]: unknown names {unknown} (searchable: {sorted(SEARCHED)})")
+        point = {name: given.get(name, _config_value(config, name)) for name in names}
+        if "queue_size" in point and int(point["queue_size"]) not in config.tune.queue_sizes:
+            raise ConfigError(f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in "
+                              f"tune.queue_sizes {config.tune.queue_sizes}")
+        points.append(point)
+    return points
+
+
+def _config_value(config: PipelineConfig, name: str) -> float | int:
+    section, key = SEARCHED[name].split(".")
+    return getattr(getattr(config, section), key)
+
+
+def trial_config(base: PipelineConfig, sampled: dict) -> Config:
+    """One trial's library :class:`Config`: ``base``'s library sections with the sampled values set
+    (and the sampled ``method``, when the search spans methods; its names are ``<method>.<name>``)."""
+    config = base.library()
+    config.train.progress = False
+    config.train.method = sampled.get("method", base.train.method)
+    for name, value in unprefixed(sampled).items():
+        section, key = SEARCHED[name].split(".")
+        setattr(getattr(config, section), key, int(value) if name == "queue_size" else float(value))
+    return config
+
+
+def unprefixed(sampled: dict) -> dict:
+    """A trial's sampled values under their :data:`SEARCHED` names (``drtune.lam`` → ``lam``), method left out."""
+    return {k.split(".", 1)[1] if "." in k else k: v for k, v in sampled.items() if k != "method"}
+
+
+
+
+def random_point(config: PipelineConfig, rng: random.Random) -> dict:
+    """One point of ``train.method``'s space drawn as the search draws it before TPE has data:
+    log-uniform in each ``tune.<name>`` range, a uniform choice among ``tune.queue_sizes``."""
+    t = config.tune
+    point = {}
+    for name in searched_names(config):
+        if name == "queue_size":
+            point[name] = rng.choice(list(t.queue_sizes))
+        else:
+            bounds = getattr(t, name)
+            point[name] = math.exp(rng.uniform(math.log(bounds.low), math.log(bounds.high)))
+    return point
