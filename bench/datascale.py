@@ -131,13 +131,14 @@ def run_job(config: Config, prepared: str, out: str) -> dict:
         return {"diverged": str(err), "val_top1": 0.0, "val_loss": math.inf, "wall_s": round(time.time() - started, 1)}
     model = result.task.inference_model()
     device = next(model.parameters()).device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     batches = _test_batches(prepared, data, model, config.train.image_size, device)
     test = evaluate(model, ((x.float(), y) for x, y in batches), device)
     history = [{k: round(h[k], 5) for k in KEPT} for h in result.history]
     last = result.history[-1]
     return {"val_top1": last["val_top1"], "val_loss": last["val_loss"], "test_top1": test["top1"],
             "epochs": last["epoch"], "images_per_s": round(sum(h["images_per_s"] for h in result.history) / len(history), 1),
-            "history": history, "wall_s": round(time.time() - started, 1)}
+            "history": history, "device": where, "wall_s": round(time.time() - started, 1)}
 
 
 def chosen_trial(trials: dict[str, dict]) -> str:
@@ -221,14 +222,15 @@ def main() -> None:
                              "pass the same settings, or --restart to discard it")
         results = None
         shutil.rmtree(work, ignore_errors=True)
-    results = results or {"settings": settings, "cells": {}, "wall_s": 0.0}
-    earlier_s = results["wall_s"]  # the earlier invocations' wall time; this one's is added as it goes
+    results = results or {"settings": settings, "cells": {}, "wall_s": 0.0, "machines": {}}
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {gpu}" if gpu else "")
-    results["workers"] = args.workers
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {gpu}" if gpu else "") + f", {args.workers} concurrent runs"
+    earlier_s = results["machines"].get(machine, 0.0)  # wall time of earlier invocations on this machine kind
+
 
     def save() -> None:
-        results["wall_s"] = round(earlier_s + time.time() - begun, 1)
+        results["machines"][machine] = round(earlier_s + time.time() - begun, 1)
+        results["wall_s"] = round(sum(results["machines"].values()), 1)
         args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
         plot(results, args.out / f"{tag}.png")

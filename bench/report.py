@@ -109,7 +109,15 @@ def datascale(res: dict) -> None:
             point = ", ".join(f"{k} {v}" if k == "queue_size" else f"{k} {v:.3g}" for k, v in found["point"].items())
             print(f"| {n} | {method} | {point} ({found['trial']}) | {h[-1]['epoch']} | {h[-1]['train_ce']:.4f} "
                   f"| {best['val_top1']:.3f} ({best['epoch']}) | {h[-1]['val_top1']:.3f} |")
-    print(f"\nwall time: {res['wall_s'] / 60:.1f} min ({res.get('machine', '?')}, {res.get('workers', 1)} concurrent runs)")
+    devices = {}
+    for n in cells:
+        for key, run in runs[n].items():
+            devices.setdefault(run.get("device", "?"), []).append(f"{n}:{key}")
+    if len(devices) > 1:
+        for device, keys in devices.items():
+            print(f"\nran on {device}: {len(keys)} of the runs above" + (f" ({', '.join(keys)})" if len(keys) <= 12 else ""))
+    machines = "; ".join(f"{m}: {s / 60:.1f} min" for m, s in res.get("machines", {}).items())
+    print(f"\nwall time: {res['wall_s'] / 60:.1f} min ({machines})")
 
 
 def main() -> None:
