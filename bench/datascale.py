@@ -52,7 +52,7 @@ from drtune.backbones import data_config
 from drtune.config import Config
 from drtune.data import build_loader
 from drtune.evaluation import evaluate
-from drtune.prepared import PreparedData, load_prepared, write_prepared
+from drtune.prepared import PreparedData, load_prepared, prepared_stats, write_prepared
 from drtune.train import DivergedError, fit
 from pipeline.config import PipelineConfig, load
 from pipeline.space import random_point, starting_points, trial_config
@@ -249,7 +249,7 @@ def main() -> None:
             write_prepared(prepared)
         cell_base = base.model_copy(deep=True)
         cell_base.data = prepared
-        cell_base.train.epochs = epochs_for(args.steps, len(load_prepared(prepared.prepared_dir).train), 32)
+        cell_base.train.epochs = epochs_for(args.steps, sum(prepared_stats(prepared.prepared_dir)["counts"]["train"]), 32)
         for m, method in enumerate(args.methods):
             p = searches[n, method] = method_config(cell_base, method)
             for k, point in enumerate(search_points(p, args.trials, n, method)):

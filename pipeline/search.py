@@ -41,11 +41,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pipeline.cluster import filesystem_and_path, trial_resources
 from pipeline.config import PipelineConfig
-from pipeline.space import across_methods, searched_names, starting_points, trial_config
+from pipeline.space import across_methods, ranges, starting_points, trial_config
 from pipeline.training import ReportToTune, SharedData, run_training
 
 METRIC = "val_top1"
-
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -64,13 +63,12 @@ class PruningOptunaSearch(OptunaSearch):
 
 
 def search_space(config: PipelineConfig) -> dict:
-    """Ray Tune distributions of :func:`searched_names`; empty when the search spans methods, whose
+    """Ray Tune distributions of :func:`~pipeline.space.ranges`; empty when the search spans methods, whose
     space is Optuna's define-by-run :class:`MethodSpace` instead."""
     if across_methods(config):
         return {}
-    t = config.tune
-    return {name: tune.choice(t.queue_sizes) if name == "queue_size"
-            else tune.loguniform(getattr(t, name).low, getattr(t, name).high) for name in searched_names(config)}
+    return {name: tune.choice(drawn) if isinstance(drawn, list) else tune.loguniform(*drawn)
+            for name, drawn in ranges(config).items()}
 
 
 class MethodSpace:
@@ -79,11 +77,8 @@ class MethodSpace:
     Plain data and a ``__call__``, so the searcher's saved state pickles it."""
 
     def __init__(self, config: PipelineConfig) -> None:
-        t = config.tune
         self.methods = config.search_methods()
-        self.draws = {m: [(f"{m}.{name}", list(t.queue_sizes) if name == "queue_size"
-                           else (getattr(t, name).low, getattr(t, name).high)) for name in searched_names(config, m)]
-                      for m in self.methods}
+        self.draws = {m: [(f"{m}.{name}", drawn) for name, drawn in ranges(config, m).items()] for m in self.methods}
 
     def __call__(self, trial: optuna.Trial) -> None:
         method = trial.suggest_categorical("method", self.methods)

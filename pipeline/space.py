@@ -98,17 +98,17 @@ def unprefixed(sampled: dict) -> dict:
     return {k.split(".", 1)[1] if "." in k else k: v for k, v in sampled.items() if k != "method"}
 
 
+def ranges(config: PipelineConfig, method: str | None = None) -> dict[str, list | tuple[float, float]]:
+    """What each of ``method``'s searched names is drawn from: the list ``tune.queue_sizes`` (a
+    choice) for ``queue_size``, else the ``(low, high)`` of ``tune.<name>`` (log-uniform)."""
+    t = config.tune
+    return {name: list(t.queue_sizes) if name == "queue_size" else (getattr(t, name).low, getattr(t, name).high)
+            for name in searched_names(config, method)}
 
 
 def random_point(config: PipelineConfig, rng: random.Random) -> dict:
     """One point of ``train.method``'s space drawn as the search draws it before TPE has data:
-    log-uniform in each ``tune.<name>`` range, a uniform choice among ``tune.queue_sizes``."""
-    t = config.tune
-    point = {}
-    for name in searched_names(config):
-        if name == "queue_size":
-            point[name] = rng.choice(list(t.queue_sizes))
-        else:
-            bounds = getattr(t, name)
-            point[name] = math.exp(rng.uniform(math.log(bounds.low), math.log(bounds.high)))
-    return point
+    log-uniform in each range of :func:`ranges`, a uniform choice among ``tune.queue_sizes``."""
+    return {name: rng.choice(drawn) if isinstance(drawn, list)
+            else math.exp(rng.uniform(math.log(drawn[0]), math.log(drawn[1])))
+            for name, drawn in ranges(config).items()}
