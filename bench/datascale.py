@@ -55,6 +55,7 @@ from drtune.evaluation import evaluate
 from drtune.prepared import PreparedData, load_prepared, prepared_stats, write_prepared
 from drtune.train import DivergedError, fit
 from pipeline.config import PipelineConfig, load
+from pipeline.selection import Candidate, rank
 from pipeline.space import random_point, starting_points, trial_config
 
 METHODS = ["ce", "linear_probe", "l2sp", "drtune", "drtune-cached"]
@@ -142,8 +143,11 @@ def run_job(config: Config, prepared: str, out: str) -> dict:
 
 
 def chosen_trial(trials: dict[str, dict]) -> str:
-    """The trial with the best last-epoch validation top-1; ties: lower validation loss, then the earlier trial."""
-    return min(trials, key=lambda k: (-trials[k]["val_top1"], trials[k]["val_loss"], int(k.rsplit("trial", 1)[1])))
+    """The trial :func:`pipeline.selection.rank` puts first: the best last-epoch validation top-1; ties: lower
+    validation loss, then the earlier trial."""
+    order = sorted(trials, key=lambda k: int(k.rsplit("trial", 1)[1]))
+    return rank([Candidate(id=k, method="", val_top1=trials[k]["val_top1"], val_loss=trials[k]["val_loss"], n_val=1)
+                 for k in order])[0].id
 
 
 def plot(results: dict, path: Path) -> None:

@@ -4,8 +4,11 @@
 
 Runs ``train.*`` as written (``lr_backbone``, ``lr_head``, …) with ``train.method = ce`` through
 the same Ray Train workers as a trial, evaluates the final model once on the test split, and
-writes ``metrics/baseline.json``. Every registered DR-Tune model carries its lift over this number.
-It reads no ``tune.*`` or ``drtune.*`` key, so changing the search never re-runs it.
+writes ``metrics/baseline.json`` (numbers) and ``models/baseline.pt`` + ``models/baseline.json``
+(its inference model, validation score and data digest). The ``tune`` stage takes it as a candidate
+(plain fine-tuning competes with the search), and ``register`` compares the challenger with it
+image by image before promoting anything. It reads no ``tune.*`` or ``drtune.*`` key, so changing
+the search never re-runs it.
 """
 
 from __future__ import annotations
@@ -68,10 +71,12 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         if result.metrics.get("diverged"):
             raise RuntimeError(f"the CE baseline diverged ({result.metrics['error']}): lower train.lr_backbone "
                                f"({ce.train.lr_backbone}) or train.lr_head ({ce.train.lr_head})")
+        models = root / "models"
+        models.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = read_checkpoint(result.checkpoint, Path(tmp) / "last.pt")
             history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]
-            scores = load_predictor(save_inference_checkpoint(checkpoint, Path(tmp) / "inference.pt")).score(data.test)
+            scores = load_predictor(save_inference_checkpoint(checkpoint, models / "baseline.pt")).score(data.test)
         log_history(client, run_id, history)
         client.log_metric(run_id, "test_top1", scores["top1"])
         client.log_metric(run_id, "test_top5", scores["top5"])
@@ -81,6 +86,11 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     out = root / "metrics"
     out.mkdir(parents=True, exist_ok=True)
     (out / "baseline.json").write_text(json.dumps(summary, indent=2))
+    # What the tune stage needs to make it a candidate; never its test score (the search must not see test).
+    (models / "baseline.json").write_text(json.dumps({
+        "val_top1": history[-1]["val_top1"], "val_loss": history[-1]["val_loss"], "epochs": ce.train.epochs,
+        "data_sha256": data.checksum, "mlflow_run_id": run_id, "lr_backbone": ce.train.lr_backbone,
+        "lr_head": ce.train.lr_head}, indent=2))
     return summary
 
 

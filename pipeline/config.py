@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -40,8 +41,11 @@ class TuneConfig(Section):
     early_stopping: bool = Field(True, description="ASHA on (stop weak trials at rungs) or off (every trial runs all epochs)")
     grace_period: int = Field(3, ge=1, le=10_000, description="ASHA: epochs every trial gets before its first rung")
     reduction_factor: float = Field(3.0, gt=1, le=100, description="ASHA: keep the top 1/reduction_factor at each rung")
-    finalists: int = Field(0, ge=0, le=100, description="0: pick on the validation split alone; N ≥ 2: re-validate "
-                           "the top N completed trials on tune.finalist_folds more held-out folds and pick on all of them")
+    revalidate: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: when the best candidates are within the validation noise of each other, re-validate "
+        "them on tune.finalist_folds more held-out folds; always: re-validate the top tune.finalists every time; "
+        "never: a tie goes to the conservative rule at once (pipeline.selection)")
+    finalists: int = Field(3, ge=2, le=100, description="at most this many candidates are re-validated")
     finalist_folds: int = Field(2, ge=1, le=100, description="extra held-out folds per finalist, each the validation "
                                 "split's size, drawn from the training split (at most 1/data.val_fraction − 1)")
     lam: Range = Field(Range(low=0.1, high=40.0), description="λ, log-uniform")
@@ -106,11 +110,8 @@ class PipelineConfig(Config):
         if bad:
             raise ValueError(f"tune.queue_sizes {bad} are not multiples of the global batch {batch} "
                              f"(train.batch_size {self.train.batch_size} × ray.workers_per_trial {self.ray.workers_per_trial})")
-        if self.tune.finalists == 1 or self.tune.finalists > self.tune.num_samples:
-            raise ValueError(f"tune.finalists = {self.tune.finalists}: must be 0 (off) or 2 … tune.num_samples "
-                             f"({self.tune.num_samples})")
         folds = round(1 / self.data.val_fraction) - 1
-        if self.tune.finalists and self.tune.finalist_folds > folds:
+        if self.tune.revalidate != "never" and self.tune.finalist_folds > folds:
             raise ValueError(f"tune.finalist_folds = {self.tune.finalist_folds}: the training split holds at most "
                              f"{folds} folds the size of the validation split (data.val_fraction = {self.data.val_fraction})")
         if self.tune.grace_period > self.train.epochs:

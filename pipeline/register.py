@@ -8,9 +8,13 @@
    the lift over it, the confusion matrix, the best trial's learning curves and the search
    landscape, and the inference model (encoder + head) as a pyfunc with a signature and an
    input example, registered under ``mlflow.registered_model`` and aliased ``challenger``.
-3. ``champion`` moves to the new version only if its test accuracy beats the current champion's
-   on this same test split — the champion is re-scored here rather than trusting a number from
-   another split. Both accuracies and the decision are logged, and written to ``metrics/test.json``.
+3. ``champion`` moves to the new version only if it is no worse than plain fine-tuning on test and
+   beats the current champion on this same test split. Plain fine-tuning is the CE baseline's model
+   (``models/baseline.pt``), compared image by image (McNemar's exact test,
+   :func:`pipeline.selection.paired_test`): a challenger that gets fewer test images right than the
+   baseline is registered but not promoted, whatever the champion. The champion is re-scored here
+   rather than trusting a number from another split. The accuracies, the paired test and the
+   decision are logged, and written to ``metrics/test.json``.
 4. Registering is idempotent: a version carries its checkpoint's SHA-256 (``checkpoint_sha256``)
    from its creation on, so a rerun after an interruption finishes that version (aliases, tags,
    description) instead of registering the same model twice.
@@ -42,6 +46,8 @@ from drtune.mlflow_model import SIGNATURE, model_metadata
 from drtune.prepared import load_prepared
 from pipeline import faults, plots
 from pipeline.config import PipelineConfig, load
+from pipeline.selection import BASELINE, PairedTest, paired_test
+from pipeline.selection import lift as lift_over_others
 from pipeline.stage import stage_main, write_csv
 from pipeline.tracking import connect, tracking_errors
 
@@ -94,9 +100,9 @@ def leaderboard_test(board: dict[str, dict], folder: Path, test, known: dict[str
 def board_numbers(board: dict[str, dict]) -> dict[str, float]:
     """Per method its best model's test top-1, and DR-Tune's test lift over the best other method (can be negative)."""
     out = {f"{m}.test_top1": e["test_top1"] for m, e in board.items() if "test_top1" in e}
-    others = [e["test_top1"] for m, e in board.items() if m != "drtune" and "test_top1" in e]
-    if "test_top1" in board.get("drtune", {}) and others:
-        out["drtune_test_lift_over_best_other"] = board["drtune"]["test_top1"] - max(others)
+    test_lift = lift_over_others({m: e.get("test_top1") for m, e in board.items()})
+    if test_lift is not None:
+        out["drtune_test_lift_over_best_other"] = test_lift
     return out
 
 
@@ -115,9 +121,21 @@ def registered_version(client: MlflowClient, name: str, checksum: str):
     return next((v for v in versions if v.tags.get(CHECKSUM_TAG) == checksum), None)
 
 
-def decide(new: float, current: float | None, note: str, champion_loads: bool = True) -> tuple[bool, str]:
-    """Promote when there is no champion or the new model is strictly better on the same split; a tie
-    promotes too when the champion no longer loads (a model people can use beats an equal one they cannot)."""
+def decide(new: float, current: float | None, note: str, champion_loads: bool = True,
+           vs_baseline: PairedTest | None = None) -> tuple[bool, str]:
+    """Whether the challenger becomes champion, and why, in words.
+
+    First the gate against plain fine-tuning: a challenger that gets fewer test images right than the
+    CE baseline's model (``vs_baseline``: challenger against baseline on the same images) is never
+    promoted. Then the champion: promote when there is none or the new model is strictly better on the
+    same split; a tie promotes too when the champion no longer loads (a model people can use beats an
+    equal one they cannot)."""
+    if vs_baseline is not None and vs_baseline.only_b > vs_baseline.only_a:
+        t = vs_baseline
+        noise = "beyond the noise" if t.p_value < 0.05 else "within the noise, but a gate takes no chances"
+        return False, (f"not promoted: the search did not beat plain fine-tuning on this data: CE-tuning's model is "
+                       f"better on test ({t.only_b - t.only_a} more of {t.n} images right, {t.difference:+.4f}; "
+                       f"McNemar p = {t.p_value:.3g}, {noise})")
     if current is None:
         return note == "no champion yet", f"promoted: {note}" if note == "no champion yet" else f"kept champion: {note}"
     if new > current or (new == current and not champion_loads):
@@ -141,7 +159,8 @@ def hyperparameters(params: dict) -> dict[str, object]:
 
 
 def model_description(name: str, version: str, params: dict, classes: list[str], stats: dict, scores: dict,
-                      baseline_top1: float, decision: str, experiment_id: str | None = None) -> str:
+                      baseline_top1: float, decision: str, experiment_id: str | None = None,
+                      selection: dict | None = None, vs_baseline: PairedTest | None = None) -> str:
     """The Markdown a person reads on the registry page: what the model is, how good, how to call it."""
     method = {"drtune": "DR-Tune (distribution regularisation + semantic calibration)", "ce": "CE-tuning",
               "linear_probe": "linear probe", "l2sp": "L2-SP", "bss": "BSS"}[params["train"]["method"]]
@@ -153,6 +172,11 @@ def model_description(name: str, version: str, params: dict, classes: list[str],
     lift = scores["top1"] - baseline_top1
     # MLflow 3.17's UI picks the experiment view from its GenAI / Model training switch, not from the
     # experiment's kind tag; this link opens the training runs directly.
+    paired = ""
+    if vs_baseline is not None:
+        low, high = vs_baseline.interval()
+        paired = (f" (paired on the same images: {vs_baseline.only_a} right only by this model, {vs_baseline.only_b} only "
+                  f"by CE-tuning's; 95 % interval [{low:+.4f}, {high:+.4f}], McNemar p = {vs_baseline.p_value:.3g})")
     runs = (f"\n\nThe search's trials and the CE baseline: [training runs](#/experiments/{experiment_id}/runs"
             "?workflowType=machine_learning)." if experiment_id else "")
     return f"""**{params["model"]["name"]}** (weights: `{params["model"]["pretrained"]}`) fine-tuned with **{method}**.
@@ -165,8 +189,10 @@ def model_description(name: str, version: str, params: dict, classes: list[str],
 {counts["val"]} validation and {counts["test"]} test images (data digest `{stats["sha256"]["train"][:16]}`).
 **Input**: images of any size, resized and centre-cropped to {size} × {size} px (RGB; grey images are repeated).
 
+**Why this model** ({selection["rule"] if selection else "validation"} pick): {selection["reason"] if selection else "best on validation"}.
+
 **Test top-1 {scores["top1"]:.4f}** (top-5 {scores["top5"]:.4f}, {scores["n"]} images) against the CE-tuning
-baseline's {baseline_top1:.4f}: lift **{lift:+.4f}**. Champion decision for version {version}: {decision}.{runs}
+baseline's {baseline_top1:.4f}: lift **{lift:+.4f}**{paired}. Champion decision for version {version}: {decision}.{runs}
 
 ```python
 import mlflow
@@ -192,17 +218,21 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     predictor = load_predictor(root / "models" / "best.pt")
     scores = predictor.score(test)
     lift = scores["top1"] - baseline["test_top1"]
+    baseline_predicted = load_predictor(root / "models" / "baseline.pt").score(test)["predicted"]
+    vs_baseline = paired_test(list(np.asarray(scores["predicted"]) == test.labels),
+                              list(np.asarray(baseline_predicted) == test.labels))
     plots.confusion_matrix(scores["confusion"], classes, plots_dir / "confusion_matrix.png",
                            f"test top-1 {scores['top1']:.3f} ({scores['n']} images)")
     version_before, champion_top1, note, champion_loads = champion_score(client, name, test, classes,
                                                                          tune_summary["data_sha256"])
     board = leaderboard_test(tune_summary.get("leaderboard", {}), root / "models" / "leaderboard", test,
-                             {tune_summary["best_trial"]: scores["top1"]})
+                             {tune_summary["best_trial"]: scores["top1"], BASELINE: baseline["test_top1"]})
 
     parent = tune_summary["mlflow_parent_run_id"]
     with mlflow.start_run(run_id=parent), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics({"test_top1": scores["top1"], "test_top5": scores["top5"],
                             "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift,
+                            "lift_over_ce_mcnemar_p": vs_baseline.p_value,
                             **{f"leaderboard.{k}": v for k, v in board_numbers(board).items()}})
         mlflow.log_dict({"columns": ["method", "trials", "completed", "best_trial", "best_val_top1", "test_top1"],
                          "data": [[m, e["trials"], e["completed"], e["best_trial"], e["best_val_top1"], e.get("test_top1")]
@@ -232,19 +262,21 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         if version_before == version:  # this very model is the champion already (a rerun)
             promote, decision = True, "already champion: this model was registered and promoted before"
         else:
-            promote, decision = decide(scores["top1"], champion_top1, note, champion_loads)
+            promote, decision = decide(scores["top1"], champion_top1, note, champion_loads, vs_baseline)
         if promote:
             client.set_registered_model_alias(name, "champion", version)
         params = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=False)["params"]
         tags = {"test_top1": f"{scores['top1']:.4f}", "ce_baseline_test_top1": f"{baseline['test_top1']:.4f}",
-                "lift_over_ce": f"{lift:+.4f}", "data_sha256": tune_summary["data_sha256"], "decision": decision,
+                "lift_over_ce": f"{lift:+.4f}", "lift_over_ce_mcnemar_p": f"{vs_baseline.p_value:.3g}",
+                "selection_rule": tune_summary["selection"]["rule"], "data_sha256": tune_summary["data_sha256"], "decision": decision,
                 "best_trial": tune_summary["best_trial"], "source_run": parent, "method": params["train"]["method"],
                 "onnx_max_abs_logit_diff": f"{onnx_check['max_abs_logit_diff']:.2e}",
                 **{k: str(v) for k, v in hyperparameters(params).items()}}
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         description = model_description(name, version, params, classes, data.stats, scores, baseline["test_top1"],
-                                        decision, tune_summary["mlflow_experiment_id"])
+                                        decision, tune_summary["mlflow_experiment_id"], tune_summary["selection"],
+                                        vs_baseline)
         client.update_model_version(name, version, description=description)
         if promote:
             client.update_registered_model(name, description=f"Champion: version {version}.\n\n{description}")
@@ -256,7 +288,8 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
               [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(test.labels, scores["predicted"], strict=True)])
     metrics = {"test_top1": scores["top1"], "test_top5": scores["top5"], "n_test": scores["n"],
                "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift,
-               "champion_test_top1_before": champion_top1, "promoted": int(promote), **board_numbers(board)}
+               "lift_over_ce_mcnemar_p": vs_baseline.p_value, "lift_over_ce_low": vs_baseline.interval()[0],
+               "lift_over_ce_high": vs_baseline.interval()[1], "champion_test_top1_before": champion_top1, "promoted": int(promote), **board_numbers(board)}
     registered = {"registered_model": name, "version": version, "champion_before": version_before, "decision": decision}
     (root / "metrics" / "test.json").write_text(json.dumps(metrics, indent=2))  # numbers only: a DVC metrics file
     (root / "models" / "registered.json").write_text(json.dumps(registered, indent=2))

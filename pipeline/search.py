@@ -19,10 +19,12 @@ How early stopping and the sampler fit together: Ray's OptunaSearch would tell O
 ASHA-stopped trial COMPLETED with its low, early-epoch score, as if that were its final result.
 :class:`PruningOptunaSearch` tells such trials as PRUNED instead; TPE then ranks them by how far
 they got and their last intermediate value, the way Optuna's own pruners work. Failed trials are
-told as FAIL and are never sampled around. The final pick (:func:`select_best`) considers only
-trials that ran every epoch and takes the highest final-epoch validation top-1 (ties: lower
-validation loss): a stopped trial's score is from a shorter, un-annealed schedule and its
-checkpoint is not a finished model.
+told as FAIL and are never sampled around. The final pick is :mod:`pipeline.selection`'s, among
+trials that ran every epoch (:func:`trial_candidates`): a stopped trial's score is from a shorter,
+un-annealed schedule and its checkpoint is not a finished model.
+
+Early stopping across methods (:class:`MethodASHA`) gives each method its own rungs and runs each
+method's starting point to the end, so a method that starts slowly is never stopped by a faster one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from dataclasses import dataclass
 
 import optuna
 import pyarrow.fs
@@ -41,6 +42,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pipeline.cluster import filesystem_and_path, trial_resources
 from pipeline.config import PipelineConfig
+from pipeline.selection import Candidate
 from pipeline.space import across_methods, ranges, starting_points, trial_config
 from pipeline.training import ReportToTune, SharedData, run_training
 
@@ -146,18 +148,91 @@ def _restored(path: str, trainable) -> tune.Tuner | None:
                                    f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}") from None
 
 
-def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list) -> tune.Tuner:
-    """A new Tuner, or the stored one restored: finished trials are kept, unfinished ones resumed and
-    errored ones retried, each from its last checkpoint (a trial that failed because a file or a
-    disk was bad then succeeds once that is fixed; a diverged trial is not an error and stays failed)."""
+def _tuner(config: PipelineConfig, driver_fn, storage: str, name: str, callbacks: list, param_space: dict,
+           **tune_config) -> tune.Tuner:
+    """The Tuner stored at ``storage/name`` restored (finished trials kept, unfinished resumed, errored
+    retried, each from its last checkpoint), else a new one: ``driver_fn`` with a trial driver's
+    resources, at most as many trials at once as the cluster fits, no Tune-level retries."""
     driver, concurrency = trial_resources(config)
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, base=config, data=data, storage=f"{storage}/train"), driver)
-    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
-                                failure_config=tune.FailureConfig(max_failures=0))
+    trainable = tune.with_resources(driver_fn, driver)
     restored = _restored(f"{storage}/{name}", trainable)
     if restored is not None:
         return restored
+    return tune.Tuner(trainable, param_space=param_space,
+                      tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, **tune_config),
+                      run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
+                                                failure_config=tune.FailureConfig(max_failures=0)))
+
+
+class MethodASHA(FIFOScheduler):
+    """ASHA with one set of rungs per method, and each method's starting point run to the end.
+
+    Methods learn at different speeds early on (a regulariser slows the first epochs, a linear probe
+    is quick), so a rung shared across methods stops a slow starter by speed, not by where it ends.
+    Here a trial is compared only with trials of its own method: each method has its own
+    :class:`ASHAScheduler`. A trial whose config is one of ``anchors`` (the methods' starting points,
+    their ``params.yaml`` values) is never stopped early; its scores still fill its method's rungs,
+    so later trials of that method are measured against it.
+    """
+
+    def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float, anchors: list[dict]) -> None:
+        super().__init__()
+        self._asha_args = {"time_attr": "epoch", "max_t": max_t, "grace_period": grace_period,
+                           "reduction_factor": reduction_factor}
+        self._max_t = max_t
+        self._anchors = anchors
+        self._rungs: dict[str, ASHAScheduler] = {}
+        self._metric = self._mode = None
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    def _of(self, trial) -> ASHAScheduler:
+        method = trial.config.get("method", "")
+        if method not in self._rungs:
+            self._rungs[method] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._asha_args)
+        return self._rungs[method]
+
+    def is_anchor(self, config: dict) -> bool:
+        """Whether ``config`` is one of the starting points (the sampler returns them as given)."""
+        return any(all(k in config and (config[k] == v or (isinstance(v, float) and math.isclose(config[k], v)))
+                       for k, v in a.items()) and len(a) == len(config) for a in self._anchors)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = self._of(trial).on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get("epoch", 0) < self._max_t and self.is_anchor(trial.config):
+            return self.CONTINUE
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "ASHA per method: " + "; ".join(f"{m}: {s.debug_string()}" for m, s in self._rungs.items())
+
+
+def scheduler(config: PipelineConfig):
+    """Early stopping: none, one ASHA over every trial (one method), or :class:`MethodASHA` (several)."""
+    t = config.tune
+    if not t.early_stopping:
+        return FIFOScheduler()
+    if across_methods(config):
+        return MethodASHA(max_t=config.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor,
+                          anchors=starting_points(config))
+    return ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period,
+                         reduction_factor=t.reduction_factor)
+
+
+def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list) -> tune.Tuner:
+    """The search's Tuner (:func:`_tuner`: restored when stored). A trial that failed because a file or a
+    disk was bad succeeds on the rerun once that is fixed; a diverged trial is not an error and stays failed."""
     t = config.tune
     # group=True: TPE models each method's conditional subspace on the trials that drew it.
     sampler = optuna.samplers.TPESampler(seed=t.seed, multivariate=True, constant_liar=True,
@@ -165,26 +240,9 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
     space = {"space": MethodSpace(config), "metric": METRIC, "mode": "max"} if across_methods(config) else {}
     searcher = PruningOptunaSearch(points_to_evaluate=starting_points(config) or None, sampler=sampler,
                                    max_epochs=config.train.epochs, **space)
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period,
-                               reduction_factor=t.reduction_factor)
-                 if t.early_stopping else FIFOScheduler())
-    return tune.Tuner(
-        trainable,
-        param_space=search_space(config),
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
-                                    num_samples=t.num_samples, max_concurrent_trials=concurrency),
-        run_config=run_config,
-    )
-
-
-@dataclass
-class Best:
-    """The trial the search picked."""
-
-    trial_id: str
-    config: dict
-    metrics: dict
-    checkpoint: Checkpoint
+    return _tuner(config, tune.with_parameters(trial_driver, base=config, data=data, storage=f"{storage}/train"),
+                  storage, name, callbacks, search_space(config), metric=METRIC, mode="max", search_alg=searcher,
+                  scheduler=scheduler(config), num_samples=t.num_samples)
 
 
 def require_finished(results, expected: int, message: str) -> None:
@@ -195,27 +253,26 @@ def require_finished(results, expected: int, message: str) -> None:
         raise KeyboardInterrupt(message)
 
 
-def ranked(results, max_epochs: int, filesystem: pyarrow.fs.FileSystem | None = None) -> list[Best]:
-    """Trials that ran every epoch, best first: highest final-epoch validation top-1, ties by lower
-    validation loss, then Tune's order.
+def trial_candidates(results, max_epochs: int, n_val: int, method: str,
+                     filesystem: pyarrow.fs.FileSystem | None = None) -> list[Candidate]:
+    """Every trial of a search as a :class:`~pipeline.selection.Candidate`, in Tune's order: completed
+    (every epoch, a finite score), stopped (by ASHA) or failed (an error or a divergence). ``method`` is
+    the one a trial without a sampled method trained; ``ref`` is its last checkpoint.
 
     ``filesystem`` is the storage's (:func:`pipeline.cluster.storage_filesystem`): the checkpoint
     path Tune reports is relative to it."""
-    finished = [r for r in results if r.error is None and r.metrics and r.metrics.get("epoch", 0) >= max_epochs
-                and math.isfinite(r.metrics.get(METRIC, float("nan")))]
-    order = sorted(finished, key=lambda r: (-r.metrics[METRIC], r.metrics.get("val_loss", 0.0)))
-    return [Best(trial_id=r.metrics["trial_id"], config=dict(r.config), metrics=dict(r.metrics),
-                 checkpoint=Checkpoint(r.metrics["checkpoint_path"], filesystem=filesystem)) for r in order]
-
-
-def select_best(results, max_epochs: int, filesystem: pyarrow.fs.FileSystem | None = None) -> Best:
-    """The first of :func:`ranked`: the pick on the validation split alone."""
-    finished = ranked(results, max_epochs, filesystem)
-    if not finished:
-        raise RuntimeError(f"no trial completed all {max_epochs} epochs: {len(results)} trials, "
-                           f"{sum(r.error is not None for r in results)} failed (their errors are in their MLflow runs); "
-                           "fix the cause and run the stage again: failed trials are retried from their last checkpoints")
-    return finished[0]
+    out = []
+    for r in results:
+        m = r.metrics or {}
+        score = float(m.get(METRIC, math.nan))
+        failed = r.error is not None or bool(m.get("diverged")) or not math.isfinite(score)
+        status = "failed" if failed else ("completed" if m.get("epoch", 0) >= max_epochs else "stopped")
+        out.append(Candidate(
+            id=m.get("trial_id") or str(r.path).rsplit("/", 1)[-1], method=r.config.get("method", method),
+            val_top1=score, val_loss=float(m.get("val_loss", math.nan)), n_val=n_val, status=status,
+            config=dict(r.config), ref=Checkpoint(m["checkpoint_path"], filesystem=filesystem)
+            if status == "completed" else None))
+    return out
 
 
 def finalist_driver(point: dict, *, base: PipelineConfig, finalists: list[dict], data: SharedData, storage: str) -> None:
@@ -224,45 +281,29 @@ def finalist_driver(point: dict, *, base: PipelineConfig, finalists: list[dict],
                  [ReportToTune(base.train.epochs)], fold=point["fold"])
 
 
-def build_finalist_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, finalists: list[Best],
-                         callbacks: list) -> tune.Tuner:
+def build_finalist_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str,
+                         finalists: list[Candidate], callbacks: list) -> tune.Tuner:
     """Every finalist on every one of ``tune.finalist_folds`` extra folds (:mod:`drtune.folds`), all epochs, no
     early stopping and no sampler: a grid. Restored, like :func:`build_tuner`'s search, when it is stored."""
-    driver, concurrency = trial_resources(config)
-    trainable = tune.with_resources(tune.with_parameters(
-        finalist_driver, base=config, finalists=[b.config for b in finalists], data=data, storage=f"{storage}/train"),
-        driver)
-    restored = _restored(f"{storage}/{name}", trainable)
-    if restored is not None:
-        return restored
+    driver_fn = tune.with_parameters(finalist_driver, base=config, finalists=[c.config for c in finalists], data=data,
+                                     storage=f"{storage}/train")
     space = {"finalist": tune.grid_search(list(range(len(finalists)))),
              "fold": tune.grid_search(list(range(1, config.tune.finalist_folds + 1)))}
-    return tune.Tuner(trainable, param_space=space,
-                      tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-                      run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
-                                                failure_config=tune.FailureConfig(max_failures=0)))
+    return _tuner(config, driver_fn, storage, name, callbacks, space)
 
 
-def cross_validated(finalists: list[Best], refits, max_epochs: int) -> list[dict]:
-    """Each finalist's validation top-1 on its own split and on every extra fold, and their mean ``cv_top1``
-    (the folds are the same size, so the mean is its accuracy over all of their images).
+def cross_validated(finalists: list[Candidate], refits, max_epochs: int) -> list[Candidate]:
+    """The finalists with their extra folds pooled in (:meth:`Candidate.revalidated`): ``cv_top1`` is the mean
+    validation top-1 over their own split and every extra fold (the folds are the same size, so it is their
+    accuracy over all of those images).
 
     A finalist that diverges on a fold scores 0 there: a setting that trains only on some splits is fragile.
     A refit that failed or did not finish is an error: its fold would be missing from the mean."""
-    folds = {i: {} for i in range(len(finalists))}
+    folds: dict[int, dict[int, float]] = {i: {} for i in range(len(finalists))}
     for r in refits:
         m = r.metrics or {}
         if r.error is not None or not (m.get("diverged") or m.get("epoch", 0) >= max_epochs):
-            raise RuntimeError(f"finalist {finalists[r.config['finalist']].trial_id} on extra fold {r.config['fold']} "
+            raise RuntimeError(f"finalist {finalists[r.config['finalist']].id} on extra fold {r.config['fold']} "
                                "did not finish; run the stage again: it continues from its last checkpoint")
         folds[r.config["finalist"]][r.config["fold"]] = 0.0 if m.get("diverged") else float(m[METRIC])
-    out = []
-    for i, b in enumerate(finalists):
-        scores = [float(b.metrics[METRIC])] + [folds[i][f] for f in sorted(folds[i])]
-        out.append({"trial": b.trial_id, "val_top1": scores[0], "fold_top1": scores[1:], "cv_top1": sum(scores) / len(scores)})
-    return out
-
-
-def cross_validated_pick(finalists: list[Best], scores: list[dict]) -> Best:
-    """The finalist with the highest ``cv_top1``; ties go to the earlier finalist (the validation split's order)."""
-    return finalists[max(range(len(finalists)), key=lambda i: (scores[i]["cv_top1"], -i))]
+    return [c.revalidated([folds[i][f] for f in sorted(folds[i])]) for i, c in enumerate(finalists)]

@@ -7,17 +7,23 @@ checked (an unreachable server fails here, before Ray starts), then the search r
 same search was interrupted or had failed trials, resumes (finished trials kept, unfinished and
 failed ones continued from their last checkpoints); ``--fresh`` (or ``DRTUNE_FRESH=1``) discards a
 stored search instead. After the search every trial's MLflow run is reconciled with Tune's results.
-With ``tune.finalists`` = N ≥ 2 the N best completed trials are then trained again on
-``tune.finalist_folds`` more held-out folds of the same labelled images (:mod:`drtune.folds`; a grid
-of Ray Train runs, resumable like the search) and the pick is the best mean validation top-1 over
-all folds; its model is still the search trial's own.
+
+The candidates are the trials that ran every epoch and the CE baseline (the ``baseline`` stage's
+model: plain fine-tuning at the defaults, same splits, same epochs). :mod:`pipeline.selection` picks
+one: a clear best on validation wins; candidates within the validation noise of the best are first
+re-validated (``tune.revalidate: auto``; at most ``tune.finalists`` of them, each trained again on
+``tune.finalist_folds`` more held-out folds of the same labelled images, :mod:`drtune.folds`; a grid
+of Ray Train runs, resumable like the search) and, if still tied, the baseline wins the tie. The
+chosen model is always the candidate's own (the search trial's, or the baseline's).
 Outputs:
 
-* ``models/best.pt`` — the best trial's final model: encoder + head, params, classes, history
-  (the trial chosen by :func:`pipeline.search.select_best`, its last epoch: see :mod:`drtune.evaluation`);
+* ``models/best.pt`` — the chosen model: encoder + head, params, classes, history (its last epoch:
+  see :mod:`drtune.evaluation`);
+* ``models/leaderboard/<method>.pt`` — each method's best model (CE's may be the baseline), tested by ``register``;
 * ``metrics/tune.json`` — numbers only (a DVC metrics file): the winner's validation score and
-  hyperparameters, trial counts, wall time;
-* ``models/best.json`` — which trial won, its MLflow parent run and Ray experiment path, the data digest;
+  hyperparameters, trial counts, the deciding gap in images and its interval, wall time;
+* ``models/best.json`` — which candidate won and by which rule, the leaderboard, its MLflow parent run
+  and Ray experiment path, the data digest;
 * ``metrics/tune_curve.csv``, ``metrics/landscape.csv`` — DVC plots (learning curve, search landscape);
 * ``plots/learning_curve.png``, ``plots/landscape.png`` — the same as pictures.
 """
@@ -25,7 +31,6 @@ Outputs:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -52,12 +57,12 @@ from pipeline.search import (
     build_finalist_tuner,
     build_tuner,
     cross_validated,
-    cross_validated_pick,
     discard_experiment,
-    ranked,
     require_finished,
-    select_best,
+    trial_candidates,
 )
+from pipeline.selection import BASELINE, Candidate, Pick, leaderboard, lift, pick, rank
+from pipeline.selection import finalists as selection_finalists
 from pipeline.space import searched_names, starting_points, unprefixed
 from pipeline.stage import flat, stage_main, write_csv
 from pipeline.tracking import (
@@ -107,6 +112,39 @@ class Progress(Callback):
         print(f"trial {trial.trial_id} failed (its error is in the trial's MLflow run); the search goes on", flush=True)
 
 
+def baseline_candidate(root: Path, p: PipelineConfig, data_sha256: str, n_val: int) -> Candidate | None:
+    """The CE baseline (the ``baseline`` stage's model) as a candidate, or None when that stage has not run here.
+
+    It must have trained on these splits for these epochs: a baseline of other data or another schedule is
+    an error, not a silently unfair comparison."""
+    record, model = root / "models" / "baseline.json", root / "models" / "baseline.pt"
+    if not (record.is_file() and model.is_file()):
+        print("no CE baseline here (models/baseline.json): it is not a candidate; run the baseline stage first "
+              "to let plain fine-tuning compete", flush=True)
+        return None
+    b = json.loads(record.read_text())
+    if b["data_sha256"] != data_sha256 or b["epochs"] != p.train.epochs:
+        raise ConfigError(f"models/baseline.json was trained on other data or for {b['epochs']} epochs (train.epochs "
+                          f"= {p.train.epochs}): run the baseline stage again (dvc repro does)")
+    return Candidate(id=BASELINE, method="ce", val_top1=b["val_top1"], val_loss=b["val_loss"], n_val=n_val,
+                     config={"method": "ce", "lr_backbone": b["lr_backbone"], "lr_head": b["lr_head"]}, baseline=True,
+                     ref=model)
+
+
+def choose(p: PipelineConfig, candidates: list[Candidate], revalidate) -> tuple[Pick, list[Candidate]]:
+    """The pick (:func:`pipeline.selection.pick`), with the tied candidates re-validated first when
+    ``tune.revalidate`` asks for it; ``revalidate(finalists)`` trains them on the extra folds and returns
+    them re-validated. Returns the pick and the re-validated finalists (empty when none were)."""
+    mode, at_most = p.tune.revalidate, p.tune.finalists
+    finalists = (rank(candidates)[:at_most] if mode == "always" else
+                 selection_finalists(candidates, at_most) if mode == "auto" else [])
+    if len(finalists) < 2:
+        return pick(candidates), []
+    scored = revalidate(finalists)
+    by_id = {c.id: c for c in scored}
+    return pick([by_id.get(c.id, c) for c in candidates]), scored
+
+
 @tracking_errors()
 def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     """Run (or resume) the search and write the stage's outputs under ``root``; ``fresh`` first discards
@@ -115,9 +153,10 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     starting_points(p)  # validates tune.points_to_evaluate before Ray starts
     folds = max_extra_folds(data.train, data.val)
-    if p.tune.finalists and p.tune.finalist_folds > folds:
+    if p.tune.revalidate != "never" and p.tune.finalist_folds > folds:
         raise ConfigError(f"tune.finalist_folds = {p.tune.finalist_folds}: the prepared training split holds {folds} "
                           "disjoint folds the size of the validation split (per class); lower it")
+    baseline = baseline_candidate(root, p, data.checksum, len(data.val))
     largest = p.library()
     largest.drtune.queue_size = max(p.tune.queue_sizes)
     # Everything a worker would reject, before Ray starts; each trial keeps one checkpoint in storage.
@@ -154,73 +193,90 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             trial_runs.close_open_runs()
         require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {experiment_path}")
         trial_runs.reconcile(results)  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
-        best = select_best(results, p.train.epochs, storage_filesystem(storage))
-        finalists = ranked(results, p.train.epochs, storage_filesystem(storage))[:p.tune.finalists]
-        scores = []
-        if len(finalists) > 1:  # re-validate the top trials on more held-out folds of the same labels
-            print(f"re-validating the top {len(finalists)} trials on {p.tune.finalist_folds} more held-out folds", flush=True)
+        candidates = trial_candidates(results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage))
+        candidates += [baseline] if baseline else []
+        if not rank(candidates):
+            raise RuntimeError(f"no trial completed all {p.train.epochs} epochs: {len(results)} trials, "
+                               f"{sum(c.status == 'failed' for c in candidates)} failed (their errors are in their MLflow "
+                               "runs); fix the cause and run the stage again: failed trials are retried from their last "
+                               "checkpoints")
+
+        def revalidate(finalists: list[Candidate]) -> list[Candidate]:
+            names = ", ".join(c.id for c in finalists)
+            print(f"re-validating {names} on {p.tune.finalist_folds} more held-out folds", flush=True)
             refits = build_finalist_tuner(p, shared, storage, f"{ray_run}-finalists", finalists, [progress]).fit()
             require_finished(refits, len(finalists) * p.tune.finalist_folds,
                              f"re-validation interrupted; its state is stored at {experiment_path}-finalists")
-            scores = cross_validated(finalists, refits, p.train.epochs)
-            best = cross_validated_pick(finalists, scores)
-            for row in scores:
-                trial_runs.log_final(row["trial"], {"cv_top1": row["cv_top1"]})
-            trial_runs.flush()
+            return cross_validated(finalists, refits, p.train.epochs)
+
+        chosen, scored = choose(p, candidates, revalidate)
+        for c in scored:
+            if c.baseline:
+                client.log_metric(json.loads((root / "models" / "baseline.json").read_text())["mlflow_run_id"],
+                                  "cv_top1", c.cv_top1)
+            else:
+                trial_runs.log_final(c.id, {"cv_top1": c.cv_top1})
+        trial_runs.flush()
+        best = chosen.chosen
+        print(f"pick: {best.id} ({best.method}), rule {chosen.rule}: {chosen.reason}", flush=True)
         wall = time.time() - start
 
         models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
         for d in (models, metrics_dir, plots_dir):
             d.mkdir(parents=True, exist_ok=True)
-        methods = p.search_methods()
-        keys = sorted({name for m in methods for name in searched_names(p, m)})
-        rows = []
-        for r in results:
-            m = r.metrics or {}
-            status = "failed" if r.error is not None or m.get("diverged") else ("completed" if m.get("epoch", 0) >= p.train.epochs else "stopped")
-            values = unprefixed(r.config)
-            rows.append({"trial": m.get("trial_id", "?"), "method": r.config.get("method", p.train.method),
-                         **{k: values.get(k) for k in keys},
-                         "val_top1": float(m.get(METRIC, math.nan)), "epochs": int(m.get("epoch", 0)), "status": status})
-        board = leaderboard(results, rows, methods, p, storage, models / "leaderboard",
-                            {row["trial"]: row["cv_top1"] for row in scores})
-        best_method = best.config.get("method", p.train.method)
-        # The overall pick is its method's pick (the same rule over the same trials in the same order),
-        # so its inference model is on disk already: copied, not read from storage a second time.
-        shutil.copy(models / "leaderboard" / f"{best_method}.pt", models / "best.pt")
+        methods = list(dict.fromkeys(p.search_methods() + (["ce"] if baseline else [])))
+        keys = sorted({name for m in p.search_methods() for name in searched_names(p, m)})
+        rows = [{"trial": c.id, "method": c.method, **{k: unprefixed(c.config).get(k) for k in keys},
+                 "val_top1": c.val_top1, "epochs": p.train.epochs if c.status == "completed" else
+                 int((r.metrics or {}).get("epoch", 0)), "status": c.status}
+                for c, r in zip(candidates[:len(results)], results, strict=True)]  # the trials; the baseline is none
+        board = leaderboard(candidates, chosen, methods)
+        write_leaderboard_models(board, candidates, models / "leaderboard")
+        assert board[best.method]["best_trial"] == best.id, (board, best.id)  # the pick is its method's entry
+        shutil.copy(models / "leaderboard" / f"{best.method}.pt", models / "best.pt")
         history = torch.load(models / "best.pt", map_location="cpu", weights_only=False)["history"]  # every epoch, resumes included
         curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
         write_csv(metrics_dir / "tune_curve.csv", curve)
         write_csv(metrics_dir / "landscape.csv", rows)
-        plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best trial {best.trial_id}")
+        plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best: {best.id}")
         plots.search_landscape(rows, keys, plots_dir / "landscape.png")
+        record = chosen.record()
+        gap = record["comparison"] or {}
         # Numbers go to the DVC metrics file; what identifies the winner goes beside its model.
         metrics = {
-            "best_val_top1": best.metrics[METRIC], "best_val_loss": best.metrics["val_loss"], "trials": len(rows),
+            "best_val_top1": best.val_top1, "best_val_loss": best.val_loss, "trials": len(rows),
             "completed": sum(r["status"] == "completed" for r in rows), "stopped_early": sum(r["status"] == "stopped" for r in rows),
             "failed": sum(r["status"] == "failed" for r in rows), "wall_s": round(wall, 1),
+            "best_is_baseline": int(best.baseline), "revalidated": len(scored),
+            **({"gap_images": gap["gap_images"], "gap_low": gap["interval"][0], "gap_high": gap["interval"][1]}
+               if gap else {}),
             "best": unprefixed(best.config),
-            **({"best_cv_top1": next(r["cv_top1"] for r in scores if r["trial"] == best.trial_id),
-                "finalists": len(scores)} if scores else {}),
+            **({"best_cv_top1": best.cv_top1} if best.cv_top1 is not None else {}),
         }
-        chosen = {
-            "best_trial": best.trial_id, "best_method": best_method,
+        finalist_rows = [{"trial": c.id, "val_top1": c.val_top1, "cv_top1": c.cv_top1, "folds": c.folds} for c in scored]
+        chosen_record = {
+            "best_trial": best.id, "best_method": best.method, "best_is_baseline": best.baseline,
             "best_config": best.config, "experiment_path": experiment_path, "leaderboard": board,
-            "selection": "cross-validated finalists" if scores else "validation split", "finalists": scores,
+            "selection": record, "finalists": finalist_rows,
             "mlflow_parent_run_id": parent, "mlflow_experiment_id": mlflow_experiment, "data_sha256": data.checksum,
         }
         (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
         board_metrics = leaderboard_numbers(board)
         (metrics_dir / "leaderboard.json").write_text(json.dumps(board_metrics, indent=2))
-        (models / "best.json").write_text(json.dumps(chosen, indent=2))
-        summary = metrics | chosen
-        client.log_metric(parent, "best_val_top1", best.metrics[METRIC])
-        client.set_tag(parent, "best_trial", best.trial_id)
-        client.set_tag(parent, "best_method", best_method)
-        client.set_tag(parent, "selection", chosen["selection"])
-        if scores:
-            client.log_metric(parent, "best_cv_top1", metrics["best_cv_top1"])
-            client.log_dict(parent, pd.DataFrame(scores).to_dict(orient="split"), "finalists.json")
+        (models / "best.json").write_text(json.dumps(chosen_record, indent=2))
+        summary = metrics | chosen_record
+        client.log_metric(parent, "best_val_top1", best.val_top1)
+        client.set_tag(parent, "best_trial", best.id)
+        client.set_tag(parent, "best_method", best.method)
+        client.set_tag(parent, "selection", chosen.rule)
+        client.set_tag(parent, "selection_reason", chosen.reason)
+        if gap:
+            client.log_metric(parent, "selection_gap_images", gap["gap_images"])
+        if best.cv_top1 is not None:
+            client.log_metric(parent, "best_cv_top1", best.cv_top1)
+        if finalist_rows:
+            client.log_dict(parent, pd.DataFrame(finalist_rows).to_dict(orient="split"), "finalists.json")
+        client.log_dict(parent, record, "selection.json")
         # the table format of MLflow's log_table, written whole (log_table appends on a rerun)
         client.log_dict(parent, pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
                         "leaderboard_val.json")
@@ -231,30 +287,20 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     return summary
 
 
-def leaderboard(results, rows: list[dict], methods: list[str], p: PipelineConfig, storage: str,
-                folder: Path, cv: dict[str, float]) -> dict[str, dict]:
-    """Each searched method's trials, completed trials and best trial (the same rule as the overall pick:
-    the highest ``cv`` score among its re-validated finalists when it has any, else :func:`select_best` on
-    its own trials), whose inference checkpoint goes to ``folder/<method>.pt``
-    for the register stage to test. A method with no completed trial (ASHA stopped all of them, or they failed)
-    is listed with ``best_val_top1`` None: a score from fewer epochs would not be comparable with the others'."""
+def write_leaderboard_models(board: dict[str, dict], candidates: list[Candidate], folder: Path) -> None:
+    """Each method's best model as an inference checkpoint, ``folder/<method>.pt``, for the register stage to
+    test: a trial's read from its Ray checkpoint (local or remote storage), the baseline's copied."""
     folder.mkdir(parents=True, exist_ok=True)
-    board = {}
-    for method in methods:
-        mine = [(r, row) for r, row in zip(results, rows, strict=True) if row["method"] == method]
-        entry = {"trials": len(mine), "completed": sum(row["status"] == "completed" for _, row in mine),
-                 "stopped_early": sum(row["status"] == "stopped" for _, row in mine),
-                 "best_val_top1": None, "best_trial": None}
-        if entry["completed"]:
-            order = ranked([r for r, _ in mine], p.train.epochs, storage_filesystem(storage))
-            checked = [b for b in order if b.trial_id in cv]  # in validation order: ties go to the earlier one
-            best = max(checked, key=lambda b: cv[b.trial_id]) if checked else order[0]
-            with tempfile.TemporaryDirectory() as tmp:
-                save_inference_checkpoint(read_checkpoint(best.checkpoint, Path(tmp) / "last.pt"), folder / f"{method}.pt")
-            entry |= {"best_val_top1": best.metrics[METRIC], "best_trial": best.trial_id,
-                      **({"best_cv_top1": cv[best.trial_id]} if checked else {})}
-        board[method] = entry
-    return board
+    by_id = {c.id: c for c in candidates}
+    for method, entry in board.items():
+        if entry["best_trial"] is None:
+            continue
+        best = by_id[entry["best_trial"]]
+        if best.baseline:
+            shutil.copy(best.ref, folder / f"{method}.pt")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            save_inference_checkpoint(read_checkpoint(best.ref, Path(tmp) / "last.pt"), folder / f"{method}.pt")
 
 
 def leaderboard_numbers(board: dict[str, dict]) -> dict[str, float]:
@@ -266,9 +312,9 @@ def leaderboard_numbers(board: dict[str, dict]) -> dict[str, float]:
                 f"{method}.stopped_early": e["stopped_early"]}
         if e["best_val_top1"] is not None:
             out[f"{method}.best_val_top1"] = e["best_val_top1"]
-    others = [e["best_val_top1"] for m, e in board.items() if m != "drtune" and e["best_val_top1"] is not None]
-    if "drtune" in board and others and board["drtune"]["best_val_top1"] is not None:
-        out["drtune_val_lift_over_best_other"] = board["drtune"]["best_val_top1"] - max(others)
+    val_lift = lift({m: e["best_val_top1"] for m, e in board.items()})
+    if val_lift is not None:
+        out["drtune_val_lift_over_best_other"] = val_lift
     return out
 
 

@@ -69,8 +69,10 @@ def _client(root: Path):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """``dvc repro`` of the quick pipeline with 3 trials, the first of which diverges to NaN."""
-    root = _copy_project(tmp_path_factory.mktemp("e2e") / "project",
+    """``dvc repro`` of the quick pipeline with 3 trials, the first of which diverges to NaN. The CE baseline's
+    rates are set too low to learn in 3 epochs, so a DR-Tune trial is clearly the best candidate and the
+    registry path of a searched model is what runs (the baseline's own wins are tested elsewhere)."""
+    root = _copy_project(tmp_path_factory.mktemp("e2e") / "project", train={"lr_backbone": 0.0001, "lr_head": 0.001},
                          tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT]})
     start = time.time()
     done = subprocess.run(["dvc", "repro"], cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
@@ -153,6 +155,8 @@ def test_the_registry_and_runs_as_a_person_browses_them(project: Path) -> None:
     assert {"train_ce", "epoch_s", "images_per_s", "lr_head"} <= set(baseline.data.metrics)
     parent = next(r for r in runs if "drtune.ray_experiment" in r.data.tags)
     best = json.loads((project / "metrics" / "tune.json").read_text())["best"]
+    chosen = json.loads((project / "models" / "best.json").read_text())
+    assert chosen["selection"]["rule"] == "clear" and chosen["leaderboard"]["ce"]["best_trial"] == "baseline"
     assert float(parent.data.params["best.lam"]) == pytest.approx(best["lam"])
     version = client.get_model_version_by_alias("drtune-digits", "champion")
     assert version.tags["method"] == "drtune" and float(version.tags["drtune.lam"]) == pytest.approx(best["lam"])
@@ -233,11 +237,11 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
     for cmd in (["git", "add", "dvc.lock", "metrics", "plots"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "quick run"]):
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)
-    # No early stopping: with ASHA, both of one method's trials can be stopped at the first rung, and the
-    # leaderboard then rightly has no full-schedule score for it (seen on CI).
-    # One trial per method (each method's starting point); both are then re-validated on one more fold.
+    # No early stopping: one trial per method (each method's starting point), and the top two candidates
+    # (of the two trials and the CE baseline) are always re-validated on one more fold.
     exp = subprocess.run(["dvc", "exp", "run", "-S", "tune.methods=[drtune,linear_probe]", "-S", "tune.num_samples=2",
-                          "-S", "tune.early_stopping=false", "-S", "tune.finalists=2", "-S", "tune.finalist_folds=1"],
+                          "-S", "tune.early_stopping=false", "-S", "tune.revalidate=always", "-S", "tune.finalists=2",
+                          "-S", "tune.finalist_folds=1"],
                          cwd=project, env=env,
                          capture_output=True, text=True, timeout=900)
     out = exp.stdout + exp.stderr
@@ -247,26 +251,36 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
     assert json.loads((project / "metrics" / "tune.json").read_text())["trials"] == 2
     board = json.loads((project / "metrics" / "leaderboard.json").read_text())
     assert board["drtune.completed"] == board["linear_probe.completed"] == 1 and "drtune_val_lift_over_best_other" in board
+    assert board["ce.trials"] == 0 and board["ce.completed"] == 1  # the baseline, on the leaderboard as CE-tuning
     test = json.loads((project / "metrics" / "test.json").read_text())
-    assert {"drtune.test_top1", "linear_probe.test_top1", "drtune_test_lift_over_best_other"} <= set(test)
+    assert {"drtune.test_top1", "linear_probe.test_top1", "ce.test_top1", "drtune_test_lift_over_best_other"} <= set(test)
+    baseline = json.loads((project / "metrics" / "baseline.json").read_text())
+    assert test["ce.test_top1"] == baseline["test_top1"]
     chosen = json.loads((project / "models" / "best.json").read_text())
-    assert chosen["selection"] == "cross-validated finalists" and len(chosen["finalists"]) == 2
+    selection = chosen["selection"]
+    assert selection["rule"] in ("revalidated", "conservative") and len(chosen["finalists"]) == 2
+    n_val = sum(json.loads((project / "data" / "prepared" / "stats.json").read_text())["counts"]["val"])
+    assert selection["scored_on_images"] == 2 * n_val  # its own split and one more fold
     scores = {row["trial"]: row for row in chosen["finalists"]}
-    assert chosen["best_trial"] == max(scores, key=lambda t: scores[t]["cv_top1"])
-    assert all(len(row["fold_top1"]) == 1 and row["cv_top1"] == pytest.approx((row["val_top1"] + row["fold_top1"][0]) / 2)
-               for row in scores.values())
+    assert all(row["folds"] == 2 for row in scores.values())
+    if selection["rule"] == "revalidated":
+        assert chosen["best_trial"] == max(scores, key=lambda t: scores[t]["cv_top1"])
+    else:
+        assert "baseline" not in scores or chosen["best_trial"] == "baseline"
     assert chosen["leaderboard"][chosen["best_method"]]["best_trial"] == chosen["best_trial"]
     client = _client(project)
     version = json.loads((project / "models" / "registered.json").read_text())["version"]
     assert client.get_model_version("drtune-digits", version).tags["method"] == chosen["best_method"]
+    assert client.get_model_version("drtune-digits", version).tags["selection_rule"] == selection["rule"]
     parent = client.get_run(chosen["mlflow_parent_run_id"])
     assert parent.data.tags["best_method"] == chosen["best_method"]
-    assert {"leaderboard.json", "leaderboard_val.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.tags["selection"] == selection["rule"] and parent.data.tags["selection_reason"] == selection["reason"]
+    assert {"leaderboard.json", "leaderboard_val.json", "selection.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
     trials = client.search_runs([parent.info.experiment_id],
                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {t.data.tags["drtune.trial_id"]: t.data.metrics["cv_top1"] for t in trials if "cv_top1" in t.data.metrics} == \
-        pytest.approx({trial: row["cv_top1"] for trial, row in scores.items()})
-    assert parent.data.tags["selection"] == "cross-validated finalists"
+        pytest.approx({trial: row["cv_top1"] for trial, row in scores.items() if trial != "baseline"})
     probes = [t for t in trials if t.data.params.get("method") == "linear_probe"]
     assert probes and all(set(t.data.params) == {"method", "linear_probe.lr_head"} for t in probes)  # never λ
 

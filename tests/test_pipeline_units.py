@@ -20,15 +20,7 @@ from drtune.mlflow_model import DRTuneClassifier
 from drtune.task import Classifier
 from pipeline.config import PipelineConfig, load
 from pipeline.register import decide, model_description
-from pipeline.search import (
-    PruningOptunaSearch,
-    cross_validated,
-    cross_validated_pick,
-    ranked,
-    require_finished,
-    search_space,
-    select_best,
-)
+from pipeline.search import PruningOptunaSearch, require_finished, search_space
 from pipeline.space import SEARCHED, random_point, searched_names, starting_points, trial_config
 from pipeline.tracking import TrackingUnavailableError, connect
 
@@ -114,52 +106,6 @@ def test_asha_stopped_trials_are_pruned_in_optuna_and_failures_fail() -> None:
     TS = optuna.trial.TrialState
     assert states == [TS.COMPLETE, TS.PRUNED, TS.FAIL, TS.FAIL]
     assert s._ot_study.best_value == 0.7  # a stopped trial's early score never becomes "best"
-
-
-def _result(trial_id: str, top1: float, epoch: int, loss: float = 1.0, error=None):
-    metrics = {"val_top1": top1, "val_loss": loss, "epoch": epoch, "trial_id": trial_id, "checkpoint_path": f"/ck/{trial_id}"}
-    return SimpleNamespace(error=error, metrics=metrics, config={"lam": 1.0}, metrics_dataframe=pd.DataFrame([metrics]))
-
-
-def test_select_best_ignores_stopped_and_failed_trials() -> None:
-    results = [_result("a", 0.70, 10), _result("b", 0.95, 3), _result("c", 0.99, 10, error=RuntimeError("nan")),
-               _result("d", 0.70, 10, loss=0.5)]
-    best = select_best(results, max_epochs=10)
-    assert best.trial_id == "d" and best.checkpoint.path == "/ck/d"  # tie on top-1 → lower loss
-    with pytest.raises(RuntimeError, match="no trial completed all 10 epochs"):
-        select_best([_result("b", 0.95, 3)], max_epochs=10)
-
-
-def test_finalists_are_picked_on_every_fold_and_a_fold_they_diverge_on_scores_zero() -> None:
-    search = [_result("a", 0.80, 10), _result("b", 0.82, 10), _result("c", 0.79, 10), _result("d", 0.90, 4)]
-    finalists = ranked(search, max_epochs=10)[:2]
-    assert [b.trial_id for b in finalists] == ["b", "a"]  # validation order; "d" was stopped early
-
-    def refit(finalist: int, fold: int, top1: float, diverged: bool = False, epoch: int = 10) -> SimpleNamespace:
-        metrics = {"val_top1": top1, "epoch": epoch, **({"diverged": 1.0} if diverged else {})}
-        return SimpleNamespace(error=None, metrics=metrics, config={"finalist": finalist, "fold": fold})
-
-    # b won on the search's split by 2 points (0.82 vs 0.80) but is worse on both extra folds
-    refits = [refit(0, 1, 0.70), refit(0, 2, 0.74), refit(1, 1, 0.80), refit(1, 2, 0.81)]
-    scores = cross_validated(finalists, refits, max_epochs=10)
-    assert [s["trial"] for s in scores] == ["b", "a"]
-    assert scores[0]["fold_top1"] == [0.70, 0.74] and scores[0]["cv_top1"] == pytest.approx((0.82 + 0.70 + 0.74) / 3)
-    assert scores[1]["cv_top1"] == pytest.approx((0.80 + 0.80 + 0.81) / 3)
-    assert cross_validated_pick(finalists, scores).trial_id == "a"
-    tied = [dict(s, cv_top1=0.8) for s in scores]
-    assert cross_validated_pick(finalists, tied).trial_id == "b"  # a tie keeps the validation split's order
-    diverged = cross_validated(finalists, refits[:3] + [refit(1, 2, float("nan"), diverged=True, epoch=2)], 10)
-    assert diverged[1]["fold_top1"] == [0.80, 0.0]
-    with pytest.raises(RuntimeError, match="finalist a on extra fold 2 did not finish"):
-        cross_validated(finalists, refits[:3] + [refit(1, 2, 0.5, epoch=6)], max_epochs=10)
-
-
-def test_finalist_settings_name_the_field_and_its_range() -> None:
-    with pytest.raises(ConfigError, match=r"tune.finalists = 1: must be 0 \(off\) or 2 … tune.num_samples \(8\)"):
-        load(None, ["tune.finalists=1"])
-    with pytest.raises(ConfigError, match=r"tune.finalist_folds = 5:.*at most 4 folds.*data.val_fraction = 0.2"):
-        load(None, ["tune.finalists=2", "tune.finalist_folds=5"])
-    assert load(None, ["tune.finalists=3", "tune.finalist_folds=4"]).tune.finalists == 3
 
 
 def test_champion_gate() -> None:
@@ -446,28 +392,6 @@ def test_a_search_across_methods_draws_each_methods_own_hyperparameters_only() -
     assert search_space(p) == {}
     with pytest.raises(ConfigError, match="tune.methods"):
         load(None, ["tune.methods=[ce, ce]"])
-
-
-def test_selection_regret_is_the_test_accuracy_lost_by_choosing_on_validation() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("regret", "bench/regret.py")
-    regret = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regret)
-    trials = [{"val_top1": 0.70, "val_loss": 1.0, "test_top1": 0.74},
-              {"val_top1": 0.72, "val_loss": 0.9, "test_top1": 0.71},   # chosen on validation
-              {"val_top1": 0.72, "val_loss": 1.1, "test_top1": 0.80},   # ties on validation, loses on loss
-              {"val_top1": 0.60, "val_loss": 1.5, "test_top1": 0.76}]
-    assert regret.selection_regret(trials) == pytest.approx(0.80 - 0.71)
-    assert regret.selection_regret(trials[:1]) == 0.0
-    # the top 3 by validation re-validated: the third (test 0.74) has the best mean over folds
-    for t, cv in zip(trials[:3], (0.73, 0.70, 0.71), strict=True):
-        t["cv_top1"] = cv
-    assert regret.pick(trials, 2)["test_top1"] == 0.80  # among the top 2 (0.72 / 0.9, 0.72 / 1.1): cv 0.71 > 0.70
-    assert regret.selection_regret(trials, 2) == 0.0
-    assert regret.selection_regret(trials, 3) == pytest.approx(0.80 - 0.74)
-    trials[2]["cv_top1"] = 0.70
-    assert regret.pick(trials, 2)["test_top1"] == 0.71  # a tie on cv keeps validation's order
 
 
 def test_a_champion_that_no_longer_loads_is_compared_by_its_recorded_score_on_the_same_data(monkeypatch) -> None:

@@ -1,0 +1,243 @@
+"""Choosing the model: rank the candidates, pick one knowing the validation noise, the leaderboard,
+DR-Tune's lift, and the paired test that gates promotion. No Ray: the search, the ``tune`` and
+``register`` stages and the benchmarks all call this one module.
+
+**Candidates** are the search's trials and the CE baseline (plain fine-tuning at the defaults,
+trained on the same splits for the same epochs). Only candidates that ran every epoch are ranked: a
+stopped trial's score comes from a shorter schedule and its checkpoint is not a finished model.
+
+**Noise.** A few-label validation split is small (Fashion-MNIST at 60 labels per class keeps 120
+images: one image is 0.83 points), so two candidates a few images apart are not told apart by it.
+Two scores are *within the noise* when the 95 % interval of their difference reaches zero. The
+interval is Agresti–Caffo's for two proportions (add one right and one wrong answer to each, then
+the normal interval), which stays honest near 0 and 1 where the plain one collapses::
+
+    p̃ = (k + 1) / (n + 2)       gap ± 1.96 · sqrt(p̃₁(1 − p̃₁)/(n₁ + 2) + p̃₂(1 − p̃₂)/(n₂ + 2))
+
+The two candidates are scored on the same images, so this unpaired interval is wider than a paired
+one would be: it calls a tie more often, never less (the conservative side).
+
+**The pick** (:func:`pick`):
+
+1. Rank by score (validation top-1; the mean over all folds once a candidate was re-validated),
+   ties by lower validation loss, then the given order.
+2. *Clear*: the best is outside the noise of every other candidate: it wins.
+3. Otherwise the tied candidates are re-validated on more held-out folds of the same labels
+   (:func:`finalists`, run by the ``tune`` stage) and ranked again among themselves on the pooled
+   folds; a clear best there wins.
+4. *Conservative rule*, when they are still tied or re-validation is off: plain fine-tuning (the
+   CE baseline) wins if it is among the tied; otherwise the top score stands.
+
+**The gate** (:func:`paired_test`): on the test split, once, the challenger against the CE baseline
+image by image (McNemar's exact test). Test images never choose among candidates; they only decide
+whether the chosen one may become champion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from scipy.stats import binomtest
+
+Z95 = 1.959964  # two-sided 95 % normal quantile
+BASELINE = "baseline"  # the CE baseline's candidate id
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model the pick may choose: a search trial or the CE baseline.
+
+    ``config`` holds the sampled values that retrain it (``{"method": "ce"}`` for the baseline, whose
+    values are the config's own); ``ref`` is where its model is (a Ray checkpoint, a file), opaque here.
+    """
+
+    id: str
+    method: str
+    val_top1: float
+    val_loss: float
+    n_val: int
+    status: str = "completed"  # completed | stopped | failed
+    config: dict = field(default_factory=dict)
+    baseline: bool = False
+    cv_top1: float | None = None  # mean top-1 over its own split and the extra folds, once re-validated
+    folds: int = 1  # held-out splits pooled in its score
+    ref: Any = None
+
+    @property
+    def score(self) -> float:
+        return self.cv_top1 if self.cv_top1 is not None else self.val_top1
+
+    @property
+    def n(self) -> int:
+        """Held-out images behind :attr:`score`."""
+        return self.n_val * self.folds
+
+    def revalidated(self, fold_top1: list[float]) -> Candidate:
+        """This candidate with ``fold_top1`` (its top-1 on each extra fold, each of ``n_val`` images) pooled in."""
+        scores = [self.val_top1, *fold_top1]
+        return replace(self, cv_top1=sum(scores) / len(scores), folds=len(scores))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The better of two candidates against the other: the gap, in points and in images, and its 95 % interval."""
+
+    best: str
+    other: str
+    gap: float
+    gap_images: float
+    low: float
+    high: float
+
+    @property
+    def within_noise(self) -> bool:
+        return self.low <= 0.0
+
+    def words(self) -> str:
+        return (f"{self.best} − {self.other}: {self.gap:+.4f} ({self.gap_images:+.1f} images), 95 % interval "
+                f"[{self.low:+.4f}, {self.high:+.4f}]" + (", within the noise" if self.within_noise else ""))
+
+    def record(self) -> dict:
+        return {"best": self.best, "other": self.other, "gap": self.gap, "gap_images": self.gap_images,
+                "interval": [self.low, self.high], "within_noise": self.within_noise}
+
+
+def compare(a: Candidate, b: Candidate) -> Comparison:
+    """``a`` against ``b`` on their scores (Agresti–Caffo 95 % interval of the difference; module docstring)."""
+    def adjusted(c: Candidate) -> tuple[float, int]:
+        return (c.score * c.n + 1) / (c.n + 2), c.n + 2
+
+    (pa, na), (pb, nb) = adjusted(a), adjusted(b)
+    half = Z95 * math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb)
+    gap = a.score - b.score
+    return Comparison(a.id, b.id, gap, gap * min(a.n, b.n), gap - half, gap + half)
+
+
+def rank(candidates: list[Candidate]) -> list[Candidate]:
+    """Completed candidates, best first: higher score, then lower validation loss, then the given order."""
+    done = [c for c in candidates if c.status == "completed" and math.isfinite(c.score)]
+    return sorted(done, key=lambda c: (-c.score, c.val_loss))
+
+
+def tied_with_best(ranked: list[Candidate]) -> list[Candidate]:
+    """The candidates of ``ranked`` (best first) that the best is not clearly better than, the best included."""
+    return [c for c in ranked if c is ranked[0] or compare(ranked[0], c).within_noise]
+
+
+def finalists(candidates: list[Candidate], at_most: int) -> list[Candidate]:
+    """Whom to re-validate: the candidates tied with the best on validation, at most ``at_most`` in rank
+    order, the baseline kept among them when it is tied (the conservative rule needs it). Empty when
+    the best is clear."""
+    tied = tied_with_best(rank(candidates))
+    if len(tied) < 2:
+        return []
+    chosen = tied[:at_most]
+    base = next((c for c in tied if c.baseline), None)
+    if base is not None and base not in chosen:
+        chosen = chosen[:at_most - 1] + [base]
+    return chosen
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The chosen candidate, why, and every candidate in selection order (the chosen first)."""
+
+    chosen: Candidate
+    rule: str  # clear | revalidated | conservative
+    reason: str
+    comparison: Comparison | None  # the best two in the deciding round (None with a single candidate)
+    tied: list[str]
+    order: list[Candidate]
+
+    def record(self) -> dict:
+        """What ``models/best.json``, the parent run and the registered version state about the decision."""
+        return {"chosen": self.chosen.id, "method": self.chosen.method, "rule": self.rule, "reason": self.reason,
+                "tied": self.tied, "scored_on_images": self.chosen.n,
+                "comparison": self.comparison.record() if self.comparison else None}
+
+
+def pick(candidates: list[Candidate]) -> Pick:
+    """The pick of the module docstring. Candidates with ``cv_top1`` were re-validated: when there are
+    any, the deciding round is among them alone (the others were already clearly behind on validation)."""
+    everyone = rank(candidates)
+    if not everyone:
+        raise ValueError("no candidate completed its schedule")
+    scoped = [c for c in everyone if c.cv_top1 is not None] or everyone
+    again = scoped is not everyone
+    tied = tied_with_best(scoped)
+    comparison = compare(scoped[0], scoped[1]) if len(scoped) > 1 else None
+    where = f"on {scoped[0].folds} held-out folds ({scoped[0].n} images)" if again else f"on validation ({scoped[0].n} images)"
+    if len(tied) == 1:
+        chosen, rule = scoped[0], "revalidated" if again else "clear"
+        reason = (f"{chosen.id} is best {where}" + (f", clear of the runner-up: {comparison.words()}" if comparison else ""))
+    else:
+        base = next((c for c in tied if c.baseline), None)
+        chosen, rule = base or tied[0], "conservative"
+        names = ", ".join(c.id for c in tied)
+        reason = (f"{len(tied)} candidates are within the noise {where} ({names}; {comparison.words()}): "
+                  + ("plain fine-tuning (the CE baseline) is among them and wins the tie" if base
+                     else "the CE baseline is not among them, so the top score stands"))
+    rest = [c for c in scoped if c is not chosen] + [c for c in everyone if c not in scoped]
+    return Pick(chosen, rule, reason, comparison, [c.id for c in tied], [chosen, *rest])
+
+
+def leaderboard(candidates: list[Candidate], chosen: Pick, methods: list[str]) -> dict[str, dict]:
+    """Per method: its candidates counted by status and its best, the first of its candidates in the
+    pick's order (so the overall pick is its method's entry); ``best`` None when none completed."""
+    board = {}
+    for method in methods:
+        mine = [c for c in candidates if c.method == method]
+        best = next((c for c in chosen.order if c.method == method), None)
+        board[method] = {
+            "trials": sum(not c.baseline for c in mine), "completed": sum(c.status == "completed" for c in mine),
+            "stopped_early": sum(c.status == "stopped" for c in mine), "failed": sum(c.status == "failed" for c in mine),
+            "best_trial": best.id if best else None, "best_val_top1": best.val_top1 if best else None,
+            **({"best_cv_top1": best.cv_top1} if best and best.cv_top1 is not None else {}),
+        }
+    return board
+
+
+def lift(scores: dict[str, float | None], method: str = "drtune") -> float | None:
+    """``method``'s score minus the best other method's (negative when it lost); None when either is missing."""
+    others = [v for m, v in scores.items() if m != method and v is not None]
+    mine = scores.get(method)
+    return None if mine is None or not others else mine - max(others)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Two models on the same test images: how many each alone got right, and McNemar's exact p-value."""
+
+    n: int
+    only_a: int  # images a got right and b wrong
+    only_b: int
+    p_value: float
+
+    @property
+    def difference(self) -> float:
+        """a's top-1 minus b's."""
+        return (self.only_a - self.only_b) / self.n
+
+    def interval(self) -> tuple[float, float]:
+        """95 % interval of :attr:`difference` (paired, normal approximation)."""
+        d = self.difference
+        half = Z95 * math.sqrt(max(self.only_a + self.only_b - self.n * d * d, 0.0)) / self.n
+        return d - half, d + half
+
+    def record(self) -> dict:
+        low, high = self.interval()
+        return {"n": self.n, "only_challenger_right": self.only_a, "only_baseline_right": self.only_b,
+                "difference": self.difference, "interval": [low, high], "mcnemar_p": self.p_value}
+
+
+def paired_test(a_right: list[bool], b_right: list[bool]) -> PairedTest:
+    """McNemar's exact test of two models' per-image correctness on the same images: under "equally good"
+    each image only one of them gets right is a fair coin's toss."""
+    if len(a_right) != len(b_right) or not len(a_right):
+        raise ValueError(f"paired test needs the same, non-empty images: {len(a_right)} and {len(b_right)}")
+    only_a = sum(bool(x) and not bool(y) for x, y in zip(a_right, b_right, strict=True))
+    only_b = sum(bool(y) and not bool(x) for x, y in zip(a_right, b_right, strict=True))
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return PairedTest(len(a_right), only_a, only_b, float(p))

@@ -1,0 +1,218 @@
+"""The pick, the leaderboard, the lift and the paired gate (pipeline.selection), and early stopping per method."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from pipeline.config import load
+from pipeline.register import decide
+from pipeline.search import MethodASHA, cross_validated, scheduler, trial_candidates
+from pipeline.selection import (
+    BASELINE,
+    Candidate,
+    compare,
+    finalists,
+    leaderboard,
+    lift,
+    paired_test,
+    pick,
+    rank,
+)
+
+
+def cand(id: str, top1: float, method: str = "drtune", loss: float = 1.0, n: int = 120, status: str = "completed",
+         baseline: bool = False) -> Candidate:
+    return Candidate(id=id, method=method, val_top1=top1, val_loss=loss, n_val=n, status=status, baseline=baseline,
+                     config={"method": method})
+
+
+def base(top1: float, n: int = 120, loss: float = 1.0) -> Candidate:
+    return cand(BASELINE, top1, "ce", loss=loss, n=n, baseline=True)
+
+
+def test_the_interval_is_agresti_caffo_and_its_width_follows_the_images() -> None:
+    c = compare(cand("a", 0.95), cand("b", 0.90))
+    pa, pb = (0.95 * 120 + 1) / 122, (0.90 * 120 + 1) / 122
+    half = 1.959964 * math.sqrt(pa * (1 - pa) / 122 + pb * (1 - pb) / 122)
+    assert c.gap == pytest.approx(0.05) and c.gap_images == pytest.approx(6.0)
+    assert (c.low, c.high) == pytest.approx((0.05 - half, 0.05 + half))
+    assert c.within_noise  # 6 of 120 images: noise
+    assert not compare(cand("a", 0.95, n=2000), cand("b", 0.90, n=2000)).within_noise  # 100 of 2000: not
+    assert not compare(cand("a", 1.0), cand("b", 0.5)).within_noise
+
+
+def test_a_clear_best_wins_and_stopped_or_failed_trials_never_do() -> None:
+    cands = [cand("a", 0.60), cand("b", 0.99, status="stopped"), cand("c", 0.95), cand("d", float("nan"), status="failed"),
+             base(0.62)]
+    chosen = pick(cands)
+    assert chosen.chosen.id == "c" and chosen.rule == "clear" and chosen.tied == ["c"]
+    assert chosen.comparison.other == BASELINE and not chosen.comparison.within_noise
+    assert [c.id for c in rank(cands)] == ["c", BASELINE, "a"]
+    with pytest.raises(ValueError, match="no candidate completed"):
+        pick([cand("b", 0.99, status="stopped")])
+
+
+def test_the_baseline_is_a_candidate_and_can_win_the_pick() -> None:
+    assert pick([cand("a", 0.70), base(0.90)]).chosen.id == BASELINE  # outright
+    tie = pick([cand("a", 0.75, loss=0.5), cand("b", 0.74), base(0.733)])  # 2 images apart, baseline third
+    assert tie.chosen.id == BASELINE and tie.rule == "conservative"
+    assert set(tie.tied) == {"a", "b", BASELINE} and "plain fine-tuning" in tie.reason
+    assert tie.comparison.gap_images == pytest.approx(1.2) and tie.comparison.within_noise
+    no_base = pick([cand("a", 0.75), cand("b", 0.74), base(0.40)])
+    assert no_base.chosen.id == "a" and no_base.rule == "conservative" and "not among them" in no_base.reason
+
+
+def test_a_near_tie_asks_for_re_validation_of_the_tied_keeping_the_baseline_and_the_record_says_so() -> None:
+    cands = [cand("a", 0.958), cand("b", 0.950), cand("c", 0.942), cand("d", 0.60), base(0.925)]
+    chosen = finalists(cands, at_most=3)
+    assert [c.id for c in chosen] == ["a", "b", BASELINE]  # d is clearly behind; the baseline replaces c at the cap
+    assert finalists([cand("a", 0.95), cand("b", 0.40)], at_most=3) == []  # a clear best needs none
+    # re-validated on 2 more folds: b is clearly best over 360 images
+    again = {"a": [0.85, 0.86], "b": [0.97, 0.96], BASELINE: [0.90, 0.91]}
+    scored = [c.revalidated(again[c.id]) for c in chosen]
+    assert scored[1].cv_top1 == pytest.approx((0.95 + 0.97 + 0.96) / 3) and scored[1].n == 360
+    by_id = {c.id: c for c in scored}
+    result = pick([by_id.get(c.id, c) for c in cands])
+    assert result.chosen.id == "b" and result.rule == "revalidated" and "3 held-out folds (360 images)" in result.reason
+    record = result.record()
+    assert record["rule"] == "revalidated" and record["scored_on_images"] == 360
+    assert record["comparison"]["best"] == "b" and record["comparison"]["other"] == BASELINE
+    assert not record["comparison"]["within_noise"]
+    assert record["comparison"]["gap_images"] == pytest.approx((0.96 - (0.925 + 0.90 + 0.91) / 3) * 360)  # 17.4
+    # still tied on the pooled folds: the conservative rule decides, among the re-validated only
+    close = [c.revalidated([c.val_top1, c.val_top1]) for c in chosen]
+    by_id = {c.id: c for c in close}
+    assert pick([by_id.get(c.id, c) for c in cands]).chosen.id == BASELINE
+
+
+def test_the_leaderboard_entry_of_the_picked_method_is_the_pick() -> None:
+    cands = [cand("a", 0.75), cand("p", 0.74, "ce"), cand("s", 0.99, "l2sp", status="stopped"), base(0.74)]
+    chosen = pick(cands)
+    assert chosen.chosen.id == BASELINE
+    board = leaderboard(cands, chosen, ["drtune", "ce", "l2sp"])
+    assert board["ce"]["best_trial"] == BASELINE and board["ce"]["trials"] == 1 and board["ce"]["completed"] == 2
+    assert board["drtune"]["best_trial"] == "a" and board["l2sp"]["best_trial"] is None
+    assert board["l2sp"]["stopped_early"] == 1
+    assert lift({m: e["best_val_top1"] for m, e in board.items()}) == pytest.approx(0.75 - 0.74)
+    assert lift({"drtune": None, "ce": 0.7}) is None and lift({"drtune": 0.7}) is None
+
+
+def test_mcnemar_on_a_crafted_prediction_set() -> None:
+    """200 images: both right on 150, only the baseline on 20, only the challenger on 5, both wrong on 25.
+    Under "equally good" the 25 split ones are fair coin tosses: P(≤ 5 of 25) × 2 = 0.004077 (exact)."""
+    challenger = [True] * 150 + [False] * 20 + [True] * 5 + [False] * 25
+    baseline = [True] * 150 + [True] * 20 + [False] * 5 + [False] * 25
+    t = paired_test(challenger, baseline)
+    assert (t.n, t.only_a, t.only_b) == (200, 5, 20)
+    exact = 2 * sum(math.comb(25, k) for k in range(6)) / 2 ** 25
+    assert t.p_value == pytest.approx(exact) and t.p_value == pytest.approx(0.004077, abs=1e-6)
+    assert t.difference == pytest.approx(-15 / 200)
+    low, high = t.interval()
+    assert low < -0.075 < high < 0
+    promoted, why = decide(0.775, None, "no champion yet", vs_baseline=t)
+    assert not promoted and "did not beat plain fine-tuning" in why and "CE-tuning's model is better" in why
+    assert "15 more of 200" in why and "beyond the noise" in why
+    # one image behind: still not promoted, and the decision says it is within the noise
+    close = paired_test([True] * 10 + [False], [True] * 11)
+    assert close.p_value == 1.0 and not decide(0.9, None, "no champion yet", vs_baseline=close)[0]
+    # the challenger that is the baseline's own model (same predictions) passes the gate
+    same = paired_test(challenger, challenger)
+    assert same.p_value == 1.0 and decide(0.775, None, "no champion yet", vs_baseline=same) == (True, "promoted: no champion yet")
+    better = paired_test(baseline, challenger)
+    assert decide(0.85, 0.80, "re-scored", vs_baseline=better)[0]
+    with pytest.raises(ValueError):
+        paired_test([True], [True, False])
+
+
+def _trial(tid: str, config: dict) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=tid, config=config)
+
+
+def test_per_method_rungs_never_stop_a_slow_starters_starting_point() -> None:
+    """Rungs at epochs 1 and 2 (grace 1, reduction 2, 4 epochs). Two fast linear-probe trials reach 0.9 at
+    epoch 1; DR-Tune's starting point is at 0.3 there. One shared ASHA stops it; per-method rungs do not,
+    and a weaker DR-Tune trial is still stopped by its own method's rung."""
+    p = load(None, ["tune.methods=[drtune, linear_probe]", "train.epochs=4", "tune.grace_period=1",
+                    "tune.reduction_factor=2"])
+    s = scheduler(p)
+    assert isinstance(s, MethodASHA)
+    s.set_search_properties("val_top1", "max")
+    anchor = next(a for a in s._anchors if a["method"] == "drtune")
+    trials = [_trial("lp1", {"method": "linear_probe", "linear_probe.lr_head": 0.2}),
+              _trial("lp2", {"method": "linear_probe", "linear_probe.lr_head": 0.05}),
+              _trial("dr0", dict(anchor)), _trial("dr1", {**anchor, "drtune.lam": 7.0})]
+    for t in trials:
+        s.on_trial_add(None, t)
+
+    def result(t, epoch: int, top1: float) -> str:
+        return s.on_trial_result(None, t, {"epoch": epoch, "val_top1": top1})
+
+    assert result(trials[0], 1, 0.90) == TrialScheduler.CONTINUE
+    assert result(trials[1], 1, 0.92) == TrialScheduler.CONTINUE
+    assert result(trials[2], 1, 0.30) == TrialScheduler.CONTINUE  # the first of its method at the rung
+    assert result(trials[2], 2, 0.60) == TrialScheduler.CONTINUE
+    assert result(trials[3], 1, 0.20) == TrialScheduler.STOP  # below DR-Tune's own rung (0.30)
+    # the anchor is never stopped, even below its method's rung
+    s2 = scheduler(p)
+    s2.set_search_properties("val_top1", "max")
+    late = _trial("dr2", dict(anchor))
+    for t in (trials[3], late):
+        s2.on_trial_add(None, t)
+    assert s2.on_trial_result(None, trials[3], {"epoch": 1, "val_top1": 0.5}) == TrialScheduler.CONTINUE
+    assert s2.on_trial_result(None, late, {"epoch": 1, "val_top1": 0.1}) == TrialScheduler.CONTINUE
+    assert s2.on_trial_result(None, late, {"epoch": 4, "val_top1": 0.9}) == TrialScheduler.STOP  # the end: max_t
+    # a single-method search keeps one plain ASHA, as before
+    assert type(scheduler(load(None, []))).__name__ == "AsyncHyperBandScheduler"
+
+
+def _result(trial_id: str, top1: float, epoch: int, loss: float = 1.0, error=None, method: str | None = None):
+    metrics = {"val_top1": top1, "val_loss": loss, "epoch": epoch, "trial_id": trial_id, "checkpoint_path": f"/ck/{trial_id}"}
+    return SimpleNamespace(error=error, metrics=metrics, config={"lam": 1.0, **({"method": method} if method else {})},
+                           path=f"/runs/{trial_id}")
+
+
+def test_trials_become_candidates_with_their_status() -> None:
+    results = [_result("a", 0.70, 10), _result("b", 0.95, 3), _result("c", 0.99, 10, error=RuntimeError("x")),
+               _result("d", 0.70, 10, loss=0.5, method="l2sp"), _result("e", float("nan"), 2)]
+    cands = trial_candidates(results, max_epochs=10, n_val=40, method="drtune")
+    assert [(c.id, c.method, c.status) for c in cands] == [("a", "drtune", "completed"), ("b", "drtune", "stopped"),
+                                                            ("c", "drtune", "failed"), ("d", "l2sp", "completed"),
+                                                            ("e", "drtune", "failed")]
+    assert cands[3].ref.path == "/ck/d" and cands[1].ref is None and cands[0].n_val == 40
+    assert [c.id for c in rank(cands)] == ["d", "a"]  # tie on top-1 → lower loss
+
+
+def test_refits_pool_into_the_finalists_scores_and_a_fold_they_diverge_on_scores_zero() -> None:
+    chosen = [cand("b", 0.82), cand("a", 0.80)]
+
+    def refit(finalist: int, fold: int, top1: float, diverged: bool = False, epoch: int = 10) -> SimpleNamespace:
+        metrics = {"val_top1": top1, "epoch": epoch, **({"diverged": 1.0} if diverged else {})}
+        return SimpleNamespace(error=None, metrics=metrics, config={"finalist": finalist, "fold": fold})
+
+    refits = [refit(0, 1, 0.70), refit(0, 2, 0.74), refit(1, 1, 0.80), refit(1, 2, 0.81)]
+    scored = cross_validated(chosen, refits, max_epochs=10)
+    assert [c.id for c in scored] == ["b", "a"] and [c.folds for c in scored] == [3, 3]
+    assert scored[0].cv_top1 == pytest.approx((0.82 + 0.70 + 0.74) / 3)
+    assert scored[1].cv_top1 == pytest.approx((0.80 + 0.80 + 0.81) / 3)
+    diverged = cross_validated(chosen, refits[:3] + [refit(1, 2, float("nan"), diverged=True, epoch=2)], 10)
+    assert diverged[1].cv_top1 == pytest.approx((0.80 + 0.80 + 0.0) / 3)
+    with pytest.raises(RuntimeError, match="finalist a on extra fold 2 did not finish"):
+        cross_validated(chosen, refits[:3] + [refit(1, 2, 0.5, epoch=6)], max_epochs=10)
+
+
+def test_revalidation_settings_name_the_field() -> None:
+    from drtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tune.finalists.*greater than or equal to 2"):
+        load(None, ["tune.finalists=1"])
+    with pytest.raises(ConfigError, match=r"tune.revalidate.*'auto', 'always' or 'never'"):
+        load(None, ["tune.revalidate=sometimes"])
+    with pytest.raises(ConfigError, match=r"tune.finalist_folds = 5:.*at most 4 folds.*data.val_fraction = 0.2"):
+        load(None, ["tune.finalist_folds=5"])
+    assert load(None, ["tune.revalidate=never", "tune.finalist_folds=5"]).tune.finalist_folds == 5
+    assert np.isclose(load(None, []).tune.finalists, 3)
