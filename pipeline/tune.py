@@ -36,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -131,7 +132,8 @@ def baseline_candidate(root: Path, p: PipelineConfig, data_sha256: str, n_val: i
                      ref=model)
 
 
-def choose(p: PipelineConfig, candidates: list[Candidate], revalidate) -> tuple[Pick, list[Candidate]]:
+def choose(p: PipelineConfig, candidates: list[Candidate],
+           revalidate: Callable[[list[Candidate]], list[Candidate]]) -> tuple[Pick, list[Candidate]]:
     """The pick (:func:`pipeline.selection.pick`), with the tied candidates re-validated first when
     ``tune.revalidate`` asks for it; ``revalidate(finalists)`` trains them on the extra folds and returns
     them re-validated. Returns the pick and the re-validated finalists (empty when none were)."""

@@ -216,3 +216,47 @@ def test_revalidation_settings_name_the_field() -> None:
         load(None, ["tune.finalist_folds=5"])
     assert load(None, ["tune.revalidate=never", "tune.finalist_folds=5"]).tune.finalist_folds == 5
     assert np.isclose(load(None, []).tune.finalists, 3)
+
+
+def test_the_baseline_candidate_must_share_the_searchs_data_and_schedule(tmp_path) -> None:
+    import json
+
+    from drtune.config import ConfigError
+    from pipeline.tune import baseline_candidate
+
+    p = load(None, ["train.epochs=10"])
+    assert baseline_candidate(tmp_path, p, "abc", 120) is None  # the baseline stage has not run here
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "baseline.pt").write_bytes(b"weights")
+    record = {"val_top1": 0.7, "val_loss": 0.9, "epochs": 10, "data_sha256": "abc", "mlflow_run_id": "r",
+              "lr_backbone": 0.01, "lr_head": 0.1}
+    (tmp_path / "models" / "baseline.json").write_text(json.dumps(record))
+    c = baseline_candidate(tmp_path, p, "abc", 120)
+    assert c.baseline and c.id == BASELINE and c.method == "ce" and c.n_val == 120 and c.val_top1 == 0.7
+    assert c.config == {"method": "ce", "lr_backbone": 0.01, "lr_head": 0.1}  # retrains as itself on a fold
+    with pytest.raises(ConfigError, match="other data or for 10 epochs.*run the baseline stage again"):
+        baseline_candidate(tmp_path, p, "other data", 120)
+    with pytest.raises(ConfigError, match="train.epochs = 5"):
+        baseline_candidate(tmp_path, load(None, ["train.epochs=5", "tune.grace_period=2"]), "abc", 120)
+
+
+def test_the_tune_stage_re_validates_only_when_asked_and_only_the_tied() -> None:
+    from pipeline.tune import choose
+
+    cands = [cand("a", 0.75), cand("b", 0.74), cand("c", 0.30), base(0.733)]
+    calls = []
+
+    def revalidate(finalists: list[Candidate]) -> list[Candidate]:
+        calls.append([c.id for c in finalists])
+        return [c.revalidated([0.95 if c.id == "b" else 0.70] * 2) for c in finalists]
+
+    chosen, scored = choose(load(None, []), cands, revalidate)  # auto: a, b and the baseline are tied
+    assert calls == [["a", "b", BASELINE]] and [c.id for c in scored] == ["a", "b", BASELINE]
+    assert chosen.chosen.id == "b" and chosen.rule == "revalidated"
+    chosen, scored = choose(load(None, ["tune.revalidate=never"]), cands, revalidate)
+    assert len(calls) == 1 and scored == [] and chosen.chosen.id == BASELINE and chosen.rule == "conservative"
+    chosen, _ = choose(load(None, ["tune.revalidate=always", "tune.finalists=2"]), [cand("a", 0.9, n=5000),
+                                                                                 cand("b", 0.3, n=5000)], revalidate)
+    assert calls[-1] == ["a", "b"]  # always: the top two, tied or not
+    chosen, scored = choose(load(None, []), [cand("a", 0.9, n=5000), cand("b", 0.3, n=5000)], revalidate)
+    assert len(calls) == 2 and scored == [] and chosen.rule == "clear"  # auto: a clear best needs none
