@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from collections.abc import Callable
 
 import optuna
 import pyarrow.fs
@@ -292,18 +293,26 @@ def build_finalist_tuner(config: PipelineConfig, data: SharedData, storage: str,
     return _tuner(config, driver_fn, storage, name, callbacks, space)
 
 
-def cross_validated(finalists: list[Candidate], refits, max_epochs: int) -> list[Candidate]:
+def cross_validated(finalists: list[Candidate], refits, max_epochs: int,
+                    right: Callable[[object], tuple[bool, ...]] | None = None) -> list[Candidate]:
     """The finalists with their extra folds pooled in (:meth:`Candidate.revalidated`): ``cv_top1`` is the mean
     validation top-1 over their own split and every extra fold (the folds are the same size, so it is their
-    accuracy over all of those images).
+    accuracy over all of those images). ``right(refit)``, when given, scores a finished refit's model image by
+    image on its fold, so the finalists can be compared paired on all of those images.
 
-    A finalist that diverges on a fold scores 0 there: a setting that trains only on some splits is fragile.
-    A refit that failed or did not finish is an error: its fold would be missing from the mean."""
+    A finalist that diverges on a fold scores 0 there (every image wrong): a setting that trains only on some
+    splits is fragile. A refit that failed or did not finish is an error: its fold would be missing from the mean."""
     folds: dict[int, dict[int, float]] = {i: {} for i in range(len(finalists))}
+    rights: dict[int, dict[int, tuple[bool, ...]]] = {i: {} for i in range(len(finalists))}
     for r in refits:
         m = r.metrics or {}
         if r.error is not None or not (m.get("diverged") or m.get("epoch", 0) >= max_epochs):
             raise RuntimeError(f"finalist {finalists[r.config['finalist']].id} on extra fold {r.config['fold']} "
                                "did not finish; run the stage again: it continues from its last checkpoint")
-        folds[r.config["finalist"]][r.config["fold"]] = 0.0 if m.get("diverged") else float(m[METRIC])
-    return [c.revalidated([folds[i][f] for f in sorted(folds[i])]) for i, c in enumerate(finalists)]
+        i, fold = r.config["finalist"], r.config["fold"]
+        folds[i][fold] = 0.0 if m.get("diverged") else float(m[METRIC])
+        if right is not None:
+            rights[i][fold] = (False,) * finalists[i].n_val if m.get("diverged") else right(r)
+    return [c.revalidated([folds[i][f] for f in sorted(folds[i])],
+                          [rights[i][f] for f in sorted(rights[i])] if right is not None else None)
+            for i, c in enumerate(finalists)]

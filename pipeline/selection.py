@@ -8,14 +8,18 @@ stopped trial's score comes from a shorter schedule and its checkpoint is not a 
 
 **Noise.** A few-label validation split is small (Fashion-MNIST at 60 labels per class keeps 120
 images: one image is 0.83 points), so two candidates a few images apart are not told apart by it.
-Two scores are *within the noise* when the 95 % interval of their difference reaches zero. The
-interval is Agresti–Caffo's for two proportions (add one right and one wrong answer to each, then
-the normal interval), which stays honest near 0 and 1 where the plain one collapses::
+Candidates are scored on the *same* images, so the comparison is paired, image by image, as the
+test gate's is: only the images one of the two gets right and the other wrong carry information,
+and under "equally good" each is a fair coin's toss (McNemar's exact test). Two candidates are
+*within the noise* when that test's two-sided p-value is 0.05 or more. Pairing matters: two models
+that agree on most images are told apart by a gap that two independent samples would not resolve.
+
+Per-image results are known only for the candidates given them (:meth:`Candidate.with_right`; the stage
+gets them for the candidates near the top). Otherwise the comparison falls back to the unpaired
+95 % interval of Agresti–Caffo (add one right and one wrong answer to each, then the normal
+interval), which is wider, so it calls a tie more often, never less::
 
     p̃ = (k + 1) / (n + 2)       gap ± 1.96 · sqrt(p̃₁(1 − p̃₁)/(n₁ + 2) + p̃₂(1 − p̃₂)/(n₂ + 2))
-
-The two candidates are scored on the same images, so this unpaired interval is wider than a paired
-one would be: it calls a tie more often, never less (the conservative side).
 
 **The pick** (:func:`pick`):
 
@@ -64,6 +68,7 @@ class Candidate:
     cv_top1: float | None = None  # mean top-1 over its own split and the extra folds, once re-validated
     folds: int = 1  # held-out splits pooled in its score
     ref: Any = None
+    right: tuple[bool, ...] | None = None  # per image behind its score: validation, then each extra fold in order
 
     @property
     def score(self) -> float:
@@ -74,15 +79,23 @@ class Candidate:
         """Held-out images behind :attr:`score`."""
         return self.n_val * self.folds
 
-    def revalidated(self, fold_top1: list[float]) -> Candidate:
-        """This candidate with ``fold_top1`` (its top-1 on each extra fold, each of ``n_val`` images) pooled in."""
+    def revalidated(self, fold_top1: list[float], fold_right: list[tuple[bool, ...]] | None = None) -> Candidate:
+        """This candidate with ``fold_top1`` (its top-1 on each extra fold, each of ``n_val`` images) pooled in,
+        and ``fold_right`` (per image, each fold in order) appended to its validation results when both are known."""
         scores = [self.val_top1, *fold_top1]
-        return replace(self, cv_top1=sum(scores) / len(scores), folds=len(scores))
+        right = (self.right + tuple(x for fold in fold_right for x in fold)
+                 if self.right is not None and fold_right is not None else None)
+        return replace(self, cv_top1=sum(scores) / len(scores), folds=len(scores), right=right)
+
+    def with_right(self, right: list[bool] | tuple[bool, ...]) -> Candidate:
+        """This candidate with its per-image results on the validation split (in the split's order)."""
+        return replace(self, right=tuple(bool(x) for x in right))
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The better of two candidates against the other: the gap, in points and in images, and its 95 % interval."""
+    """The better of two candidates against the other: the gap, in points and in images, its 95 % interval
+    and, when paired, McNemar's p-value (which then decides whether the gap is noise)."""
 
     best: str
     other: str
@@ -90,22 +103,31 @@ class Comparison:
     gap_images: float
     low: float
     high: float
+    p_value: float | None = None  # paired comparisons only
 
     @property
     def within_noise(self) -> bool:
-        return self.low <= 0.0
+        return self.p_value >= 0.05 if self.p_value is not None else self.low <= 0.0
 
     def words(self) -> str:
+        how = f"paired, McNemar p = {self.p_value:.2g}" if self.p_value is not None else "unpaired"
         return (f"{self.best} − {self.other}: {self.gap:+.4f} ({self.gap_images:+.1f} images), 95 % interval "
-                f"[{self.low:+.4f}, {self.high:+.4f}]" + (", within the noise" if self.within_noise else ""))
+                f"[{self.low:+.4f}, {self.high:+.4f}], {how}" + (", within the noise" if self.within_noise else ""))
 
     def record(self) -> dict:
         return {"best": self.best, "other": self.other, "gap": self.gap, "gap_images": self.gap_images,
-                "interval": [self.low, self.high], "within_noise": self.within_noise}
+                "interval": [self.low, self.high], "paired": self.p_value is not None, "mcnemar_p": self.p_value,
+                "within_noise": self.within_noise}
 
 
 def compare(a: Candidate, b: Candidate) -> Comparison:
-    """``a`` against ``b`` on their scores (Agresti–Caffo 95 % interval of the difference; module docstring)."""
+    """``a`` against ``b``: paired on their per-image results when both have them for the same images,
+    else on their scores (Agresti–Caffo); see the module docstring."""
+    if a.right is not None and b.right is not None and len(a.right) == len(b.right):
+        t = paired_test(a.right, b.right)
+        low, high = t.interval()
+        return Comparison(a.id, b.id, t.difference, float(t.only_a - t.only_b), low, high, t.p_value)
+
     def adjusted(c: Candidate) -> tuple[float, int]:
         return (c.score * c.n + 1) / (c.n + 2), c.n + 2
 

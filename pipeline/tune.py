@@ -39,14 +39,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from ray import tune
+from ray.train import Checkpoint
 from ray.tune import Callback
 
 from drtune.config import ConfigError
-from drtune.folds import max_extra_folds
-from drtune.inference import save_inference_checkpoint
+from drtune.data import ArraySplit
+from drtune.folds import extra_fold, max_extra_folds
+from drtune.inference import load_predictor, save_inference_checkpoint
 from drtune.preflight import preflight
 from drtune.prepared import load_prepared
 from pipeline import plots
@@ -62,7 +65,7 @@ from pipeline.search import (
     require_finished,
     trial_candidates,
 )
-from pipeline.selection import BASELINE, Candidate, Pick, leaderboard, lift, pick, rank
+from pipeline.selection import BASELINE, Candidate, Pick, leaderboard, lift, pick, rank, tied_with_best
 from pipeline.selection import finalists as selection_finalists
 from pipeline.space import searched_names, starting_points, unprefixed
 from pipeline.stage import flat, stage_main, write_csv
@@ -132,6 +135,24 @@ def baseline_candidate(root: Path, p: PipelineConfig, data_sha256: str, n_val: i
                      ref=model)
 
 
+def predictions_on(model: Path | Checkpoint, split: ArraySplit) -> tuple[bool, ...]:
+    """Per image of ``split``, whether a final model gets it right (scored here, on the driver, with the
+    evaluation transform): an inference checkpoint file (the baseline's), or a trial's Ray checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = (model if isinstance(model, Path) else
+                   save_inference_checkpoint(read_checkpoint(model, Path(tmp) / "last.pt"), Path(tmp) / "m.pt"))
+        predicted = load_predictor(weights).score(split)["predicted"]
+    return tuple(bool(x) for x in np.asarray(predicted) == split.labels)
+
+
+def near_the_top(candidates: list[Candidate], val: ArraySplit) -> list[Candidate]:
+    """``candidates`` with per-image validation results for those the unpaired interval cannot separate from
+    the best (the only ones a paired comparison could matter for), so that :mod:`pipeline.selection` compares
+    them image by image; scoring a handful of models on the validation split costs seconds."""
+    close = {c.id for c in tied_with_best(rank(candidates))}
+    return [c.with_right(predictions_on(c.ref, val)) if c.id in close and len(close) > 1 else c for c in candidates]
+
+
 def choose(p: PipelineConfig, candidates: list[Candidate],
            revalidate: Callable[[list[Candidate]], list[Candidate]]) -> tuple[Pick, list[Candidate]]:
     """The pick (:func:`pipeline.selection.pick`), with the tied candidates re-validated first when
@@ -195,13 +216,15 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             trial_runs.close_open_runs()
         require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {experiment_path}")
         trial_runs.reconcile(results)  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
-        candidates = trial_candidates(results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage))
+        fs = storage_filesystem(storage)
+        candidates = trial_candidates(results, p.train.epochs, len(data.val), p.train.method, fs)
         candidates += [baseline] if baseline else []
         if not rank(candidates):
             raise RuntimeError(f"no trial completed all {p.train.epochs} epochs: {len(results)} trials, "
                                f"{sum(c.status == 'failed' for c in candidates)} failed (their errors are in their MLflow "
                                "runs); fix the cause and run the stage again: failed trials are retried from their last "
                                "checkpoints")
+        candidates = near_the_top(candidates, data.val)
 
         def revalidate(finalists: list[Candidate]) -> list[Candidate]:
             names = ", ".join(c.id for c in finalists)
@@ -209,7 +232,14 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             refits = build_finalist_tuner(p, shared, storage, f"{ray_run}-finalists", finalists, [progress]).fit()
             require_finished(refits, len(finalists) * p.tune.finalist_folds,
                              f"re-validation interrupted; its state is stored at {experiment_path}-finalists")
-            return cross_validated(finalists, refits, p.train.epochs)
+            held_out = {fold: extra_fold(data.train, data.val, fold, p.data.seed)[1]
+                        for fold in range(1, p.tune.finalist_folds + 1)}
+
+            def right(refit) -> tuple[bool, ...]:
+                return predictions_on(Checkpoint(refit.metrics["checkpoint_path"], filesystem=fs),
+                                      held_out[refit.config["fold"]])
+
+            return cross_validated(finalists, refits, p.train.epochs, right)
 
         chosen, scored = choose(p, candidates, revalidate)
         for c in scored:

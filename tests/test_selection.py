@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -203,6 +204,13 @@ def test_refits_pool_into_the_finalists_scores_and_a_fold_they_diverge_on_scores
     assert diverged[1].cv_top1 == pytest.approx((0.80 + 0.80 + 0.0) / 3)
     with pytest.raises(RuntimeError, match="finalist a on extra fold 2 did not finish"):
         cross_validated(chosen, refits[:3] + [refit(1, 2, 0.5, epoch=6)], max_epochs=10)
+    # per image: each fold's results appended in fold order; a fold it diverged on is every image wrong
+    paired = [c.with_right((True, False)) for c in chosen]
+    images = {(0, 1): (True, True), (0, 2): (False, False), (1, 1): (True, False), (1, 2): (False, True)}
+    scored = cross_validated([replace(c, n_val=2) for c in paired], refits[:3] + [refit(1, 2, float("nan"), True, 2)],
+                             10, lambda r: images[r.config["finalist"], r.config["fold"]])
+    assert scored[0].right == (True, False, True, True, False, False)
+    assert scored[1].right == (True, False, True, False, False, False)
 
 
 def test_revalidation_settings_name_the_field() -> None:
@@ -260,3 +268,22 @@ def test_the_tune_stage_re_validates_only_when_asked_and_only_the_tied() -> None
     assert calls[-1] == ["a", "b"]  # always: the top two, tied or not
     chosen, scored = choose(load(None, []), [cand("a", 0.9, n=5000), cand("b", 0.3, n=5000)], revalidate)
     assert len(calls) == 2 and scored == [] and chosen.rule == "clear"  # auto: a clear best needs none
+
+
+def test_a_paired_comparison_separates_what_the_unpaired_interval_cannot() -> None:
+    """120 validation images, 100 against 88 right. If b gets right only images a gets right too, all 12
+    disagreements favour a: p = 2 · 0.5¹² (exact), a clear winner, though the unpaired interval calls it a tie.
+    With the same scores but 52 disagreements (32 for a, 20 for b) it is noise (p ≈ 0.13)."""
+    a_right = [True] * 100 + [False] * 20
+    a, b = cand("a", 100 / 120).with_right(a_right), cand("b", 88 / 120).with_right([True] * 88 + [False] * 32)
+    assert compare(cand("a", 100 / 120), cand("b", 88 / 120)).within_noise  # unpaired
+    paired = compare(a, b)
+    assert paired.p_value == pytest.approx(2 * 0.5 ** 12) and not paired.within_noise
+    assert paired.gap_images == 12 and paired.gap == pytest.approx(0.1) and "paired" in paired.words()
+    assert pick([a, b, base(0.70).with_right([True] * 84 + [False] * 36)]).rule == "clear"
+    noisy = compare(a, cand("b", 88 / 120).with_right([False] * 32 + [True] * 88))
+    assert noisy.within_noise and noisy.p_value == pytest.approx(0.1263, abs=1e-3)
+    # re-validation appends each fold's images after the validation split's
+    again = a.revalidated([0.5], [(True, False)])
+    assert again.right == tuple(a_right) + (True, False) and again.folds == 2
+    assert cand("x", 0.5).revalidated([0.5], [(True,)]).right is None  # no per-image validation results: none after
