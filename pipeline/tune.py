@@ -227,6 +227,8 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         candidates = near_the_top(candidates, data.val)
 
         def revalidate(finalists: list[Candidate]) -> list[Candidate]:
+            # (tune.revalidate: always takes finalists that near_the_top had no reason to score)
+            finalists = [c if c.right is not None else c.with_right(predictions_on(c.ref, data.val)) for c in finalists]
             names = ", ".join(c.id for c in finalists)
             print(f"re-validating {names} on {p.tune.finalist_folds} more held-out folds", flush=True)
             refits = build_finalist_tuner(p, shared, storage, f"{ray_run}-finalists", finalists, [progress]).fit()
