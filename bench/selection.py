@@ -92,7 +92,7 @@ def scored(chosen: dict, rows: list[dict], right: dict) -> dict:
 
 def table(results: dict) -> None:
     """Print each search and each (dataset, search)'s means."""
-    print(f"\n| dataset | search | seed | pick (rule) | pick test | CE test | pick − CE | McNemar p | gate | regret | "
+    print("\n| dataset | search | seed | pick (rule) | pick test | CE test | pick − CE | McNemar p | gate | regret | "
           "old rule − CE | old regret |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     groups: dict = {}
     for key, r in sorted(results["searches"].items()):
