@@ -36,7 +36,8 @@ from drtune.prepared import load_prepared, write_prepared
 from drtune.train import fit
 from pipeline.cluster import start_ray
 from pipeline.config import PipelineConfig, load
-from pipeline.search import build_tuner, require_finished, select_best
+from pipeline.search import build_tuner, require_finished, trial_candidates
+from pipeline.selection import rank
 from pipeline.space import trial_config
 from pipeline.training import share_data
 
@@ -81,8 +82,11 @@ def search(p: PipelineConfig, work: Path, name: str) -> dict:
     data = share_data(load_prepared(work / p.data.prepared_dir))
     results = build_tuner(p, data, str(work / "ray"), name, callbacks=[]).fit()
     require_finished(results, p.tune.num_samples, f"search {name} interrupted; the next invocation resumes it")
-    best = select_best(results, p.train.epochs)
-    return {"config": best.config, "val_top1": best.metrics["val_top1"], "wall_s": round(time.time() - started, 1)}
+    ranked = rank(trial_candidates(results, p.train.epochs, 1, p.train.method))
+    if not ranked:
+        raise RuntimeError(f"search {name}: no trial completed all {p.train.epochs} epochs")
+    best = ranked[0]  # the best validation score (ties: lower loss); the pipeline's rank
+    return {"config": best.config, "val_top1": best.val_top1, "wall_s": round(time.time() - started, 1)}
 
 
 def train_and_test(config: Config, work: Path, out_name: str) -> dict:

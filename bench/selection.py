@@ -66,7 +66,7 @@ def tested_candidates(chosen: dict, epochs: int, test, baseline_model: Path) -> 
             continue
         checkpoint = Checkpoint(last["checkpoint_path"], filesystem=storage_filesystem(path))
         with tempfile.TemporaryDirectory() as tmp:
-            weights = save_inference_checkpoint(read_checkpoint(checkpoint, Path(tmp) / "last.pt"), Path(tmp) / "i.pt")
+            weights = save_inference_checkpoint(read_checkpoint(checkpoint, Path(tmp) / "last.pt"), Path(tmp) / "i.safetensors")
             score(trial.trial_id, weights, {"method": trial.config.get("method", "drtune"), "val_top1": last["val_top1"],
                                             "val_loss": last["val_loss"]})
     record = json.loads((baseline_model.parent / "baseline.json").read_text())
@@ -146,12 +146,12 @@ def main() -> None:
                     continue
                 root = home / f"{search}-{seed}"
                 (root / "models").mkdir(parents=True, exist_ok=True)
-                for name in ("baseline.pt", "baseline.json"):
+                for name in ("baseline.safetensors", "baseline.json"):
                     (root / "models" / name).write_bytes((home / "models" / name).read_bytes())
                 ps = load(args.params, common + SEARCHES[search] + [f"tune.seed={seed}"])
                 started = time.time()
                 chosen = tune.run(ps, root)
-                rows, right = tested_candidates(chosen, ps.train.epochs, test, root / "models" / "baseline.pt")
+                rows, right = tested_candidates(chosen, ps.train.epochs, test, root / "models" / "baseline.safetensors")
                 results["searches"][key] = scored(chosen, rows, right) | {"wall_s": round(time.time() - started, 1)}
                 OUT.parent.mkdir(parents=True, exist_ok=True)
                 OUT.write_text(json.dumps(results, indent=1))

@@ -87,7 +87,7 @@ def run(model_name: str, pretrained: str, config: Config, batches: list, warmup:
     timers.wrap(torch.Tensor, "backward", "backward")
     if task.frozen is not None:
         timers.wrap(task.frozen, "forward", "frozen forward")
-        timers.wrap(task, "_calibrated_bank", "calibration")
+        timers.wrap(task, "calibrated_bank", "calibration")
         if task.cached_features:  # built once before training; not part of the step
             task.cache_pretrained_features(DataLoader(TensorDataset(*map(torch.cat, zip(*batches))), batch_size=64),
                                            device)

@@ -2,14 +2,19 @@
 
     drtune fit --config params.yaml --set train.epochs=3 --set train.method=ce --output runs/ce
     drtune predict runs/ce photos/ extra.png --output predictions.csv
+    drtune predict models/best.safetensors photos/
+    drtune predict models:/drtune-fashion-mnist@champion photos/ --tracking-uri sqlite:///mlflow.db
     drtune export runs/ce --output runs/ce/model.onnx
 
-``fit`` writes ``<output>/config.yaml`` (resolved), ``last.pt`` (resumable checkpoint), ``model.pt``
-(inference model state dict), ``metrics.json`` (per-epoch validation and the test of the last
-epoch's model, the one tested everywhere; see :mod:`drtune.evaluation`). ``predict`` reads image
-files (and folders, recursively, with torchvision's image extensions) and writes one CSV row per
-image: path, label, probability. ``export`` writes the network as ONNX, checked against PyTorch
-with onnxruntime (:mod:`drtune.export`).
+``fit`` writes ``<output>/config.yaml`` (resolved), ``last.pt`` (resumable checkpoint),
+``model.safetensors`` (the model file, :mod:`drtune.model_file`), ``metrics.json`` (per-epoch
+validation and the test of the last epoch's model, the one tested everywhere; see
+:mod:`drtune.evaluation`). ``predict`` and ``export`` take a model: a ``fit`` output folder, a
+model file (``models/best.safetensors`` from the pipeline), or a registry URI ``models:/name@alias``
+(or ``models:/name/version``; needs MLflow, ``pip install 'drtune[pipeline]'``). ``predict`` reads
+image files (and folders, recursively, with torchvision's image extensions) and writes one CSV
+row per image: path, label, probability. ``export`` writes the network as ONNX, checked against
+PyTorch with onnxruntime (:mod:`drtune.export`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -31,7 +36,8 @@ from drtune.config import ConfigError, load_config
 from drtune.data import build_loader
 from drtune.evaluation import evaluate
 from drtune.export import export_onnx
-from drtune.inference import load_predictor, save_inference_checkpoint
+from drtune.inference import Predictor, load_predictor
+from drtune.model_file import ModelFileError, save_model
 from drtune.preflight import preflight
 from drtune.sources import IMAGE_EXTENSIONS, load_splits
 from drtune.train import fit, pick_device
@@ -47,7 +53,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     last = result.history[-1]
     loader = build_loader(test, data_config(model.encoder), config.train.image_size, 256, train=False)
     test_metrics = evaluate(model, loader, pick_device(config.train.device))
-    torch.save(model.state_dict(), out / "model.pt")
+    save_model(out / "model.safetensors", model.state_dict(), config.resolved().model_dump(mode="json"), raw.classes,
+               result.history)
     summary = {"history": result.history, "val_top1": last["val_top1"], "epochs": last["epoch"], "test": test_metrics,
                "n_train": len(train), "n_val": len(val), "n_test": len(test)}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -55,13 +62,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_predictor(run: str):
-    """The inference model of a ``drtune fit`` output folder (its ``last.pt``)."""
-    checkpoint = Path(run) / "last.pt"
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint} not found: give the --output folder of a `drtune fit` run")
+def _predictor(source: str, tracking_uri: str | None) -> Predictor:
+    """The model ``source`` names: a ``drtune fit`` folder, a model file, or a ``models:/`` registry URI."""
+    if source.startswith("models:/"):
+        return _registered(source, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{source} holds no model.safetensors: give the --output folder of a finished "
+                                    "`drtune fit` run, a model file such as models/best.safetensors, or models:/name@alias")
+    elif not path.is_file():
+        raise FileNotFoundError(f"{source}: no such model file or folder")
+    return load_predictor(path)
+
+
+def _registered(uri: str, tracking_uri: str) -> Predictor:
+    """The model file inside a registered MLflow model, downloaded from the registry at ``tracking_uri``."""
+    try:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        raise FileNotFoundError(f"{uri}: registry URIs need MLflow (pip install 'drtune[pipeline]')") from None
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        return load_predictor(save_inference_checkpoint(checkpoint, Path(tmp) / "inference.pt"))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except MlflowException as err:
+            raise FileNotFoundError(f"{uri} at {tracking_uri}: {err.message}") from None
+        files = sorted(local.rglob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{uri} holds no drtune model file (registered by an older release?)")
+        return load_predictor(files[0].read_bytes())
 
 
 def _image_files(paths: list[str]) -> list[Path]:
@@ -79,7 +112,7 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    predictor = _run_predictor(args.run)
+    predictor = _predictor(args.model, args.tracking_uri)
     files, images, bad = _image_files(args.images), [], []
     for path in files:
         try:
@@ -104,8 +137,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    predictor = _run_predictor(args.run)
-    out = Path(args.output or Path(args.run) / "model.onnx")
+    predictor = _predictor(args.model, args.tracking_uri)
+    out = Path(args.output or "model.onnx")
     # Any images check the export: seeded random ones at the trained size, as raw uint8.
     images = np.random.default_rng(0).integers(0, 256, (8, predictor.image_size, predictor.image_size, 3), np.uint8)
     check = export_onnx(predictor, out, images)
@@ -121,18 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a parameter")
     p_fit.add_argument("--output", default="runs/fit", help="output directory (default: %(default)s)")
     p_fit.add_argument("--resume", action="store_true", help="continue from <output>/last.pt if present")
-    p_predict = sub.add_parser("predict", help="classify image files with a fit run's model; write a CSV")
-    p_predict.add_argument("run", help="the --output folder of a `drtune fit` run")
+    model_help = "a `drtune fit` output folder, a model file (models/best.safetensors) or models:/name@alias"
+    uri_help = "MLflow store of models:/ URIs (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    p_predict = sub.add_parser("predict", help="classify image files with a trained model; write a CSV")
+    p_predict.add_argument("model", help=model_help)
     p_predict.add_argument("images", nargs="+", help="image files or folders")
     p_predict.add_argument("--output", default="predictions.csv", help="CSV to write (default: %(default)s)")
-    p_export = sub.add_parser("export", help="export a fit run's model as ONNX, checked with onnxruntime")
-    p_export.add_argument("run", help="the --output folder of a `drtune fit` run")
-    p_export.add_argument("--output", default=None, help="ONNX file to write (default: <run>/model.onnx)")
+    p_predict.add_argument("--tracking-uri", default=None, help=uri_help)
+    p_export = sub.add_parser("export", help="export a trained model as ONNX, checked with onnxruntime")
+    p_export.add_argument("model", help=model_help)
+    p_export.add_argument("--output", default=None, help="ONNX file to write (default: model.onnx)")
+    p_export.add_argument("--tracking-uri", default=None, help=uri_help)
     args = parser.parse_args(argv)
     commands = {"fit": cmd_fit, "predict": cmd_predict, "export": cmd_export}
     try:
         return commands[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:  # bad input: one clear line, no traceback
+    except (ConfigError, FileNotFoundError, ModelFileError, ValueError) as err:  # bad input: one clear line, no traceback
         print(f"drtune: {err}", file=sys.stderr)
         return 2
 

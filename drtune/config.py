@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Method = Literal["drtune", "ce", "linear_probe", "l2sp", "bss"]
+from drtune import methods
+
+
+def _known_method(name: str) -> str:
+    methods.get(name)  # a ValueError naming the known methods
+    return name
+
+
+Method = Annotated[str, AfterValidator(_known_method)]  # a name of drtune.methods' registry
 
 
 class ConfigError(ValueError):
@@ -142,14 +150,9 @@ class Config(Section):
         ``preset = custom`` (the resolved numbers are the real ones; resolving twice changes nothing).
         """
         out = self.model_copy(deep=True)
-        if out.train.method == "drtune" and out.drtune.preset == "reference":
-            lam = out.drtune.queue_size / (out.train.batch_size * world_size)
-            base = out.train.lr_backbone
-            out.drtune.lam = lam
-            out.drtune.preset = "custom"
-            out.train.lr_backbone = base / (1 + lam)
-            out.train.lr_head = base
-            out.train.weight_decay = out.train.weight_decay * (1 + lam)
+        spec = methods.get(out.train.method)
+        if spec.resolve is not None:  # DR-Tune's: drtune.methods._resolve_reference
+            spec.resolve(out, world_size)
         return out
 
 

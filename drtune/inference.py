@@ -1,7 +1,7 @@
-"""From a training checkpoint to predictions: the inference model alone, and batches of raw images.
+"""From a model file to predictions: the inference model alone, and batches of raw images.
 
-The inference model is the downstream encoder + head only: a checkpoint's frozen copy and banks
-are training state and are dropped. Inputs are the images a user has, not tensors prepared for
+The inference model is the downstream encoder + head only, read from a model file
+(:mod:`drtune.model_file`); a training checkpoint's frozen copy and banks are training state and are dropped. Inputs are the images a user has, not tensors prepared for
 the network: uint8 H × W × C arrays (C = 1 or 3, any size; a batch N × H × W × C or a list of
 differently sized images) or float N × C × H × W in [0, 1]. Each is resized and centre-cropped
 to the trained image size and normalised with the backbone's mean and std, exactly as the
@@ -19,6 +19,7 @@ import torch
 from drtune.backbones import create_backbone, data_config
 from drtune.data import ArraySplit, build_loader, build_transform
 from drtune.evaluation import evaluate
+from drtune.model_file import ModelFile, ModelFileError, read_model, save_model
 from drtune.task import Classifier
 
 
@@ -40,7 +41,6 @@ class Predictor:
         out = [torch.softmax(self.model(torch.stack(tensors[i:i + batch_size])).float(), dim=1)
                for i in range(0, len(tensors), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
-
 
     def score(self, split: ArraySplit, batch_size: int = 256) -> dict:
         """:func:`drtune.evaluation.evaluate` on ``split`` with this model's evaluation transform, on the CPU:
@@ -72,33 +72,28 @@ def to_chw(images: np.ndarray | list[np.ndarray]) -> list[torch.Tensor]:
     return out
 
 
-def classifier_from_state(task_state: dict, model_name: str, num_classes: int) -> Classifier:
-    """The encoder + head of a ``FineTuneTask`` state dict (no frozen copy, no banks)."""
-    model = Classifier(create_backbone(model_name, "none"), num_classes)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in task_state.items() if k.startswith("model.")})
-    return model.eval()
+def load_predictor(source: str | Path | bytes | ModelFile) -> Predictor:
+    """A :class:`Predictor` from a model file (:mod:`drtune.model_file`): its path, bytes, or contents.
 
-
-def load_predictor(checkpoint: str | Path) -> Predictor:
-    """A :class:`Predictor` from an inference checkpoint (:func:`save_inference_checkpoint`).
-
-    It holds only tensors, strings and numbers, so it is read with ``weights_only=True``: a file
-    from a registry cannot run code when loaded. A training ``last.pt`` (optimiser and RNG state)
-    is stripped with :func:`save_inference_checkpoint` first.
+    A model file holds raw tensors and JSON, so loading one runs no code: a file from a registry or
+    a shared bucket is safe to open. A training ``last.pt`` is turned into one with
+    :func:`save_inference_checkpoint` first.
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    params, classes = state["params"], state["classes"]
-    model = classifier_from_state(state["task"], params["model"]["name"], len(classes))
-    return Predictor(model, classes, params["train"]["image_size"], data_config(model.encoder))
+    model_file = source if isinstance(source, ModelFile) else read_model(source)
+    model = Classifier(create_backbone(model_file.model_name, "none"), len(model_file.classes))
+    try:
+        model.load_state_dict(model_file.tensors)
+    except RuntimeError as err:
+        raise ModelFileError(f"the model file's tensors do not fit {model_file.model_name}: {str(err).splitlines()[0]}") from None
+    return Predictor(model.eval(), model_file.classes, model_file.params["train"]["image_size"], data_config(model.encoder))
 
 
 def save_inference_checkpoint(checkpoint: str | Path, target: str | Path) -> Path:
-    """Strip a training checkpoint to what inference needs: encoder + head weights, params, classes.
+    """Strip a training checkpoint (``last.pt``) to a model file: encoder + head weights, params, classes, history.
 
-    The training checkpoint is our own file (it holds numpy RNG state, hence ``weights_only=False``).
+    The training checkpoint is this project's own resume file, written by its own workers (it holds
+    numpy RNG state, hence ``weights_only=False``); only resuming and this conversion read it.
     """
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    slim = {"params": state["params"], "classes": state["classes"], "history": state.get("history", []),
-            "task": {k: v for k, v in state["task"].items() if k.startswith("model.")}}
-    torch.save(slim, target)
-    return Path(target)
+    tensors = {k.removeprefix("model."): v for k, v in state["task"].items() if k.startswith("model.")}
+    return save_model(target, tensors, state["params"], state["classes"], state.get("history", []))

@@ -29,7 +29,7 @@ from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
 
 class DRTuneClassifier(PythonModel):
-    """Loads ``inference.pt`` (encoder + head, classes, image size) and classifies raw images."""
+    """Loads the model file (encoder + head, classes, image size; :mod:`drtune.model_file`) and classifies raw images."""
 
     def load_context(self, context) -> None:
         from drtune.inference import load_predictor

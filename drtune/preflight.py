@@ -18,6 +18,7 @@ from pathlib import Path
 import timm
 import torch
 
+from drtune import methods
 from drtune.backbones import CheckpointMismatchError, create_backbone
 from drtune.config import Config, ConfigError, ModelConfig
 
@@ -52,9 +53,10 @@ def checkpoint_bytes(config: Config, backbone: torch.nn.Module, num_classes: int
     """Size of one ``last.pt``: the trained weights, the frozen copy (DR-Tune, L2-SP), the optimiser's
     momentum, the banks and the reused rotation, in float32."""
     weights = sum(p.numel() for p in backbone.parameters()) + (backbone.num_features + 1) * num_classes
-    copies = 2 + (config.train.method in ("drtune", "l2sp"))  # weights, momentum, frozen copy
+    spec = methods.get(config.train.method)
+    copies = 2 + spec.frozen_copy  # weights, momentum, frozen copy
     floats = copies * weights
-    if config.train.method == "drtune":
+    if spec.feature_bank:
         floats += 2 * config.drtune.queue_size * backbone.num_features
         if config.drtune.rotation_between == "reuse":
             floats += backbone.num_features**2

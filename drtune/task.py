@@ -20,7 +20,8 @@ outside autocast, whatever the caller's precision: torch has no bf16 linear alge
 calibration's small singular values would not survive 8 mantissa bits anyway.
 
 The baselines share the same step with a different regulariser: ``ce`` (none), ``linear_probe``
-(frozen backbone), ``l2sp`` and ``bss`` (see :mod:`drtune.objectives`).
+(frozen backbone), ``l2sp`` and ``bss``. What each method keeps and its objective are its
+:class:`~drtune.methods.MethodSpec`; this module asks the spec, never the method's name.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from drtune import methods
 from drtune.bank import FeatureBank
 from drtune.calibration import procrustes_rotation_matrix, semantic_calibrate
 from drtune.config import Config
-from drtune.objectives import bss_penalty, dr_tune_loss, l2sp_penalty
 
 
 class Classifier(nn.Module):
@@ -60,22 +60,22 @@ class FineTuneTask(nn.Module):
     """Everything one fine-tuning run trains or carries: classifier, frozen encoder, banks.
 
     ``config`` is a resolved :class:`~drtune.config.Config` (:meth:`Config.resolved`): the task
-    reads ``train.method``, the ``drtune`` section and the ``baselines`` section.
+    reads ``train.method`` (its :class:`~drtune.methods.MethodSpec`), the ``drtune`` section and the
+    ``baselines`` section.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.method = method = config.train.method
+        self.spec = spec = methods.get(config.train.method)
         dr = config.drtune
         # The frozen encoder is a deep copy of the pretrained backbone taken before any update:
         # DR-Tune's f_p, and L2-SP's starting point w₀.
-        needs_frozen = method in ("drtune", "l2sp")
-        self.frozen = copy.deepcopy(backbone).eval().requires_grad_(False) if needs_frozen else None
+        self.frozen = copy.deepcopy(backbone).eval().requires_grad_(False) if spec.frozen_copy else None
         self.model = Classifier(backbone, num_classes)
-        self.bank = FeatureBank(dr.queue_size, backbone.num_features) if method == "drtune" else None
-        self.cached_features = method == "drtune" and dr.pretrained_features == "cached"
-        if method == "linear_probe":
+        self.bank = FeatureBank(dr.queue_size, backbone.num_features) if spec.feature_bank else None
+        self.cached_features = spec.feature_bank and dr.pretrained_features == "cached"
+        if not spec.trains_backbone:
             backbone.requires_grad_(False)
         if self.bank is not None and dr.rotation_between == "reuse":
             # The last rotation, applied between recomputations; in the checkpoint with the banks.
@@ -94,7 +94,7 @@ class FineTuneTask(nn.Module):
         super().train(mode)
         if self.frozen is not None:
             self.frozen.eval()
-        if self.method == "linear_probe":
+        if not self.spec.trains_backbone:
             self.model.encoder.eval()
         return self
 
@@ -115,11 +115,11 @@ class FineTuneTask(nn.Module):
         model = self.model if model is None else model
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             features, logits = model(x, return_features=True)
-            z_p = self._pretrained_features(x, index) if self.method == "drtune" else None
+            z_p = self._pretrained_features(x, index) if self.bank is not None else None
         # Everything below is float32 whatever the caller's autocast (see the module docstring).
         with torch.autocast(x.device.type, enabled=False):
             features, logits = features.float(), logits.float()
-            loss, ce, reg = self._loss(features, logits, y)
+            loss, ce, reg = self.spec.loss(self, features, logits, y)  # Eq. 14 for DR-Tune, the baselines' otherwise
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {int(self.steps)}")
         optimizer.zero_grad(set_to_none=True)
@@ -130,23 +130,7 @@ class FineTuneTask(nn.Module):
         self.steps += 1
         return {"loss": loss.item(), "ce": ce.item(), "reg": reg.item()}
 
-    def _loss(self, features: Tensor, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(total, CE, regulariser) of one batch in float32: Eq. 14 for DR-Tune, the baselines' otherwise."""
-        if self.method == "drtune" and self.config.drtune.dr:  # dr_tune_loss computes the CE term itself
-            calibrated = self._calibrated_bank(features)
-            return dr_tune_loss(logits, y, self.model.head(calibrated), self.bank.labels, self.config.drtune.lam)
-        ce = F.cross_entropy(logits, y)
-        if self.method == "l2sp":
-            b = self.config.baselines
-            reg = l2sp_penalty(self.model.encoder.parameters(), self.frozen.parameters(), [self.model.head.weight],
-                               b.l2sp_alpha, b.l2sp_beta)
-            return ce + reg, ce, reg
-        if self.method == "bss":
-            reg = bss_penalty(features, self.config.baselines.bss_eta, self.config.baselines.bss_k)
-            return ce + reg, ce, reg
-        return ce, ce, torch.zeros((), device=ce.device)
-
-    def _calibrated_bank(self, batch_down: Tensor) -> Tensor:
+    def calibrated_bank(self, batch_down: Tensor) -> Tensor:
         """Step 3: the bank's pretrained features, calibrated (or only normalised and scaled); float32."""
         s, bank = self.config.drtune, self.bank
         scale = batch_down.detach().norm(dim=1).mean()

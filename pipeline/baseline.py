@@ -4,7 +4,7 @@
 
 Runs ``train.*`` as written (``lr_backbone``, ``lr_head``, …) with ``train.method = ce`` through
 the same Ray Train workers as a trial, evaluates the final model once on the test split, and
-writes ``metrics/baseline.json`` (numbers) and ``models/baseline.pt`` + ``models/baseline.json``
+writes ``metrics/baseline.json`` (numbers) and ``models/baseline.safetensors`` + ``models/baseline.json``
 (its inference model, validation score and data digest). The ``tune`` stage takes it as a candidate
 (plain fine-tuning competes with the search), and ``register`` compares the challenger with it
 image by image before promoting anything. It reads no ``tune.*`` or ``drtune.*`` key, so changing
@@ -19,16 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
+from drtune import methods
 from drtune.config import Config
 from drtune.inference import load_predictor, save_inference_checkpoint
+from drtune.model_file import read_model
 from drtune.preflight import preflight
 from drtune.prepared import load_prepared
 from pipeline.cluster import local_storage, start_ray, storage_uri
 from pipeline.config import PipelineConfig, load
-from pipeline.stage import flat, stage_main
-from pipeline.tracking import (
+from pipeline.mlflow_store import (
     connect,
     dataset_inputs,
     experiment_id,
@@ -38,13 +38,14 @@ from pipeline.tracking import (
     run_outcome,
     tracking_errors,
 )
+from pipeline.stage import flat, stage_main
 from pipeline.training import read_checkpoint, run_name, run_training, share_data
 
 
 def baseline_config(p: PipelineConfig) -> Config:
     """``p``'s library sections as plain CE-tuning with its own learning rates (no search, no regulariser)."""
     ce = p.library()
-    ce.train.method = "ce"
+    ce.train.method = methods.PLAIN
     ce.train.progress = False
     return ce
 
@@ -57,7 +58,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     preflight(ce, local_storage(p, root), field="ray.storage_path")  # before Ray starts: one line, naming the field
     start_ray(p)
     named = p.model_copy(deep=True)
-    named.train.method = "ce"
+    named.train.method = methods.PLAIN
     name = run_name("baseline-ce", named, data.checksum)
     # The MLflow run is opened before training, so its duration is the training's.
     exp = experiment_id(client, p.mlflow_experiment())
@@ -75,8 +76,8 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         models.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = read_checkpoint(result.checkpoint, Path(tmp) / "last.pt")
-            history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]
-            scores = load_predictor(save_inference_checkpoint(checkpoint, models / "baseline.pt")).score(data.test)
+            model = read_model(save_inference_checkpoint(checkpoint, models / "baseline.safetensors"))
+        history, scores = model.history, load_predictor(model).score(data.test)
         log_history(client, run_id, history)
         client.log_metric(run_id, "test_top1", scores["top1"])
         client.log_metric(run_id, "test_top5", scores["top5"])

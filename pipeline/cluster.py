@@ -17,6 +17,7 @@ import pyarrow.fs
 import ray
 
 from drtune.config import ConfigError
+from pipeline import compat
 from pipeline.config import PipelineConfig
 
 DRIVER_RESOURCE = "drtune_trial_driver"  # a local Ray gets plenty; trial drivers then need no CPU
@@ -58,14 +59,13 @@ def _live_local_head() -> str | None:
     placement-group cleaner, which finds the cluster through that file, would never free the
     CPUs of trials stopped by ASHA: the search would wait forever. So a stale entry is removed.
     """
-    from ray._private import services, utils
-
-    recorded = utils.read_ray_address()
+    address_file = compat.ray_address_file()
+    recorded = address_file.read_text().strip() if address_file.is_file() else None
     if not recorded:
         return None
-    if recorded in services.find_gcs_addresses():
+    if recorded in compat.live_gcs_addresses():
         return recorded
-    Path(utils.get_ray_address_file(None)).unlink(missing_ok=True)
+    address_file.unlink(missing_ok=True)
     return None
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from drtune import methods
 from drtune.config import Config, Method, Section, load_config
 
 
@@ -28,6 +29,12 @@ class Range(Section):
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         return self
+
+
+def _default(name: str) -> Range:
+    """A knob's default search range, as its method's spec states it (:mod:`drtune.methods`)."""
+    knob = methods.knob(name)
+    return Range(low=knob.low, high=knob.high)
 
 
 class TuneConfig(Section):
@@ -48,14 +55,14 @@ class TuneConfig(Section):
     finalists: int = Field(3, ge=2, le=100, description="at most this many candidates are re-validated")
     finalist_folds: int = Field(2, ge=1, le=100, description="extra held-out folds per finalist, each the validation "
                                 "split's size, drawn from the training split (at most 1/data.val_fraction − 1)")
-    lam: Range = Field(Range(low=0.1, high=40.0), description="λ, log-uniform")
+    lam: Range = Field(default_factory=lambda: _default("lam"), description="λ, log-uniform")
     queue_sizes: list[int] = Field([256, 512, 1024], min_length=1, description="K choices, multiples of the global batch")
-    lr_backbone: Range = Field(Range(low=1e-4, high=3e-2), description="real backbone step size, log-uniform")
-    lr_head: Range = Field(Range(low=3e-3, high=0.3), description="real head step size, log-uniform")
+    lr_backbone: Range = Field(default_factory=lambda: _default("lr_backbone"), description="real backbone step size, log-uniform")
+    lr_head: Range = Field(default_factory=lambda: _default("lr_head"), description="real head step size, log-uniform")
     weight_decay: Range | None = Field(None, description="searched when set, else train.weight_decay")
-    l2sp_alpha: Range = Field(Range(low=1e-4, high=1.0), description="train.method l2sp: α, log-uniform")
-    l2sp_beta: Range = Field(Range(low=1e-4, high=1.0), description="train.method l2sp: β, log-uniform")
-    bss_eta: Range = Field(Range(low=1e-4, high=0.1), description="train.method bss: η, log-uniform")
+    l2sp_alpha: Range = Field(default_factory=lambda: _default("l2sp_alpha"), description="train.method l2sp: α, log-uniform")
+    l2sp_beta: Range = Field(default_factory=lambda: _default("l2sp_beta"), description="train.method l2sp: β, log-uniform")
+    bss_eta: Range = Field(default_factory=lambda: _default("bss_eta"), description="train.method bss: η, log-uniform")
     points_to_evaluate: list[dict[str, int | float]] = Field(
         default_factory=lambda: [{"lam": 1.0, "queue_size": 1024, "lr_backbone": 0.01, "lr_head": 0.1},
                                  {"lam": 32.0, "queue_size": 1024, "lr_backbone": 0.000303, "lr_head": 0.01}],

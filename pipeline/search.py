@@ -23,26 +23,26 @@ told as FAIL and are never sampled around. The final pick is :mod:`pipeline.sele
 trials that ran every epoch (:func:`trial_candidates`): a stopped trial's score is from a shorter,
 un-annealed schedule and its checkpoint is not a finished model.
 
-Early stopping across methods (:class:`MethodASHA`) gives each method its own rungs and runs each
-method's starting point to the end, so a method that starts slowly is never stopped by a faster one.
+Early stopping is :mod:`pipeline.early_stopping`'s (across methods, each method has its own rungs); a
+stored search is checked, restored or discarded by :mod:`pipeline.experiment_state`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
 from collections.abc import Callable
 
 import optuna
 import pyarrow.fs
 from ray import tune
 from ray.train import Checkpoint
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.cluster import filesystem_and_path, trial_resources
+from drtune import methods
+from pipeline.cluster import trial_resources
 from pipeline.config import PipelineConfig
+from pipeline.early_stopping import scheduler
+from pipeline.experiment_state import restore_tuner
 from pipeline.selection import Candidate
 from pipeline.space import across_methods, ranges, starting_points, trial_config
 from pipeline.training import ReportToTune, SharedData, run_training
@@ -92,61 +92,12 @@ class MethodSpace:
                 trial.suggest_float(key, *drawn, log=True)
 
 
-def trial_driver(sampled: dict, *, base: PipelineConfig, data: SharedData, storage: str) -> None:
-    """A Tune trial: run this trial's config as a Ray Train job; metrics flow to Tune."""
+def trial_driver(sampled: dict, *, base: PipelineConfig, data: SharedData, storage: str, specs: list) -> None:
+    """A Tune trial: run this trial's config as a Ray Train job; metrics flow to Tune. ``specs`` are the
+    searched methods' specs, carried by value (a method registered only in the driver trains here too)."""
+    methods.adopt(specs)
     run_training(trial_config(base, sampled), base, data, storage, tune.get_context().get_trial_id(),
                  [ReportToTune(base.train.epochs)])
-
-
-class ExperimentStateError(RuntimeError):
-    """The stored search cannot be restored (a half-written state); the message says how to start afresh."""
-
-
-FRESH_HINT = "start it afresh with `python -m pipeline.tune --fresh` (or `DRTUNE_FRESH=1 dvc repro`)"
-
-
-def check_experiment_state(path: str) -> None:
-    """Raise :class:`ExperimentStateError` naming the file when the search stored at ``path`` is
-    half-written: ``tuner.pkl`` and the newest ``experiment_state``, ``search_gen_state`` and
-    ``searcher-state`` files must all be present and readable (a disk that filled while Tune saved
-    them leaves one empty or cut, and Ray then fails later with a message about search spaces)."""
-    fs, base = filesystem_and_path(path)
-    names = {info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(base)) if info.is_file}
-    states = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
-    stamp = states[-1][len("experiment_state-"):-len(".json")] if states else None
-    required = ["tuner.pkl"] + ([f"experiment_state-{stamp}.json", f"search_gen_state-{stamp}.json",
-                                 f"searcher-state-{stamp}.pkl"] if stamp else ["experiment_state-<time>.json"])
-    for name in required:
-        try:
-            with fs.open_input_stream(f"{base}/{name}") as f:
-                raw = f.read()
-            # experiment_state is JSON; search_gen_state, despite its name, is a pickle, like the others
-            json.loads(raw) if name.startswith("experiment_state-") else pickle.loads(raw)
-        except Exception as err:  # noqa: BLE001 - any way a file fails to read means the state is unusable
-            raise ExperimentStateError(f"the stored search at {path} is damaged: {name} cannot be read "
-                                       f"({type(err).__name__}); {FRESH_HINT}") from None
-
-
-def discard_experiment(path: str) -> bool:
-    """Delete the search stored at ``path`` (``--fresh``); True when there was one."""
-    fs, base = filesystem_and_path(path)
-    if fs.get_file_info(base).type == pyarrow.fs.FileType.NotFound:
-        return False
-    fs.delete_dir(base)
-    return True
-
-
-def _restored(path: str, trainable) -> tune.Tuner | None:
-    """The Tuner stored at ``path`` (finished trials kept, unfinished resumed, errored retried), or None."""
-    if not tune.Tuner.can_restore(path):
-        return None
-    check_experiment_state(path)
-    try:
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  restart_errored=False)
-    except Exception as err:  # noqa: BLE001 - Ray raises many types for a state it cannot read
-        raise ExperimentStateError(f"the stored search at {path} cannot be restored ({type(err).__name__}: "
-                                   f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}") from None
 
 
 def _tuner(config: PipelineConfig, driver_fn, storage: str, name: str, callbacks: list, param_space: dict,
@@ -156,79 +107,13 @@ def _tuner(config: PipelineConfig, driver_fn, storage: str, name: str, callbacks
     resources, at most as many trials at once as the cluster fits, no Tune-level retries."""
     driver, concurrency = trial_resources(config)
     trainable = tune.with_resources(driver_fn, driver)
-    restored = _restored(f"{storage}/{name}", trainable)
+    restored = restore_tuner(f"{storage}/{name}", trainable)
     if restored is not None:
         return restored
     return tune.Tuner(trainable, param_space=param_space,
                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, **tune_config),
                       run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
                                                 failure_config=tune.FailureConfig(max_failures=0)))
-
-
-class MethodASHA(FIFOScheduler):
-    """ASHA with one set of rungs per method, and each method's starting point run to the end.
-
-    Methods learn at different speeds early on (a regulariser slows the first epochs, a linear probe
-    is quick), so a rung shared across methods stops a slow starter by speed, not by where it ends.
-    Here a trial is compared only with trials of its own method: each method has its own
-    :class:`ASHAScheduler`. A trial whose config is one of ``anchors`` (the methods' starting points,
-    their ``params.yaml`` values) is never stopped early; its scores still fill its method's rungs,
-    so later trials of that method are measured against it.
-    """
-
-    def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float, anchors: list[dict]) -> None:
-        super().__init__()
-        self._asha_args = {"time_attr": "epoch", "max_t": max_t, "grace_period": grace_period,
-                           "reduction_factor": reduction_factor}
-        self._max_t = max_t
-        self._anchors = anchors
-        self._rungs: dict[str, ASHAScheduler] = {}
-        self._metric = self._mode = None
-
-    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
-        self._metric, self._mode = metric or self._metric, mode or self._mode
-        return True
-
-    def _of(self, trial) -> ASHAScheduler:
-        method = trial.config.get("method", "")
-        if method not in self._rungs:
-            self._rungs[method] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._asha_args)
-        return self._rungs[method]
-
-    def is_anchor(self, config: dict) -> bool:
-        """Whether ``config`` is one of the starting points (the sampler returns them as given)."""
-        return any(all(k in config and (config[k] == v or (isinstance(v, float) and math.isclose(config[k], v)))
-                       for k, v in a.items()) and len(a) == len(config) for a in self._anchors)
-
-    def on_trial_add(self, tune_controller, trial) -> None:
-        self._of(trial).on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        action = self._of(trial).on_trial_result(tune_controller, trial, result)
-        if action == self.STOP and result.get("epoch", 0) < self._max_t and self.is_anchor(trial.config):
-            return self.CONTINUE
-        return action
-
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        self._of(trial).on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller, trial) -> None:
-        self._of(trial).on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return "ASHA per method: " + "; ".join(f"{m}: {s.debug_string()}" for m, s in self._rungs.items())
-
-
-def scheduler(config: PipelineConfig):
-    """Early stopping: none, one ASHA over every trial (one method), or :class:`MethodASHA` (several)."""
-    t = config.tune
-    if not t.early_stopping:
-        return FIFOScheduler()
-    if across_methods(config):
-        return MethodASHA(max_t=config.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor,
-                          anchors=starting_points(config))
-    return ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period,
-                         reduction_factor=t.reduction_factor)
 
 
 def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list) -> tune.Tuner:
@@ -241,7 +126,8 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
     space = {"space": MethodSpace(config), "metric": METRIC, "mode": "max"} if across_methods(config) else {}
     searcher = PruningOptunaSearch(points_to_evaluate=starting_points(config) or None, sampler=sampler,
                                    max_epochs=config.train.epochs, **space)
-    return _tuner(config, tune.with_parameters(trial_driver, base=config, data=data, storage=f"{storage}/train"),
+    return _tuner(config, tune.with_parameters(trial_driver, base=config, data=data, storage=f"{storage}/train",
+                                          specs=[methods.get(m) for m in config.search_methods()]),
                   storage, name, callbacks, search_space(config), metric=METRIC, mode="max", search_alg=searcher,
                   scheduler=scheduler(config), num_samples=t.num_samples)
 
@@ -276,8 +162,10 @@ def trial_candidates(results, max_epochs: int, n_val: int, method: str,
     return out
 
 
-def finalist_driver(point: dict, *, base: PipelineConfig, finalists: list[dict], data: SharedData, storage: str) -> None:
+def finalist_driver(point: dict, *, base: PipelineConfig, finalists: list[dict], data: SharedData, storage: str,
+                    specs: list) -> None:
     """A re-validation trial: finalist ``point["finalist"]`` (its sampled values) trained on extra fold ``point["fold"]``."""
+    methods.adopt(specs)
     run_training(trial_config(base, finalists[point["finalist"]]), base, data, storage, tune.get_context().get_trial_id(),
                  [ReportToTune(base.train.epochs)], fold=point["fold"])
 
@@ -287,7 +175,7 @@ def build_finalist_tuner(config: PipelineConfig, data: SharedData, storage: str,
     """Every finalist on every one of ``tune.finalist_folds`` extra folds (:mod:`drtune.folds`), all epochs, no
     early stopping and no sampler: a grid. Restored, like :func:`build_tuner`'s search, when it is stored."""
     driver_fn = tune.with_parameters(finalist_driver, base=config, finalists=[c.config for c in finalists], data=data,
-                                     storage=f"{storage}/train")
+                                     storage=f"{storage}/train", specs=[methods.get(m) for m in config.search_methods()])
     space = {"finalist": tune.grid_search(list(range(len(finalists)))),
              "fold": tune.grid_search(list(range(1, config.tune.finalist_folds + 1)))}
     return _tuner(config, driver_fn, storage, name, callbacks, space)

@@ -1,5 +1,5 @@
-"""Choosing the model: rank the candidates, pick one knowing the validation noise, the leaderboard,
-DR-Tune's lift, and the paired test that gates promotion. No Ray: the search, the ``tune`` and
+"""Choosing the model: rank the candidates, pick one knowing the validation noise, and the paired
+test that gates promotion (the per-method leaderboard is :mod:`pipeline.leaderboard`). No Ray: the search, the ``tune`` and
 ``register`` stages and the benchmarks all call this one module.
 
 **Candidates** are the search's trials and the CE baseline (plain fine-tuning at the defaults,
@@ -203,29 +203,6 @@ def pick(candidates: list[Candidate]) -> Pick:
                      else "the CE baseline is not among them, so the top score stands"))
     rest = [c for c in scoped if c is not chosen] + [c for c in everyone if c not in scoped]
     return Pick(chosen, rule, reason, comparison, [c.id for c in tied], [chosen, *rest])
-
-
-def leaderboard(candidates: list[Candidate], chosen: Pick, methods: list[str]) -> dict[str, dict]:
-    """Per method: its candidates counted by status and its best, the first of its candidates in the
-    pick's order (so the overall pick is its method's entry); ``best`` None when none completed."""
-    board = {}
-    for method in methods:
-        mine = [c for c in candidates if c.method == method]
-        best = next((c for c in chosen.order if c.method == method), None)
-        board[method] = {
-            "trials": sum(not c.baseline for c in mine), "completed": sum(c.status == "completed" for c in mine),
-            "stopped_early": sum(c.status == "stopped" for c in mine), "failed": sum(c.status == "failed" for c in mine),
-            "best_trial": best.id if best else None, "best_val_top1": best.val_top1 if best else None,
-            **({"best_cv_top1": best.cv_top1} if best and best.cv_top1 is not None else {}),
-        }
-    return board
-
-
-def lift(scores: dict[str, float | None], method: str = "drtune") -> float | None:
-    """``method``'s score minus the best other method's (negative when it lost); None when either is missing."""
-    others = [v for m, v in scores.items() if m != method and v is not None]
-    mine = scores.get(method)
-    return None if mine is None or not others else mine - max(others)
 
 
 @dataclass(frozen=True)

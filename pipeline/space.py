@@ -1,8 +1,9 @@
 """What a trial searches, without Ray: the searched names, their ranges, starting points, and the
 library :class:`~drtune.config.Config` a sampled point becomes.
 
-:data:`SEARCHED` is the one table: each searched name and the config field it sets. Which names a
-method has is :func:`searched_names`; its ranges are ``tune.<name>`` (log-uniform) and
+Each searched name is a :class:`~drtune.methods.Knob` of :mod:`drtune.methods`, which says the
+config field it sets. Which names a method has is :func:`searched_names`; its ranges are
+``tune.<name>`` (log-uniform; the knob's default range when ``tune`` has no such field) and
 ``tune.queue_sizes`` (a choice). :mod:`pipeline.search` turns them into Ray Tune and Optuna spaces;
 :func:`random_point` draws from the same ranges for code that runs trials without Ray (the
 data-scale benchmark's process pool on one GPU box).
@@ -13,37 +14,28 @@ from __future__ import annotations
 import math
 import random
 
+from drtune import methods
 from drtune.config import Config, ConfigError
 from pipeline.config import PipelineConfig
 
-# Searched name → the config field it sets. Each is drawn log-uniformly from ``tune.<name>``,
-# except ``queue_size``, a choice among ``tune.queue_sizes``.
-SEARCHED = {
-    "lr_backbone": "train.lr_backbone",
-    "lr_head": "train.lr_head",
-    "weight_decay": "train.weight_decay",
-    "lam": "drtune.lam",
-    "queue_size": "drtune.queue_size",
-    "l2sp_alpha": "baselines.l2sp_alpha",
-    "l2sp_beta": "baselines.l2sp_beta",
-    "bss_eta": "baselines.bss_eta",
-}
+def field_of(name: str) -> str:
+    """The config field a searched name sets (``lam`` → ``drtune.lam``): its :class:`~drtune.methods.Knob`'s."""
+    return methods.knob(name).field
 
 
 def searched_names(config: PipelineConfig, method: str | None = None) -> list[str]:
-    """The names of :data:`SEARCHED` that ``method`` (default ``train.method``) has.
+    """The names ``method`` (default ``train.method``) searches: its spec's (:meth:`MethodSpec.searched`),
+    and weight decay when ``tune.weight_decay`` is set and no preset fixes the names.
 
     Learning rates are real step sizes, so λ never rescales the backbone's rate. A linear probe
     has no backbone rate; L2-SP adds α and β, BSS η, DR-Tune λ and K. Under DR-Tune's
     ``reference`` preset only the authors' base rate and K are free: λ = K/B and the rates follow
     from them (:meth:`Config.resolved`).
     """
-    method = method or config.train.method
-    if method == "drtune" and config.drtune.preset == "reference":
-        return ["lr_backbone", "queue_size"]
-    names = ["lr_head"] + (["lr_backbone"] if method != "linear_probe" else [])
-    names += {"drtune": ["lam", "queue_size"], "l2sp": ["l2sp_alpha", "l2sp_beta"], "bss": ["bss_eta"]}.get(method, [])
-    if config.tune.weight_decay is not None:
+    spec = methods.get(method or config.train.method)
+    names = list(spec.searched(config))
+    preset = spec.preset_knobs(config) if spec.preset_knobs else None
+    if config.tune.weight_decay is not None and preset is None:
         names.append("weight_decay")
     return names
 
@@ -65,9 +57,10 @@ def starting_points(config: PipelineConfig) -> list[dict]:
     names = searched_names(config)
     points = []
     for i, given in enumerate(config.tune.points_to_evaluate):
-        unknown = sorted(set(given) - set(SEARCHED))
+        searchable = {k.name for k in methods.all_knobs()}
+        unknown = sorted(set(given) - searchable)
         if unknown:
-            raise ConfigError(f"tune.points_to_evaluate[{i}]: unknown names {unknown} (searchable: {sorted(SEARCHED)})")
+            raise ConfigError(f"tune.points_to_evaluate[{i}]: unknown names {unknown} (searchable: {sorted(searchable)})")
         point = {name: given.get(name, _config_value(config, name)) for name in names}
         if "queue_size" in point and int(point["queue_size"]) not in config.tune.queue_sizes:
             raise ConfigError(f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in "
@@ -77,7 +70,7 @@ def starting_points(config: PipelineConfig) -> list[dict]:
 
 
 def _config_value(config: PipelineConfig, name: str) -> float | int:
-    section, key = SEARCHED[name].split(".")
+    section, key = field_of(name).split(".")
     return getattr(getattr(config, section), key)
 
 
@@ -88,22 +81,26 @@ def trial_config(base: PipelineConfig, sampled: dict) -> Config:
     config.train.progress = False
     config.train.method = sampled.get("method", base.train.method)
     for name, value in unprefixed(sampled).items():
-        section, key = SEARCHED[name].split(".")
-        setattr(getattr(config, section), key, int(value) if name == "queue_size" else float(value))
+        section, key = field_of(name).split(".")
+        setattr(getattr(config, section), key, int(value) if methods.knob(name).choice else float(value))
     return config
 
 
 def unprefixed(sampled: dict) -> dict:
-    """A trial's sampled values under their :data:`SEARCHED` names (``drtune.lam`` → ``lam``), method left out."""
+    """A trial's sampled values under their searched names (``drtune.lam`` → ``lam``), method left out."""
     return {k.split(".", 1)[1] if "." in k else k: v for k, v in sampled.items() if k != "method"}
 
 
 def ranges(config: PipelineConfig, method: str | None = None) -> dict[str, list | tuple[float, float]]:
     """What each of ``method``'s searched names is drawn from: the list ``tune.queue_sizes`` (a
-    choice) for ``queue_size``, else the ``(low, high)`` of ``tune.<name>`` (log-uniform)."""
-    t = config.tune
-    return {name: list(t.queue_sizes) if name == "queue_size" else (getattr(t, name).low, getattr(t, name).high)
-            for name in searched_names(config, method)}
+    choice) for ``queue_size``, else the ``(low, high)`` of ``tune.<name>`` (log-uniform), or the
+    knob's own default range when ``params.yaml`` has no ``tune.<name>`` (a method added later)."""
+    t, out = config.tune, {}
+    for name in searched_names(config, method):
+        given = getattr(t, name, None)
+        k = methods.knob(name)
+        out[name] = list(t.queue_sizes) if k.choice else (given.low, given.high) if given else (k.low, k.high)
+    return out
 
 
 def random_point(config: PipelineConfig, rng: random.Random) -> dict:

@@ -38,6 +38,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 import drtune
+from drtune import methods
 from drtune.config import Config
 from drtune.folds import extra_fold
 from drtune.prepared import PreparedData
@@ -68,7 +69,9 @@ def share_data(data: PreparedData) -> SharedData:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; ``loop_config`` = {"config": the trial's :class:`Config`, "data": :class:`SharedData`,
-    "threads": torch threads, "fold": 0 for the prepared split, j ≥ 1 for :func:`drtune.folds.extra_fold` j}."""
+    "threads": torch threads, "fold": 0 for the prepared split, j ≥ 1 for :func:`drtune.folds.extra_fold` j,
+    "specs": the method's spec, by value (:func:`drtune.methods.adopt`)}."""
+    methods.adopt(loop_config["specs"])
     config: Config = loop_config["config"]
     torch.set_num_threads(max(1, math.ceil(loop_config["threads"])))
     data = loop_config["data"].get()
@@ -156,7 +159,8 @@ def run_training(config: Config, pipeline: PipelineConfig, data: SharedData, sto
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "data": data, "threads": r.cpus_per_worker, "fold": fold},
+        train_loop_config={"config": config, "data": data, "threads": r.cpus_per_worker, "fold": fold,
+                           "specs": [methods.get(config.train.method)]},
         scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

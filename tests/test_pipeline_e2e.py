@@ -181,6 +181,19 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
     images = np.repeat(test.images[:8], 3, axis=-1)
     out = model.predict(images)
     assert len(out) == 8 and set(out["label"]) <= {str(d) for d in range(10)}
+    # `drtune predict` takes the registry URI and the pipeline's model file, and agrees with the pyfunc.
+    from PIL import Image
+
+    photos = project.parent / "photos"  # outside the project: its git tree stays as the pipeline left it
+    photos.mkdir(exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(photos / f"{i}.png")
+    for source in ("models:/drtune-digits@champion", "models/best.safetensors"):
+        cli = subprocess.run([str(BIN / "drtune"), "predict", source, str(photos), "--output", str(photos / "p.csv")],
+                             cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr[-2000:]
+        labels = [row.split(",")[1] for row in (photos / "p.csv").read_text().splitlines()[1:]]
+        assert labels == list(out["label"]), source
     # The same checkpoint registered again is the same version, not a second one.
     register = [sys.executable, "-m", "pipeline.register", "--params", "params.yaml"]
     again = subprocess.run(register, cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
@@ -188,10 +201,11 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
     assert [str(v.version) for v in client.search_model_versions("name = 'drtune-digits'")] == ["1"]
     assert "already champion" in json.loads((project / "models" / "registered.json").read_text())["decision"]
     # Another checkpoint of the same weights scores the same: it becomes challenger, not champion.
-    import torch
+    from drtune.model_file import read_model, save_model
 
-    best = torch.load(project / "models" / "best.pt", map_location="cpu", weights_only=True)
-    torch.save(best | {"note": "same weights, another file"}, project / "models" / "best.pt")
+    best = read_model(project / "models" / "best.safetensors")
+    save_model(project / "models" / "best.safetensors", best.tensors, best.params | {"note": "same weights, another file"},
+               best.classes, best.history)
     again = subprocess.run(register, cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert str(client.get_model_version_by_alias("drtune-digits", "challenger").version) == "2"
@@ -375,7 +389,7 @@ def test_a_search_on_s3_with_a_tracking_server_resumes_and_never_reads_the_drive
                                            aws_access_key_id="test", aws_secret_access_key="test")
             .list_objects_v2(Bucket="drtune", MaxKeys=1000)["Contents"]]
     assert any(k.startswith("runs/train/") and k.endswith("/last.pt") for k in keys)
-    assert any(k.startswith("mlflow/") and k.endswith("inference.pt") for k in keys)
+    assert any(k.startswith("mlflow/") and k.endswith("model.safetensors") for k in keys)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking, registry_uri=tracking)

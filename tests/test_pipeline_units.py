@@ -5,24 +5,27 @@ from __future__ import annotations
 
 import math
 import socket
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import optuna
-import pandas as pd
 import pytest
 from ray import tune
 
+from drtune import methods
 from drtune.config import ConfigError
 from drtune.inference import Predictor, to_chw
 from drtune.mlflow_model import DRTuneClassifier
 from drtune.task import Classifier
 from pipeline.config import PipelineConfig, load
-from pipeline.register import decide, model_description
+from pipeline.mlflow_store import TrackingUnavailableError, connect
+from pipeline.model_card import model_description
+from pipeline.champion import decide
 from pipeline.search import PruningOptunaSearch, require_finished, search_space
-from pipeline.space import SEARCHED, random_point, searched_names, starting_points, trial_config
-from pipeline.tracking import TrackingUnavailableError, connect
+from pipeline.space import field_of, random_point, searched_names, starting_points, trial_config
 
 
 def test_queue_size_that_does_not_divide_the_global_batch_names_the_fields() -> None:
@@ -81,10 +84,10 @@ def test_params_yaml_states_the_schema_defaults() -> None:
 
 def test_every_searched_name_maps_to_a_config_field_and_a_range() -> None:
     config = PipelineConfig()
-    for name, path in SEARCHED.items():
-        section, key = path.split(".")
+    for knob in methods.all_knobs():
+        section, key = field_of(knob.name).split(".")
         assert key in type(getattr(config, section)).model_fields
-        assert name in type(config.tune).model_fields or name == "queue_size"
+        assert knob.name in type(config.tune).model_fields or knob.choice
 
 
 def _searcher(max_epochs: int = 4) -> PruningOptunaSearch:
@@ -127,6 +130,53 @@ def test_unreachable_tracking_server_fails_fast() -> None:
     assert time.time() - start < 5
     with pytest.raises(TrackingUnavailableError, match="needs a database"):
         connect("file:./mlruns")
+
+
+def test_a_server_that_does_not_answer_is_told_from_one_that_refuses_by_type_and_status(monkeypatch) -> None:
+    """What MLflow's REST client really raises: a dead server or a 503 until the retries run out is
+    unreachable; a 404 or 400 answer is a refusal, whatever its message says."""
+    import http.server
+    import threading
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.mlflow_store import unreachable
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+
+    def error_of(uri: str) -> Exception:
+        with pytest.raises(Exception) as caught:
+            MlflowClient(uri).search_experiments(max_results=1)
+        return caught.value
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    assert unreachable(error_of(f"http://127.0.0.1:{port}"))
+    for status, body, expected in [(503, b"<html>down</html>", True), (503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}', True),
+                                   (404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "503"}', False),
+                                   (400, b"Connection refused; timed out", False)]:
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def do_GET(self, status=status, body=body):
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            assert unreachable(error_of(f"http://127.0.0.1:{server.server_port}")) is expected, (status, body)
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert not unreachable(MlflowException("run 503abc: Max retries exceeded"))  # the text alone says nothing
 
 
 def _predictor(tiny_encoder) -> Predictor:
@@ -174,16 +224,16 @@ def test_each_method_searches_its_own_hyperparameters(method, keys) -> None:
 
 
 def test_a_dead_ray_head_left_in_the_bootstrap_file_is_forgotten(tmp_path, monkeypatch) -> None:
-    from ray._private import services, utils
-
+    from pipeline import compat
     from pipeline.cluster import _live_local_head
 
+    assert compat.ray_address_file().name == "ray_current_cluster"  # Ray still keeps it where compat looks
     address_file = tmp_path / "ray_current_cluster"
-    monkeypatch.setattr(utils, "get_ray_address_file", lambda temp_dir=None: str(address_file))
+    monkeypatch.setattr(compat, "ray_address_file", lambda: address_file)
     address_file.write_text("10.0.0.1:6379")
-    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset({"10.0.0.1:6379"}))
+    monkeypatch.setattr(compat, "live_gcs_addresses", lambda: frozenset({"10.0.0.1:6379"}))
     assert _live_local_head() == "10.0.0.1:6379"  # a live head is joined
-    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset())
+    monkeypatch.setattr(compat, "live_gcs_addresses", lambda: frozenset())
     assert _live_local_head() is None and not address_file.exists()  # a dead one is forgotten
 
 
@@ -306,7 +356,7 @@ def test_a_cut_search_state_file_is_named_with_the_command_that_starts_afresh(tm
     import json
     import pickle
 
-    from pipeline.search import ExperimentStateError, check_experiment_state
+    from pipeline.experiment_state import ExperimentStateError, check_experiment_state
 
     stamp = "2026-01-01_00-00-00"
     (tmp_path / "tuner.pkl").write_bytes(pickle.dumps({"tuner": 1}))
@@ -325,7 +375,7 @@ def test_trial_runs_hold_writes_while_the_server_is_away_and_log_each_epoch_once
     import requests
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import TrialRuns
+    from pipeline.trial_runs import TrialRuns
 
     real = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = real.create_experiment("e")
@@ -399,7 +449,7 @@ def test_a_champion_that_no_longer_loads_is_compared_by_its_recorded_score_on_th
     it recorded on the same prepared data, and not at all when the data differ."""
     import mlflow
 
-    from pipeline.register import champion_score
+    from pipeline.champion import champion_score
 
     def old_model(uri):
         raise ModuleNotFoundError("No module named 'pipeline.serving'")
@@ -442,3 +492,16 @@ def test_a_search_stopped_before_all_its_trials_ended_is_not_taken_as_a_result()
     require_finished(SimpleNamespace(num_terminated=3, num_errors=1), 4, "unused")
     with pytest.raises(KeyboardInterrupt, match="search interrupted; resumes"):
         require_finished(SimpleNamespace(num_terminated=2, num_errors=1), 4, "search interrupted; resumes")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parent.parent / "bench").glob("*.py")))
+def test_every_benchmark_script_imports(script, monkeypatch) -> None:
+    """A benchmark that no longer imports after a refactor is found here, not the day someone needs it."""
+    import importlib.util
+
+    bench = Path(__file__).parent.parent / "bench"
+    monkeypatch.syspath_prepend(str(bench))  # as `python bench/<script>` sees it
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", bench / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)

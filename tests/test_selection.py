@@ -11,15 +11,15 @@ import pytest
 from ray.tune.schedulers import TrialScheduler
 
 from pipeline.config import load
-from pipeline.register import decide
-from pipeline.search import MethodASHA, cross_validated, scheduler, trial_candidates
+from pipeline.early_stopping import MethodASHA, scheduler
+from pipeline.champion import decide
+from pipeline.leaderboard import leaderboard, lift
+from pipeline.search import cross_validated, trial_candidates
 from pipeline.selection import (
     BASELINE,
     Candidate,
     compare,
     finalists,
-    leaderboard,
-    lift,
     paired_test,
     pick,
     rank,
@@ -230,12 +230,12 @@ def test_the_baseline_candidate_must_share_the_searchs_data_and_schedule(tmp_pat
     import json
 
     from drtune.config import ConfigError
-    from pipeline.tune import baseline_candidate
+    from pipeline.choosing import baseline_candidate
 
     p = load(None, ["train.epochs=10"])
     assert baseline_candidate(tmp_path, p, "abc", 120) is None  # the baseline stage has not run here
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "baseline.pt").write_bytes(b"weights")
+    (tmp_path / "models" / "baseline.safetensors").write_bytes(b"weights")
     record = {"val_top1": 0.7, "val_loss": 0.9, "epochs": 10, "data_sha256": "abc", "mlflow_run_id": "r",
               "lr_backbone": 0.01, "lr_head": 0.1}
     (tmp_path / "models" / "baseline.json").write_text(json.dumps(record))
@@ -249,7 +249,7 @@ def test_the_baseline_candidate_must_share_the_searchs_data_and_schedule(tmp_pat
 
 
 def test_the_tune_stage_re_validates_only_when_asked_and_only_the_tied() -> None:
-    from pipeline.tune import choose
+    from pipeline.choosing import choose
 
     cands = [cand("a", 0.75), cand("b", 0.74), cand("c", 0.30), base(0.733)]
     calls = []

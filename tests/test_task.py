@@ -95,7 +95,7 @@ def test_reference_preset_takes_the_authors_step(tiny_encoder) -> None:
         task.train_step(opt, x, y)
         ref_task.train()
         features, logits = ref_task.model(x, return_features=True)
-        calibrated = ref_task._calibrated_bank(features)
+        calibrated = ref_task.calibrated_bank(features)
         loss = concatenated_cross_entropy(logits, y, ref_task.model.head(calibrated), ref_task.bank.labels)
         ref_opt.zero_grad()
         loss.backward()
@@ -115,7 +115,7 @@ def test_dr_gradient_reaches_only_the_head(tiny_encoder) -> None:
     task.train()
     x, y = next(iter(_loader()))
     features, logits = task.model(x, return_features=True)
-    calibrated = task._calibrated_bank(features)
+    calibrated = task.calibrated_bank(features)
     reg = F.cross_entropy(task.model.head(calibrated), task.bank.labels)
     reg.backward()
     assert task.model.head.weight.grad is not None and task.model.head.weight.grad.abs().sum() > 0
@@ -145,7 +145,7 @@ def test_step_enqueues_after_the_update(tiny_encoder) -> None:
     task.train()
     before = copy.deepcopy(task)  # the bank as it was before this batch
     features, logits = before.model(x, return_features=True)
-    expected = before._loss(features, logits, y)[0].item()
+    expected = before.spec.loss(before, features, logits, y)[0].item()
     assert task.train_step(_frozen_sgd(task), x, y)["loss"] == pytest.approx(expected, rel=1e-6)
     assert int(task.bank.ptr) == (ptr + 4) % 8
     assert task.bank.labels[ptr: ptr + 4].tolist() == y.tolist()

@@ -125,7 +125,7 @@ def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
     assert len(metrics["history"]) == 1 and 0 <= metrics["test"]["top1"] <= 1
     resolved = (out / "config.yaml").read_text()
     assert "lam: 4.0" in resolved  # reference preset: λ = K/B = 64/16
-    assert (out / "model.pt").exists() and (out / "last.pt").exists()
+    assert (out / "model.safetensors").exists() and (out / "last.pt").exists()
     assert cli_main(["fit", "--set", "train.epochs=-2", "--output", str(out)]) == 2
     assert "train.epochs" in capsys.readouterr().err
 
@@ -149,16 +149,22 @@ def test_cli_predicts_image_files_and_exports_onnx_that_onnxruntime_agrees_with(
     (folder / "notes.txt").write_text("not an image")
     assert cli_main(["predict", str(out), str(tmp_path / "images"), "--output", str(tmp_path / "p.csv")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    predictor = load_predictor(save_inference_checkpoint(out / "last.pt", tmp_path / "inference.pt"))
-    expected = predictor.predict_proba(np.stack(arrays))
+    predictor = load_predictor(save_inference_checkpoint(out / "last.pt", tmp_path / "from-last.safetensors"))
+    expected = predictor.predict_proba(np.stack(arrays))  # the fit folder's model file is its last.pt's model
     assert [r["path"].rsplit("/", 1)[1] for r in rows] == ["0.png", "1.png", "2.png"]  # notes.txt is not an image
     assert [r["label"] for r in rows] == [classes[i] for i in expected.argmax(1)]
     assert [float(r["probability"]) for r in rows] == pytest.approx(expected.max(1).tolist(), abs=1e-5)
 
+    # The model file itself (what the pipeline writes as models/best.safetensors) predicts the same.
+    assert cli_main(["predict", str(out / "model.safetensors"), str(folder), "--output", str(tmp_path / "f.csv")]) == 0
+    assert [r["label"] for r in csv.DictReader(open(tmp_path / "f.csv"))] == [r["label"] for r in rows]
+
     capsys.readouterr()
-    assert cli_main(["export", str(out)]) == 0
+    assert cli_main(["export", str(out), "--output", str(out / "model.onnx")]) == 0
     check = json.loads(capsys.readouterr().out)
     assert check["labels_equal"] and check["relative_diff"] <= check["tolerance"] and (out / "model.onnx").is_file()
+    assert cli_main(["predict", str(tmp_path / "images"), str(folder)]) == 2  # a folder that holds no model
+    assert "holds no model.safetensors" in capsys.readouterr().err
 
     (folder / "3.png").write_bytes(b"not a png")
     assert cli_main(["predict", str(out), str(folder), "--output", str(tmp_path / "q.csv")]) == 2

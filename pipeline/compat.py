@@ -1,0 +1,74 @@
+"""Every use of a Ray, Ray Tune or MLflow internal, in one place: what it is for and which public API is missing.
+
+A Ray or MLflow upgrade that moves one of these breaks here, and only here. Ray is imported inside the
+functions that need it, so importing this module (as :mod:`pipeline.mlflow_store` does) does not start
+importing Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+# --- Ray: the local head recorded by `ray start` --------------------------------------------------
+
+
+def ray_address_file() -> Path:
+    """The bootstrap file where ``ray start`` records the address of the head it started on this machine.
+
+    Used to forget a head that was killed without ``ray stop`` (:func:`pipeline.cluster.start_ray`).
+    Missing public API: Ray has no call for "the local head's address, if it is alive"; ``ray.init()``
+    reads this file itself and joins whatever it names."""
+    from ray._private import utils  # get_ray_address_file: the path, in Ray's default temp dir
+
+    return Path(utils.get_ray_address_file(None))
+
+
+def live_gcs_addresses() -> frozenset[str]:
+    """Addresses of the Ray GCS servers running on this machine (found from the process list).
+
+    Used with :func:`ray_address_file` to tell a live local head from a dead one. Missing public API:
+    no public call lists local Ray clusters or checks that an address answers without joining it."""
+    from ray._private import services  # find_gcs_addresses: greps ps for gcs_server
+
+    return frozenset(services.find_gcs_addresses())
+
+
+# --- Ray Tune: the files of a stored experiment ---------------------------------------------------
+
+TUNER_FILE = "tuner.pkl"
+
+
+def tune_state_files(names: Iterable[str]) -> list[tuple[str, Callable[[bytes], object]]]:
+    """The files a stored Tune experiment must have, whole, for ``Tuner.restore`` to work, given the file
+    names in its folder: ``tuner.pkl`` and the newest ``experiment_state-<time>.json`` with its
+    ``search_gen_state-<time>.json`` and ``searcher-state-<time>.pkl``, each with a function that parses
+    it (raising when it is cut or empty). Without an ``experiment_state`` file its placeholder name is
+    listed, and it fails to open.
+
+    Used by :func:`pipeline.experiment_state.check_experiment_state` to name a half-written file before
+    Ray fails on it with an unrelated message. Missing public API: ``Tuner.can_restore`` only checks that
+    ``tuner.pkl`` exists; these names and formats are Tune's internal storage layout (ray.tune.execution
+    and ray.tune.search), not a documented format."""
+    states = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
+    if not states:
+        return [(TUNER_FILE, pickle.loads), ("experiment_state-<time>.json", json.loads)]
+    stamp = states[-1][len("experiment_state-"):-len(".json")]
+    # experiment_state is JSON; search_gen_state, despite its name, is a pickle, like the others
+    return [(TUNER_FILE, pickle.loads), (f"experiment_state-{stamp}.json", json.loads),
+            (f"search_gen_state-{stamp}.json", pickle.loads), (f"searcher-state-{stamp}.pkl", pickle.loads)]
+
+
+# --- MLflow: datasets logged through the client ---------------------------------------------------
+
+
+def dataset_entity(dataset):
+    """The :class:`mlflow.entities.Dataset` of an ``mlflow.data`` dataset (``mlflow.data.from_numpy``).
+
+    Used to log datasets with ``MlflowClient.log_inputs``, which takes entities, on runs that the driver
+    writes by id (:func:`pipeline.mlflow_store.dataset_inputs`). Missing public API: only the fluent
+    ``mlflow.log_input`` converts a dataset, and it needs an active run in this process; the dataset's
+    conversion, ``_to_mlflow_entity``, is private."""
+    return dataset._to_mlflow_entity()

@@ -1,0 +1,81 @@
+"""Early stopping for the search: none, one ASHA over every trial, or :class:`MethodASHA` across methods.
+
+ASHA (time unit: epochs) stops a trial whose score at a rung is in the bottom of those that reached it.
+Across methods a shared rung would stop a method that starts slowly by its speed, not by where it ends:
+:class:`MethodASHA` gives each method its own rungs and runs each method's starting point to the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from pipeline.config import PipelineConfig
+from pipeline.space import across_methods, starting_points
+
+
+class MethodASHA(FIFOScheduler):
+    """ASHA with one set of rungs per method, and each method's starting point run to the end.
+
+    Methods learn at different speeds early on (a regulariser slows the first epochs, a linear probe
+    is quick), so a rung shared across methods stops a slow starter by speed, not by where it ends.
+    Here a trial is compared only with trials of its own method: each method has its own
+    :class:`ASHAScheduler`. A trial whose config is one of ``anchors`` (the methods' starting points,
+    their ``params.yaml`` values) is never stopped early; its scores still fill its method's rungs,
+    so later trials of that method are measured against it.
+    """
+
+    def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float, anchors: list[dict]) -> None:
+        super().__init__()
+        self._asha_args = {"time_attr": "epoch", "max_t": max_t, "grace_period": grace_period,
+                           "reduction_factor": reduction_factor}
+        self._max_t = max_t
+        self._anchors = anchors
+        self._rungs: dict[str, ASHAScheduler] = {}
+        self._metric = self._mode = None
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    def _of(self, trial) -> ASHAScheduler:
+        method = trial.config.get("method", "")
+        if method not in self._rungs:
+            self._rungs[method] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._asha_args)
+        return self._rungs[method]
+
+    def is_anchor(self, config: dict) -> bool:
+        """Whether ``config`` is one of the starting points (the sampler returns them as given)."""
+        return any(all(k in config and (config[k] == v or (isinstance(v, float) and math.isclose(config[k], v)))
+                       for k, v in a.items()) and len(a) == len(config) for a in self._anchors)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = self._of(trial).on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get("epoch", 0) < self._max_t and self.is_anchor(trial.config):
+            return self.CONTINUE
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "ASHA per method: " + "; ".join(f"{m}: {s.debug_string()}" for m, s in self._rungs.items())
+
+
+def scheduler(config: PipelineConfig):
+    """Early stopping: none, one ASHA over every trial (one method), or :class:`MethodASHA` (several)."""
+    t = config.tune
+    if not t.early_stopping:
+        return FIFOScheduler()
+    if across_methods(config):
+        return MethodASHA(max_t=config.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor,
+                          anchors=starting_points(config))
+    return ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period,
+                         reduction_factor=t.reduction_factor)

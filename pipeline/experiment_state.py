@@ -1,0 +1,56 @@
+"""A search as stored under ``ray.storage_path``: checked whole before it is restored, restored, or discarded.
+
+A disk that fills while Tune saves its state leaves a file empty or cut, and Ray then fails later with
+a message about search spaces; :func:`check_experiment_state` names the file instead, and every error
+here says how to start afresh (:data:`FRESH_HINT`). Which files Tune stores is :mod:`pipeline.compat`'s.
+"""
+
+from __future__ import annotations
+
+import pyarrow.fs
+from ray import tune
+
+from pipeline.cluster import filesystem_and_path
+from pipeline.compat import tune_state_files
+
+FRESH_HINT = "start it afresh with `python -m pipeline.tune --fresh` (or `DRTUNE_FRESH=1 dvc repro`)"
+
+
+class ExperimentStateError(RuntimeError):
+    """The stored search cannot be restored (a half-written state); the message says how to start afresh."""
+
+
+def check_experiment_state(path: str) -> None:
+    """Raise :class:`ExperimentStateError` naming the file when the search stored at ``path`` is
+    half-written: every file :func:`~pipeline.compat.tune_state_files` lists must be present and readable."""
+    fs, base = filesystem_and_path(path)
+    names = {info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(base)) if info.is_file}
+    for name, parse in tune_state_files(names):
+        try:
+            with fs.open_input_stream(f"{base}/{name}") as f:
+                parse(f.read())
+        except Exception as err:  # noqa: BLE001 - any way a file fails to read means the state is unusable
+            raise ExperimentStateError(f"the stored search at {path} is damaged: {name} cannot be read "
+                                       f"({type(err).__name__}); {FRESH_HINT}") from None
+
+
+def restore_tuner(path: str, trainable) -> tune.Tuner | None:
+    """The Tuner stored at ``path`` (finished trials kept, unfinished resumed, errored retried), or None."""
+    if not tune.Tuner.can_restore(path):
+        return None
+    check_experiment_state(path)
+    try:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False)
+    except Exception as err:  # noqa: BLE001 - Ray raises many types for a state it cannot read
+        raise ExperimentStateError(f"the stored search at {path} cannot be restored ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}") from None
+
+
+def discard_experiment(path: str) -> bool:
+    """Delete the search stored at ``path`` (``--fresh``); True when there was one."""
+    fs, base = filesystem_and_path(path)
+    if fs.get_file_info(base).type == pyarrow.fs.FileType.NotFound:
+        return False
+    fs.delete_dir(base)
+    return True

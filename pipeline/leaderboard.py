@@ -1,0 +1,77 @@
+"""The leaderboard: per method, its candidates counted by status and its best model.
+
+Built by the ``tune`` stage from the pick's order (so the overall pick is its method's entry), with
+each method's best model written as ``models/leaderboard/<method>.safetensors``
+(:func:`pipeline.choosing.write_models`); the ``register``
+stage tests those models once and adds their test top-1. DR-Tune's lift is its best score minus
+the best other method's, on validation (tune) and on test (register).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drtune import methods
+from drtune.inference import load_predictor
+from pipeline.selection import Candidate, Pick
+
+
+def leaderboard(candidates: list[Candidate], chosen: Pick, shown: list[str]) -> dict[str, dict]:
+    """Per method: its candidates counted by status and its best, the first of its candidates in the
+    pick's order (so the overall pick is its method's entry); ``best`` None when none completed."""
+    board = {}
+    for method in shown:
+        mine = [c for c in candidates if c.method == method]
+        best = next((c for c in chosen.order if c.method == method), None)
+        board[method] = {
+            "trials": sum(not c.baseline for c in mine), "completed": sum(c.status == "completed" for c in mine),
+            "stopped_early": sum(c.status == "stopped" for c in mine), "failed": sum(c.status == "failed" for c in mine),
+            "best_trial": best.id if best else None, "best_val_top1": best.val_top1 if best else None,
+            **({"best_cv_top1": best.cv_top1} if best and best.cv_top1 is not None else {}),
+        }
+    return board
+
+
+def lift(scores: dict[str, float | None], method: str = methods.PROPOSED) -> float | None:
+    """``method``'s score minus the best other method's (negative when it lost); None when either is missing."""
+    others = [v for m, v in scores.items() if m != method and v is not None]
+    mine = scores.get(method)
+    return None if mine is None or not others else mine - max(others)
+
+
+def validation_numbers(board: dict[str, dict]) -> dict[str, float]:
+    """The leaderboard as flat numbers (a DVC metrics file, MLflow metrics): per method its best validation
+    top-1 and trial counts, and DR-Tune's lift over the best other method when both ran (negative when it lost)."""
+    out = {}
+    for method, e in board.items():
+        out |= {f"{method}.trials": e["trials"], f"{method}.completed": e["completed"],
+                f"{method}.stopped_early": e["stopped_early"]}
+        if e["best_val_top1"] is not None:
+            out[f"{method}.best_val_top1"] = e["best_val_top1"]
+    val_lift = lift({m: e["best_val_top1"] for m, e in board.items()})
+    if val_lift is not None:
+        out["drtune_val_lift_over_best_other"] = val_lift
+    return out
+
+
+def tested(board: dict[str, dict], folder: Path, test, known: dict[str, float]) -> dict[str, dict]:
+    """The search's leaderboard with each method's best model tested once on ``test`` (``test_top1``);
+    ``known`` maps trial ids already tested (the champion candidate) to their test top-1."""
+    out = {}
+    for method, entry in board.items():
+        trial, checkpoint = entry["best_trial"], folder / f"{method}.safetensors"
+        if trial in known:
+            entry = entry | {"test_top1": known[trial]}
+        elif trial and checkpoint.is_file():
+            entry = entry | {"test_top1": load_predictor(checkpoint).score(test)["top1"]}
+        out[method] = entry
+    return out
+
+
+def test_numbers(board: dict[str, dict]) -> dict[str, float]:
+    """Per method its best model's test top-1, and DR-Tune's test lift over the best other method (can be negative)."""
+    out = {f"{m}.test_top1": e["test_top1"] for m, e in board.items() if "test_top1" in e}
+    test_lift = lift({m: e.get("test_top1") for m, e in board.items()})
+    if test_lift is not None:
+        out["drtune_test_lift_over_best_other"] = test_lift
+    return out
