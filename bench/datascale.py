@@ -58,15 +58,16 @@ from pipeline.config import PipelineConfig, load
 from pipeline.selection import Candidate, rank
 from pipeline.space import random_point, starting_points, trial_config
 
+# Each row: a method of drtune.methods, or ``<method>-cached`` (DR-Tune with cached pretrained features).
 METHODS = ["ce", "linear_probe", "l2sp", "drtune", "drtune-cached"]
 KEPT = ("epoch", "train_loss", "train_ce", "val_top1", "val_loss")  # per-epoch history kept for the curves
 
 
-def method_config(base: PipelineConfig, method: str) -> PipelineConfig:
-    """``base`` set up to search ``method``; its first point is the config's own values."""
+def method_config(base: PipelineConfig, row: str) -> PipelineConfig:
+    """``base`` set up to search ``row``'s method; its first point is the config's own values."""
     p = base.model_copy(deep=True)
-    p.train.method = "drtune" if method.startswith("drtune") else method
-    p.drtune.pretrained_features = "cached" if method == "drtune-cached" else "online"
+    p.train.method = row.removesuffix("-cached")
+    p.drtune.pretrained_features = "cached" if row.endswith("-cached") else "online"
     p.tune.points_to_evaluate = [{}]
     return p
 

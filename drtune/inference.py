@@ -21,6 +21,7 @@ from drtune.data import ArraySplit, build_loader, build_transform
 from drtune.evaluation import evaluate
 from drtune.model_file import ModelFile, ModelFileError, read_model, save_model
 from drtune.task import Classifier
+from drtune.train import load_checkpoint_state
 
 
 @dataclass
@@ -89,11 +90,7 @@ def load_predictor(source: str | Path | bytes | ModelFile) -> Predictor:
 
 
 def save_inference_checkpoint(checkpoint: str | Path, target: str | Path) -> Path:
-    """Strip a training checkpoint (``last.pt``) to a model file: encoder + head weights, params, classes, history.
-
-    The training checkpoint is this project's own resume file, written by its own workers (it holds
-    numpy RNG state, hence ``weights_only=False``); only resuming and this conversion read it.
-    """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    """Strip a training checkpoint (``last.pt``) to a model file: encoder + head weights, params, classes, history."""
+    state = load_checkpoint_state(Path(checkpoint))
     tensors = {k.removeprefix("model."): v for k, v in state["task"].items() if k.startswith("model.")}
     return save_model(target, tensors, state["params"], state["classes"], state.get("history", []))

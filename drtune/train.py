@@ -37,7 +37,7 @@ from drtune.data import ArraySplit, build_loader, set_epoch
 from drtune.evaluation import evaluate
 from drtune.task import FineTuneTask
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: loads with weights_only=True (numpy's RNG state as a tensor)
 Report = Callable[[dict, Path | None], None]
 
 
@@ -109,7 +109,10 @@ def build_optimizer(task: FineTuneTask, config: Config) -> tuple[torch.optim.Opt
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state as a tensor and numbers, so the whole checkpoint loads with ``weights_only=True``.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -117,7 +120,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -135,14 +139,19 @@ def save_checkpoint(path: Path, task: FineTuneTask, opt, sched, epoch: int, conf
 
 
 def load_checkpoint_state(path: Path) -> dict:
-    """Read a training checkpoint written by :func:`save_checkpoint` and check its version."""
+    """Read a training checkpoint written by :func:`save_checkpoint` and check its version.
+
+    Tensors, numbers, strings and containers only (``weights_only=True``): a checkpoint on shared
+    storage that someone crafted cannot run code when a run resumes from it."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-        raise ValueError(f"cannot resume from {path}: the file is damaged or truncated ({type(err).__name__}); "
-                         "delete it to start the run afresh") from None
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        raise ValueError(f"cannot resume from {path}: the file is damaged, truncated or holds more than tensors and "
+                         f"numbers ({type(err).__name__}); delete it to start the run afresh") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        found = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"checkpoint {path} has version {found}, expected {CHECKPOINT_VERSION} (written by another "
+                         "release); delete it to start the run afresh")
     return state
 
 

@@ -245,7 +245,7 @@ def test_garbage_checkpoint_and_truncated_resume_are_one_line_errors(tmp_path, c
     capsys.readouterr()
     assert cli_main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "damaged or truncated" in err and "Traceback" not in err
+    assert "damaged, truncated" in err and "Traceback" not in err
 
 
 def test_unwritable_output_and_full_disk_are_named(tmp_path, monkeypatch) -> None:
@@ -262,3 +262,26 @@ def test_unwritable_output_and_full_disk_are_named(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(pf.shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
     with pytest.raises(ConfigError, match=r"--output = .*: 0 MiB free, but the checkpoints need about"):
         pf.preflight(config, tmp_path / "run")
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path) -> None:
+    """A ``last.pt`` on shared storage that someone replaced: resuming (and the model file conversion) read
+    tensors and numbers only, so the file's code never runs."""
+    import pickle
+
+    from drtune.inference import save_inference_checkpoint
+    from drtune.train import load_checkpoint_state
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    crafted = tmp_path / "last.pt"
+    torch.save({"version": 2, "task": Payload()}, crafted, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(ValueError, match="holds more than tensors and numbers"):
+        load_checkpoint_state(crafted)
+    with pytest.raises(ValueError, match="holds more than tensors and numbers"):
+        save_inference_checkpoint(crafted, tmp_path / "m.safetensors")
+    assert not marker.exists()
