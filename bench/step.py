@@ -89,7 +89,7 @@ def run(model_name: str, pretrained: str, config: Config, batches: list, warmup:
         timers.wrap(task.frozen, "forward", "frozen forward")
         timers.wrap(task, "calibrated_bank", "calibration")
         if task.cached_features:  # built once before training; not part of the step
-            task.cache_pretrained_features(DataLoader(TensorDataset(*map(torch.cat, zip(*batches))), batch_size=64),
+            task.cache_pretrained_features(DataLoader(TensorDataset(*map(torch.cat, zip(*batches, strict=True))), batch_size=64),
                                            device)
         task.warm_up(batches, device)
     opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1e-3, momentum=0.9, nesterov=True)

@@ -275,7 +275,10 @@ def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fra
     val_local = stratified_take(labels[kept], fraction=val_fraction, seed=seed + 1)
     val_idx = kept[val_local]
     train_idx = np.setdiff1d(kept, val_idx)
-    pick = lambda idx: ArraySplit(raw.train.images[idx], raw.train.labels[idx])
+
+    def pick(idx: np.ndarray) -> ArraySplit:
+        return ArraySplit(raw.train.images[idx], raw.train.labels[idx])
+
     splits = pick(train_idx), pick(val_idx), raw.test
     for split_name, split in zip(("train", "validation", "test"), splits, strict=True):
         counts = np.bincount(split.labels, minlength=len(raw.classes))

@@ -2,11 +2,20 @@
 
 :func:`champion_score` re-scores the current champion on *this* test split (a number from another
 split is not comparable); :func:`decide` puts the gate against plain fine-tuning first and the
-champion second, and says why in words; :func:`registered_version` finds a version by its model
-file's SHA-256, which makes registering idempotent.
+champion second, and says why in words; :func:`claim` moves the alias; :func:`registered_version`
+finds a version by its model file's SHA-256, which makes registering idempotent.
+
+Two registrations may run at once (two machines, one registry). MLflow's aliases have no
+compare-and-set, so :func:`claim` reads the alias again just before moving it: when another version
+took it meanwhile, the challenger is judged again against that one, and the alias is read back
+after the move. What remains is the gap between that read and the move, one request long; a
+registration that loses it sees so on the read-back and judges again against the winner, so the
+better of two concurrent challengers ends as champion.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -73,3 +82,34 @@ def decide(new: float, current: float | None, note: str, champion_loads: bool = 
         relation = ">" if new > current else "= (the champion no longer loads)"
         return True, f"promoted: test top-1 {new:.4f} {relation} champion's {current:.4f}"
     return False, f"kept champion: test top-1 {new:.4f} ≤ champion's {current:.4f}"
+
+
+def current(client: MlflowClient, name: str) -> str | None:
+    """The version that holds ``@champion`` now, or None."""
+    try:
+        return str(client.get_model_version_by_alias(name, "champion").version)
+    except MlflowException:
+        return None
+
+
+def claim(client: MlflowClient, name: str, version: str, seen: str | None, rescore: Callable[[], tuple],
+          judge: Callable[[tuple], tuple[bool, str]], attempts: int = 5) -> tuple[bool, str | None]:
+    """Move ``@champion`` to ``version``, judged against ``seen`` (the champion when ``register`` started).
+
+    If another version holds the alias now, ``rescore()`` (:func:`champion_score`) scores it and
+    ``judge`` decides again. Returns (whether ``version`` holds the alias at the end, the new decision
+    when the champion changed meanwhile, else None)."""
+    decision = None
+    for _ in range(attempts):
+        now = current(client, name)
+        if now not in (seen, version):
+            champion = rescore()
+            promote, decision = judge(champion)
+            seen = champion[0]
+            if not promote:
+                return False, decision
+            continue  # judged against the newcomer; read again, it may have moved once more
+        client.set_registered_model_alias(name, "champion", version)
+        if current(client, name) == version:
+            return True, decision
+    return current(client, name) == version, decision

@@ -41,7 +41,7 @@ from drtune.mlflow_model import SIGNATURE, model_metadata
 from drtune.model_file import read_model
 from drtune.prepared import load_prepared
 from pipeline import faults, plots
-from pipeline.champion import CHECKSUM_TAG, champion_score, decide, registered_version
+from pipeline.champion import CHECKSUM_TAG, champion_score, claim, decide, registered_version
 from pipeline.config import PipelineConfig, load
 from pipeline.model_card import hyperparameters, model_description
 from pipeline.leaderboard import test_numbers, tested
@@ -117,25 +117,38 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         version = str(registered.version)
         faults.interrupt("interrupt_registration")
         client.set_registered_model_alias(name, "challenger", version)
-        if version_before == version:  # this very model is the champion already (a rerun)
-            promote, decision = True, "already champion: this model was registered and promoted before"
-        else:
-            promote, decision = decide(scores["top1"], champion_top1, note, champion_loads, vs_baseline)
-        if promote:
-            client.set_registered_model_alias(name, "champion", version)
+        def judge(champion: tuple) -> tuple[bool, str]:
+            if champion[0] == version:  # this very model is the champion already (a rerun)
+                return True, "already champion: this model was registered and promoted before"
+            return decide(scores["top1"], champion[1], champion[2], champion[3], vs_baseline)
+
         params = best.params
         tags = {"test_top1": f"{scores['top1']:.4f}", "ce_baseline_test_top1": f"{baseline['test_top1']:.4f}",
                 "lift_over_ce": f"{lift:+.4f}", "lift_over_ce_mcnemar_p": f"{vs_baseline.p_value:.3g}",
-                "selection_rule": tune_summary["selection"]["rule"], "data_sha256": tune_summary["data_sha256"], "decision": decision,
+                "selection_rule": tune_summary["selection"]["rule"], "data_sha256": tune_summary["data_sha256"],
                 "best_trial": tune_summary["best_trial"], "source_run": parent, "method": params["train"]["method"],
                 **({"onnx_max_abs_logit_diff": f"{onnx_check['max_abs_logit_diff']:.2e}"} if onnx_check else {}),
                 **{k: str(v) for k, v in hyperparameters(params).items()}}
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
-        description = model_description(name, version, params, classes, data.stats, scores, baseline["test_top1"],
-                                        decision, tune_summary["mlflow_experiment_id"], tune_summary["selection"],
-                                        vs_baseline)
-        client.update_model_version(name, version, description=description)
+
+        def record(decision: str) -> str:
+            """The decision on the version (tag and description), written before the alias moves."""
+            client.set_model_version_tag(name, version, "decision", decision)
+            description = model_description(name, version, params, classes, data.stats, scores, baseline["test_top1"],
+                                            decision, tune_summary["mlflow_experiment_id"], tune_summary["selection"],
+                                            vs_baseline)
+            client.update_model_version(name, version, description=description)
+            return description
+
+        promote, decision = judge((version_before, champion_top1, note, champion_loads))
+        description = record(decision)
+        if promote:  # the alias moves last, and only if the champion read above still holds it (or is beaten again)
+            promote, changed = claim(client, name, version, version_before,
+                                     lambda: champion_score(client, name, test, classes, tune_summary["data_sha256"]),
+                                     judge)
+            if changed:
+                decision, description = changed, record(changed)
         if promote:
             client.update_registered_model(name, description=f"Champion: version {version}.\n\n{description}")
         mlflow.set_tags({"registered_version": version, "champion_decision": decision})

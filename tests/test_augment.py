@@ -74,7 +74,7 @@ def test_device_batches_cover_the_split_once_per_epoch_and_repeat_per_seed_and_e
     first, again, other = epoch(0), epoch(0), epoch(1)
     index = torch.cat([i for _, _, i in first])
     assert sorted(index.tolist()) == list(range(40))
-    for (x, y, i), (x2, _, i2) in zip(first, again):
+    for (x, y, i), (x2, _, i2) in zip(first, again, strict=True):
         assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32
         assert torch.equal(y, torch.from_numpy(split.labels)[i])
         assert torch.equal(i, i2) and torch.equal(x, x2)

@@ -25,7 +25,7 @@ from drtune.sources import (
 def _folder(root, classes=("cat", "dog", "owl"), per_class=10):
     rng = np.random.default_rng(0)
     modes = ["RGB", "L", "RGBA", "P"]
-    for ci, name in enumerate(classes):
+    for name in classes:
         for i in range(per_class):
             sub = root / name / ("nested" if i % 3 == 0 else "")
             sub.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,10 @@ def test_digits_splits_are_disjoint_stratified_and_seeded(tmp_path) -> None:
     assert stats["counts"]["train"] == [24] * 10 and stats["counts"]["val"] == [6] * 10
     data = load_prepared(cfg.prepared_dir)
     train, val = data.train, data.val
-    rows = lambda s: {a.tobytes() + bytes([int(b)]) for a, b in zip(s.images, s.labels)}
+
+    def rows(s):
+        return {a.tobytes() + bytes([int(b)]) for a, b in zip(s.images, s.labels, strict=True)}
+
     assert not rows(train) & rows(val)
     again = prepare(cfg)
     assert again["sha256"] == stats["sha256"]

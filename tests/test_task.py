@@ -105,7 +105,7 @@ def test_reference_preset_takes_the_authors_step(tiny_encoder) -> None:
         ref_task.steps += 1
     for (name, p), q in zip(task.model.named_parameters(), ref_task.model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name
-    moved = sum((p - q).abs().sum() for p, q in zip(task.model.parameters(), task.frozen.parameters()))
+    moved = sum((p - q).abs().sum() for p, q in zip(task.model.parameters(), task.frozen.parameters(), strict=True))
     assert moved > 1e-3  # the step did something
 
 
