@@ -22,14 +22,12 @@ OUTPUTS = ("data/", "models/", "runs/", "mlruns/", "mlflow.db", ".venv/", ".dvc/
 ROOT_FILES = ("Makefile", "params.yaml", "dvc.yaml", "dvc.lock", "pyproject.toml", "README.md")
 EXTENSIONS = "py|sh|md|yaml|yml|toml|json|csv|png|npz|safetensors|pt|onnx|db"
 
-_TOP = sorted({p.name for p in REPO.iterdir() if p.name != ".git"} | {o.split("/")[0] for o in OUTPUTS}, key=len,
-              reverse=True)
+_TOP = {p.name for p in REPO.iterdir() if p.name != ".git"} | {o.split("/")[0] for o in OUTPUTS}
+_UNDER_TOP = "(?:" + "|".join(re.escape(t) for t in sorted(_TOP, key=len, reverse=True)) + r")/[\w./*<>…-]*"
+_WITH_EXTENSION = r"[\w-]+(?:/[\w.*<>…-]+)+\.(?:" + EXTENSIONS + r")\b"  # any folder/name.ext
+_ROOT_FILE = "(?:" + "|".join(re.escape(f) for f in ROOT_FILES) + r")\b"
 _NOT_AFTER = r"(?<![\w./:~<>-])"  # not inside a URL, an absolute or home path, or a longer word
-_PATH = re.compile(
-    _NOT_AFTER + r"((?:" + "|".join(re.escape(t) for t in _TOP) + r")/[\w./*<>…-]*"  # under a top-level entry
-    + r"|[\w-]+(?:/[\w.*<>…-]+)+\.(?:" + EXTENSIONS + r")\b"  # any folder/name.ext
-    + r"|(?:" + "|".join(re.escape(f) for f in ROOT_FILES) + r")\b)"
-)
+_PATH = re.compile(f"{_NOT_AFTER}({_UNDER_TOP}|{_WITH_EXTENSION}|{_ROOT_FILE})")
 _CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*$", re.M)
@@ -58,7 +56,8 @@ def _exists(path: str) -> bool:
 
 
 def _make_targets() -> set[str]:
-    rules = re.findall(r"^([A-Za-z0-9_.\-][\w.\- ]*?)\s*:(?!=)", (REPO / "Makefile").read_text(), re.M)
+    makefile = re.sub(r"^define .*?^endef", "", (REPO / "Makefile").read_text(), flags=re.M | re.S)  # not rules
+    rules = re.findall(r"^([A-Za-z0-9_.\-][\w.\- ]*?)\s*:(?!=)", makefile, re.M)
     return {name for rule in rules for name in rule.split()}
 
 
@@ -78,7 +77,7 @@ def test_every_cited_make_target_and_module_exists(doc: Path) -> None:
     code = " ".join(m.group(0) for m in _CODE.finditer(_text(doc)))
     cited = set(re.findall(r"\bmake\s+(?:[A-Z_]+=\S+\s+)*([a-z][\w-]*)", code))
     assert cited - _make_targets() == set(), f"{doc.name} cites make targets the Makefile lacks"
-    modules = {m for m in re.findall(r"python -m ([\w.]*\w)\b(?!\.<)", code) if m.split(".")[0] in ("drtune", "pipeline")}
+    modules = {m for m in re.findall(r"python -m ([\w.]*\w)\b(?!\.<)", code) if m.startswith(("drtune.", "pipeline."))}
     missing = sorted(m for m in modules if not (REPO / (m.replace(".", "/") + ".py")).is_file())
     assert not missing, f"{doc.name} cites modules that do not exist: {missing}"
 
@@ -107,10 +106,17 @@ def test_readme_is_a_short_path_that_starts_with_run_and_test() -> None:
 
 
 def test_the_path_rule_finds_paths_and_skips_urls_and_placeholders() -> None:
-    text = ("`pipeline/tune.py` and configs/quick.yaml, `params.yaml`; `docs/design.md#x`; `bench/…`; "
-            "s3://bucket/drtune/runs, /home/me/photos/cat/a.jpg, `models/leaderboard/<method>.safetensors`, "
-            "`foo/bar.py`")
-    assert _cited_paths(text) == {"pipeline/tune.py", "configs/quick.yaml", "params.yaml", "docs/design.md",
-                                  "foo/bar.py"}
+    text = (
+        "`pipeline/tune.py` and configs/quick.yaml, `params.yaml`; `docs/design.md#x`; `bench/…`; "
+        "s3://bucket/drtune/runs, /home/me/photos/cat/a.jpg, `models/leaderboard/<method>.safetensors`, "
+        "`foo/bar.py`"
+    )
+    assert _cited_paths(text) == {
+        "pipeline/tune.py",
+        "configs/quick.yaml",
+        "params.yaml",
+        "docs/design.md",
+        "foo/bar.py",
+    }
     assert _is_output("runs/quick/mlflow.db") and _is_output("mlflow.db") and not _is_output("metrics/test.json")
     assert _slug("`make run`: the default pipeline") == "make-run-the-default-pipeline"
