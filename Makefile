@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY=1 RAY_USAGE_STATS_ENABLED=0 DVC_NO_ANALYTICS=1
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 
-.PHONY: install run quick test unit clean
+.PHONY: install run quick lint test unit clean
 
 $(STAMP): pyproject.toml
 	@echo "==> [1/4] virtual environment .venv (Python 3.11, 3.12 or 3.13)"
@@ -70,7 +70,12 @@ quick: $(STAMP)
 	  DVC_SITE_CACHE_DIR=$(CURDIR)/$(QUICK)/.dvc/tmp/site-cache dvc repro
 	@echo "==> done: $(QUICK)/metrics/test.json, $(QUICK)/models/; browse: mlflow ui --backend-store-uri sqlite:///$(QUICK)/mlflow.db"
 
-test: $(STAMP)
+# Lint and format check first (seconds), then every test.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 unit: $(STAMP)

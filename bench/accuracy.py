@@ -43,8 +43,15 @@ from pipeline.training import share_data
 
 # Budget of the full run (stated in the README): 64 px, 6 epochs, batch 32, 4 trials per search
 # (ASHA: every trial gets 2 epochs, the top third goes on to 6), 3 seeds. About 55 minutes on 2 CPU cores.
-FULL = ["train.epochs=6", "tune.num_samples=4", "tune.grace_period=2", "tune.reduction_factor=3",
-        "tune.startup_trials=1", "train.progress=false", "ray.cpus_per_worker=2"]
+FULL = [
+    "train.epochs=6",
+    "tune.num_samples=4",
+    "tune.grace_period=2",
+    "tune.reduction_factor=3",
+    "tune.startup_trials=1",
+    "train.progress=false",
+    "ray.cpus_per_worker=2",
+]
 QUICK = ["tune.num_samples=2", "tune.startup_trials=1", "train.progress=false"]
 DEFAULT_POINTS = {
     "linear_probe": {"lr_head": 0.1},

@@ -56,8 +56,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/calibration.json")
     args = parser.parse_args()
     rows = []
-    header = f"{'K':>5} {'D':>5} {'C':>4} | {'ref rot':>8} {'ours rot':>8} {'ratio':>6} | {'ref':>7} {'ours':>7} {'ratio':>6} | " \
-             f"{'ref /10':>8} {'ours /10':>8} | {'max err':>8} | {'ours f64':>8} {'ref f64':>8}"
+    header = (
+        f"{'K':>5} {'D':>5} {'C':>4} | {'ref rot':>8} {'ours rot':>8} {'ratio':>6} | {'ref':>7} {'ours':>7} {'ratio':>6} | "
+        f"{'ref /10':>8} {'ours /10':>8} | {'max err':>8} | {'ours f64':>8} {'ref f64':>8}"
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(header)
     print("-" * len(header))
@@ -70,14 +72,20 @@ def main() -> None:
                 row = {"K": k, "D": d, "C": c}
                 err = err64 = ref_err64 = 0.0
                 for rotate in (True, False):
-                    t_ref, ref = timed(lambda: reference_semantic_calibrate(pre, down, labels, head, 3.0, rotate=rotate), args.repeats)
-                    t_our, our = timed(lambda: semantic_calibrate(pre_n, down_n, labels, head, 3.0, rotate=rotate, normalized=True,
-                                                                 out=out),
-                                       args.repeats)
+                    t_ref, ref = timed(
+                        lambda: reference_semantic_calibrate(pre, down, labels, head, 3.0, rotate=rotate), args.repeats
+                    )
+                    t_our, our = timed(
+                        lambda: semantic_calibrate(
+                            pre_n, down_n, labels, head, 3.0, rotate=rotate, normalized=True, out=out
+                        ),
+                        args.repeats,
+                    )
                     err = max(err, ((our - ref).norm() / ref.norm()).item())
                     # the same algorithm in float64: how far each float32 result is from it
-                    exact = reference_semantic_calibrate(pre.double(), down.double(), labels, head.double(), 3.0,
-                                                         rotate=rotate)
+                    exact = reference_semantic_calibrate(
+                        pre.double(), down.double(), labels, head.double(), 3.0, rotate=rotate
+                    )
                     err64 = max(err64, ((our.double() - exact).norm() / exact.norm()).item())
                     ref_err64 = max(ref_err64, ((ref.double() - exact).norm() / exact.norm()).item())
                     key = "rot" if rotate else "norot"
@@ -86,17 +94,22 @@ def main() -> None:
                 row["ref_every10_s"] = (row["ref_rot_s"] + 9 * row["ref_norot_s"]) / 10
                 row["ours_every10_s"] = (row["ours_rot_s"] + 9 * row["ours_norot_s"]) / 10
                 rows.append(row)
-                print(f"{k:>5} {d:>5} {c:>4} | {row['ref_rot_s']:8.3f} {row['ours_rot_s']:8.3f} "
-                      f"{row['ref_rot_s'] / row['ours_rot_s']:6.1f} | {row['ref_norot_s']:7.4f} {row['ours_norot_s']:7.4f} "
-                      f"{row['ref_norot_s'] / row['ours_norot_s']:6.1f} | {row['ref_every10_s']:8.3f} "
-                      f"{row['ours_every10_s']:8.3f} | {err:8.1e} | {err64:8.1e} {ref_err64:8.1e}", flush=True)
+                print(
+                    f"{k:>5} {d:>5} {c:>4} | {row['ref_rot_s']:8.3f} {row['ours_rot_s']:8.3f} "
+                    f"{row['ref_rot_s'] / row['ours_rot_s']:6.1f} | {row['ref_norot_s']:7.4f} {row['ours_norot_s']:7.4f} "
+                    f"{row['ref_norot_s'] / row['ours_norot_s']:6.1f} | {row['ref_every10_s']:8.3f} "
+                    f"{row['ours_every10_s']:8.3f} | {err:8.1e} | {err64:8.1e} {ref_err64:8.1e}",
+                    flush=True,
+                )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
-    print(f"seconds per call (median of {args.repeats}); 'ours rot' is rotation every step; "
-          f"'/10' = average per step with rotation every 10th step; 'max err' = relative error of ours "
-          f"against the float32 reference, 'ours f64' / 'ref f64' = of each against the reference run "
-          f"in float64. JSON: {out}")
+    print(
+        f"seconds per call (median of {args.repeats}); 'ours rot' is rotation every step; "
+        f"'/10' = average per step with rotation every 10th step; 'max err' = relative error of ours "
+        f"against the float32 reference, 'ours f64' / 'ref f64' = of each against the reference run "
+        f"in float64. JSON: {out}"
+    )
 
 
 if __name__ == "__main__":

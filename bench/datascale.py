@@ -109,7 +109,9 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # the pool shares the machine's cores; the steps run on the GPU
 
 
-def _test_batches(prepared: str, data: PreparedData, model: torch.nn.Module, image_size: int, device: torch.device) -> list:
+def _test_batches(
+    prepared: str, data: PreparedData, model: torch.nn.Module, image_size: int, device: torch.device
+) -> list:
     """The test split through the eval transform once per process (half precision on the device),
     instead of 10,000 CPU transforms for every run."""
     key = f"{prepared}@{image_size}"
@@ -138,17 +140,28 @@ def run_job(config: Config, prepared: str, out: str) -> dict:
     test = evaluate(model, ((x.float(), y) for x, y in batches), device)
     history = [{k: round(h[k], 5) for k in KEPT} for h in result.history]
     last = result.history[-1]
-    return {"val_top1": last["val_top1"], "val_loss": last["val_loss"], "test_top1": test["top1"],
-            "epochs": last["epoch"], "images_per_s": round(sum(h["images_per_s"] for h in result.history) / len(history), 1),
-            "history": history, "device": where, "wall_s": round(time.time() - started, 1)}
+    return {
+        "val_top1": last["val_top1"],
+        "val_loss": last["val_loss"],
+        "test_top1": test["top1"],
+        "epochs": last["epoch"],
+        "images_per_s": round(sum(h["images_per_s"] for h in result.history) / len(history), 1),
+        "history": history,
+        "device": where,
+        "wall_s": round(time.time() - started, 1),
+    }
 
 
 def chosen_trial(trials: dict[str, dict]) -> str:
     """The trial :func:`pipeline.selection.rank` puts first: the best last-epoch validation top-1; ties: lower
     validation loss, then the earlier trial."""
     order = sorted(trials, key=lambda k: int(k.rsplit("trial", 1)[1]))
-    return rank([Candidate(id=k, method="", val_top1=trials[k]["val_top1"], val_loss=trials[k]["val_loss"], n_val=1)
-                 for k in order])[0].id
+    return rank(
+        [
+            Candidate(id=k, method="", val_top1=trials[k]["val_top1"], val_loss=trials[k]["val_loss"], n_val=1)
+            for k in order
+        ]
+    )[0].id
 
 
 def plot(results: dict, path: Path) -> None:
@@ -165,16 +178,23 @@ def plot(results: dict, path: Path) -> None:
     for method in METHODS:
         xs, means, stds = [], [], []
         for n in cells:
-            tests = [r["test_top1"] for k, r in results["cells"][n]["runs"].items()
-                     if k.split("/")[0] == method and "test_top1" in r]
+            tests = [
+                r["test_top1"]
+                for k, r in results["cells"][n]["runs"].items()
+                if k.split("/")[0] == method and "test_top1" in r
+            ]
             if tests:
                 xs.append(int(n))
                 means.append(np.mean(tests))
                 stds.append(np.std(tests, ddof=1) if len(tests) > 1 else 0.0)
         if xs:
             acc.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
-    acc.set(xscale="log", xlabel="labelled images per class (a fifth held out for validation)", ylabel="test top-1",
-            title=f"Lite0 → Fashion-MNIST, {results['settings']['steps']} steps per run")
+    acc.set(
+        xscale="log",
+        xlabel="labelled images per class (a fifth held out for validation)",
+        ylabel="test top-1",
+        title=f"Lite0 → Fashion-MNIST, {results['settings']['steps']} steps per run",
+    )
     acc.set_xticks([int(n) for n in cells], labels=cells)
     acc.grid(alpha=0.3)
     acc.legend()
@@ -183,12 +203,16 @@ def plot(results: dict, path: Path) -> None:
     for method, colour in (("ce", "tab:blue"), ("drtune", "tab:red")):
         run = smallest.get(f"{method}/seed0")
         if run and len(run.get("history", [])) >= window:
-            epochs = [h["epoch"] for h in run["history"]][window - 1:]
+            epochs = [h["epoch"] for h in run["history"]][window - 1 :]
             for key, style, what in (("train_ce", "--", "training CE"), ("val_loss", "-", "validation loss")):
                 smooth = np.convolve([h[key] for h in run["history"]], np.ones(window) / window, mode="valid")
                 curve.plot(epochs, smooth, color=colour, ls=style, label=f"{method}: {what}")
-    curve.set(xlabel="epoch", ylabel=f"cross-entropy ({window}-epoch running mean)", yscale="log",
-              title=f"{cells[0] if cells else '?'} labels per class, seed 0: does it overfit?")
+    curve.set(
+        xlabel="epoch",
+        ylabel=f"cross-entropy ({window}-epoch running mean)",
+        yscale="log",
+        title=f"{cells[0] if cells else '?'} labels per class, seed 0: does it overfit?",
+    )
     curve.grid(alpha=0.3)
     curve.legend(fontsize=8)
     fig.tight_layout()
@@ -204,12 +228,19 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4, help="search runs per method and scale")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seed 0 is the chosen search run")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--first", nargs="+", default=[], choices=METHODS,
-                        help="methods whose runs, at every scale, start before any other method's")
+    parser.add_argument(
+        "--first",
+        nargs="+",
+        default=[],
+        choices=METHODS,
+        help="methods whose runs, at every scale, start before any other method's",
+    )
     parser.add_argument("--workers", type=int, default=1, help="concurrent runs (processes)")
     parser.add_argument("--deadline", type=float, default=math.inf, help="seconds after which no run is started")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--work", type=Path, default=None, help="checkpoints and prepared data (default runs/bench/<tag>)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="checkpoints and prepared data (default runs/bench/<tag>)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--restart", action="store_true", help="discard stored results made with other settings")
     args = parser.parse_args()
@@ -223,15 +254,20 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else None
     if results is not None and results["settings"] != settings:
         if not args.restart:
-            raise SystemExit(f"{results_path} was made with {results['settings']}, not {settings}; "
-                             "pass the same settings, or --restart to discard it")
+            raise SystemExit(
+                f"{results_path} was made with {results['settings']}, not {settings}; "
+                "pass the same settings, or --restart to discard it"
+            )
         results = None
         shutil.rmtree(work, ignore_errors=True)
     results = results or {"settings": settings, "cells": {}, "wall_s": 0.0, "machines": {}}
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {gpu}" if gpu else "") + f", {args.workers} concurrent runs"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs"
+        + (f", {gpu}" if gpu else "")
+        + f", {args.workers} concurrent runs"
+    )
     earlier_s = results["machines"].get(machine, 0.0)  # wall time of earlier invocations on this machine kind
-
 
     def save() -> None:
         results["machines"][machine] = round(earlier_s + time.time() - begun, 1)
@@ -240,8 +276,12 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1))
         plot(results, args.out / f"{tag}.png")
 
-    overrides = [f"train.image_size={args.image_size}", "train.batch_size=32", "train.progress=false",
-                 "train.num_workers=0"]
+    overrides = [
+        f"train.image_size={args.image_size}",
+        "train.batch_size=32",
+        "train.progress=false",
+        "train.num_workers=0",
+    ]
     base = load("configs/quick.yaml" if args.quick else "params.yaml", overrides)
     base.train.seed = 0  # the search runs are seed 0 of the chosen setting
     queue: list[Job] = []
@@ -254,7 +294,9 @@ def main() -> None:
             write_prepared(prepared)
         cell_base = base.model_copy(deep=True)
         cell_base.data = prepared
-        cell_base.train.epochs = epochs_for(args.steps, sum(prepared_stats(prepared.prepared_dir)["counts"]["train"]), 32)
+        cell_base.train.epochs = epochs_for(
+            args.steps, sum(prepared_stats(prepared.prepared_dir)["counts"]["train"]), 32
+        )
         for m, method in enumerate(args.methods):
             p = searches[n, method] = method_config(cell_base, method)
             for k, point in enumerate(search_points(p, args.trials, n, method)):
@@ -276,7 +318,9 @@ def main() -> None:
                 config = trial_config(searches[n, method], trials[best]["point"])
                 config.train.seed = seed
                 rank = int(method not in args.first)
-                heapq.heappush(queue, Job(rank, n, 1, args.methods.index(method), seed, method, config, trials[best]["point"]))
+                heapq.heappush(
+                    queue, Job(rank, n, 1, args.methods.index(method), seed, method, config, trials[best]["point"])
+                )
 
     for n, method in searches:
         seeds_when_searched(n, method)
@@ -302,9 +346,12 @@ def main() -> None:
                     print(errors[-1], flush=True)
                     continue
                 (cell["trials"] if job.phase == 0 else cell["runs"])[job.key] = record
-                print(f"{time.time() - begun:6.0f} s  {job.labels} labels/class {job.key}: val {record['val_top1']:.3f} "
-                      f"test {record.get('test_top1', float('nan')):.4f} ({record['wall_s']:.0f} s, "
-                      f"{record.get('images_per_s', 0):.0f} img/s)", flush=True)
+                print(
+                    f"{time.time() - begun:6.0f} s  {job.labels} labels/class {job.key}: val {record['val_top1']:.3f} "
+                    f"test {record.get('test_top1', float('nan')):.4f} ({record['wall_s']:.0f} s, "
+                    f"{record.get('images_per_s', 0):.0f} img/s)",
+                    flush=True,
+                )
                 if job.phase == 0:
                     seeds_when_searched(job.labels, job.method)
                 save()

@@ -42,21 +42,44 @@ def main() -> None:
     rows = []
     print(f"{'model':<22} {'method':<7} {'augment':<7} {'workers':>7} {'img/s':>8} {'val top1':>9} {'wall s':>7}")
     for model, weights, method, augment_on, workers in CASES:
-        config = load_config(None, [
-            f"model.name={model}", f"model.pretrained={weights}", f"train.method={method}", "train.device=cuda",
-            "train.image_size=224", "train.batch_size=128", "train.epochs=2", "data.labels_per_class=1000",
-            "drtune.queue_size=2048", f"train.num_workers={workers}", f"train.augment_on={augment_on}",
-            "train.progress=false"])
+        config = load_config(
+            None,
+            [
+                f"model.name={model}",
+                f"model.pretrained={weights}",
+                f"train.method={method}",
+                "train.device=cuda",
+                "train.image_size=224",
+                "train.batch_size=128",
+                "train.epochs=2",
+                "data.labels_per_class=1000",
+                "drtune.queue_size=2048",
+                f"train.num_workers={workers}",
+                f"train.augment_on={augment_on}",
+                "train.progress=false",
+            ],
+        )
         raw, (train, val, _) = load_splits(config.data)
         started = time.perf_counter()
-        history = fit(config, train, val, raw.classes, Path(args.runs) / f"{model}-{method}-{augment_on}-{workers}",
-                      resume=False).history
-        row = dict(model=model, method=method, augment_on=augment_on, workers=workers, n_train=len(train),
-                   images_per_s=round(history[-1]["images_per_s"], 1), val_top1=round(history[-1]["val_top1"], 4),
-                   wall_s=round(time.perf_counter() - started, 1))
+        history = fit(
+            config, train, val, raw.classes, Path(args.runs) / f"{model}-{method}-{augment_on}-{workers}", resume=False
+        ).history
+        row = dict(
+            model=model,
+            method=method,
+            augment_on=augment_on,
+            workers=workers,
+            n_train=len(train),
+            images_per_s=round(history[-1]["images_per_s"], 1),
+            val_top1=round(history[-1]["val_top1"], 4),
+            wall_s=round(time.perf_counter() - started, 1),
+        )
         rows.append(row)
-        print(f"{model:<22} {method:<7} {augment_on:<7} {workers:>7} {row['images_per_s']:>8.0f} "
-              f"{row['val_top1']:>9.4f} {row['wall_s']:>7.1f}", flush=True)
+        print(
+            f"{model:<22} {method:<7} {augment_on:<7} {workers:>7} {row['images_per_s']:>8.0f} "
+            f"{row['val_top1']:>9.4f} {row['wall_s']:>7.1f}",
+            flush=True,
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
 

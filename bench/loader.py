@@ -72,9 +72,19 @@ def main() -> None:
         print(f"{name:38s} {rate:9.1f} {rate / step:15.1f}")
     out = Path("bench/results/loader.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                               "model": config.model.name, "image_size": t.image_size, "batch_size": t.batch_size,
-                               "images_per_s": dict(rows)}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "model": config.model.name,
+                "image_size": t.image_size,
+                "batch_size": t.batch_size,
+                "images_per_s": dict(rows),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

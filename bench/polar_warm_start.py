@@ -40,7 +40,9 @@ def newton_schulz(z: torch.Tensor, iterations: int) -> torch.Tensor:
 def main() -> None:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(K) % CLASSES
-    pre = torch.randn(CLASSES, D, generator=g, dtype=torch.float64)[labels] + 0.7 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    pre = torch.randn(CLASSES, D, generator=g, dtype=torch.float64)[labels] + 0.7 * torch.randn(
+        K, D, generator=g, dtype=torch.float64
+    )
     turn, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
     down = F.normalize(pre @ turn + 0.5 * torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
     pre = F.normalize(pre, dim=1)

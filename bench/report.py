@@ -38,7 +38,9 @@ def accuracy(res: dict, ablations: dict[str, dict], seeds: list[int] | None = No
         got = of(row)
         if got:
             chosen = ", ".join(f"{k} {v:.3g}" for k, v in found["config"].items())
-            print(f"| {row} | {_mean_std([g['val_top1'] for g in got])} | {_mean_std([g['test_top1'] for g in got])} | {chosen} |")
+            print(
+                f"| {row} | {_mean_std([g['val_top1'] for g in got])} | {_mean_std([g['test_top1'] for g in got])} | {chosen} |"
+            )
     print("\n| ablation (at DR-Tune's setting) | test top-1 |\n|---|---|")
     if of("ce"):
         print(f"| CE-tuning | {_mean_std([g['test_top1'] for g in of('ce')])} |")
@@ -50,14 +52,18 @@ def accuracy(res: dict, ablations: dict[str, dict], seeds: list[int] | None = No
 
 def calibration(res: dict) -> None:
     print(f"torch {res['torch']}, {res['threads']} threads; seconds per call\n")
-    print("| K | D | C | ref, rotation | ours, rotation | ratio | ref, no rotation | ours | ratio "
-          "| per step /10: ref / ours | vs ref | ours vs f64 | ref vs f64 |")
+    print(
+        "| K | D | C | ref, rotation | ours, rotation | ratio | ref, no rotation | ours | ratio "
+        "| per step /10: ref / ours | vs ref | ours vs f64 | ref vs f64 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
-        print(f"| {r['K']} | {r['D']} | {r['C']} | {r['ref_rot_s']:.3f} | {r['ours_rot_s']:.3f} "
-              f"| {r['ref_rot_s'] / r['ours_rot_s']:.1f} | {r['ref_norot_s']:.4f} | {r['ours_norot_s']:.4f} "
-              f"| {r['ref_norot_s'] / r['ours_norot_s']:.1f} | {r['ref_every10_s']:.3f} / {r['ours_every10_s']:.3f} "
-              f"| {r['max_rel_err']:.0e} | {r.get('ours_err_f64', float('nan')):.0e} | {r.get('ref_err_f64', float('nan')):.0e} |")
+        print(
+            f"| {r['K']} | {r['D']} | {r['C']} | {r['ref_rot_s']:.3f} | {r['ours_rot_s']:.3f} "
+            f"| {r['ref_rot_s'] / r['ours_rot_s']:.1f} | {r['ref_norot_s']:.4f} | {r['ours_norot_s']:.4f} "
+            f"| {r['ref_norot_s'] / r['ours_norot_s']:.1f} | {r['ref_every10_s']:.3f} / {r['ours_every10_s']:.3f} "
+            f"| {r['max_rel_err']:.0e} | {r.get('ours_err_f64', float('nan')):.0e} | {r.get('ref_err_f64', float('nan')):.0e} |"
+        )
 
 
 def step(res: dict) -> None:
@@ -66,10 +72,14 @@ def step(res: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "–"
-        parts = " | ".join(f"{r['parts_s'][k]:.3f}" if k in r["parts_s"] else "–"
-                           for k in ("frozen forward", "calibration", "backward"))
-        print(f"| {r['model']} | {r['batch']} | {r['method']} | {r['step_s']:.3f} | {r['images_per_s']:.1f} "
-              f"| {r['ratio_to_ce']:.2f} | {parts} | {mfu} |")
+        parts = " | ".join(
+            f"{r['parts_s'][k]:.3f}" if k in r["parts_s"] else "–"
+            for k in ("frozen forward", "calibration", "backward")
+        )
+        print(
+            f"| {r['model']} | {r['batch']} | {r['method']} | {r['step_s']:.3f} | {r['images_per_s']:.1f} "
+            f"| {r['ratio_to_ce']:.2f} | {parts} | {mfu} |"
+        )
 
 
 def search(res: dict) -> None:
@@ -97,8 +107,10 @@ def datascale(res: dict) -> None:
             cell += f" ({len(got) - len(tested)} diverged)" if len(got) > len(tested) else ""
             row.append(cell)
         print(f"| {method} | " + " | ".join(row) + " |")
-    print("\n| labels/class | method | chosen setting (trial) | epochs | final train CE | best val top-1 (epoch) | last val top-1 |"
-          "\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| labels/class | method | chosen setting (trial) | epochs | final train CE | best val top-1 (epoch) | last val top-1 |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     for n in cells:
         for method, found in res["cells"][n]["searches"].items():
             run = runs[n].get(f"{method}/seed0", {})
@@ -107,15 +119,20 @@ def datascale(res: dict) -> None:
             h = run["history"]
             best = max(h, key=lambda e: e["val_top1"])
             point = ", ".join(f"{k} {v}" if k == "queue_size" else f"{k} {v:.3g}" for k, v in found["point"].items())
-            print(f"| {n} | {method} | {point} ({found['trial']}) | {h[-1]['epoch']} | {h[-1]['train_ce']:.4f} "
-                  f"| {best['val_top1']:.3f} ({best['epoch']}) | {h[-1]['val_top1']:.3f} |")
+            print(
+                f"| {n} | {method} | {point} ({found['trial']}) | {h[-1]['epoch']} | {h[-1]['train_ce']:.4f} "
+                f"| {best['val_top1']:.3f} ({best['epoch']}) | {h[-1]['val_top1']:.3f} |"
+            )
     devices = {}
     for n in cells:
         for key, run in runs[n].items():
             devices.setdefault(run.get("device", "?"), []).append(f"{n}:{key}")
     if len(devices) > 1:
         for device, keys in devices.items():
-            print(f"\nran on {device}: {len(keys)} of the runs above" + (f" ({', '.join(keys)})" if len(keys) <= 12 else ""))
+            print(
+                f"\nran on {device}: {len(keys)} of the runs above"
+                + (f" ({', '.join(keys)})" if len(keys) <= 12 else "")
+            )
     machines = "; ".join(f"{m}: {s / 60:.1f} min" for m, s in res.get("machines", {}).items())
     print(f"\nwall time: {res['wall_s'] / 60:.1f} min ({machines})")
 
@@ -124,8 +141,13 @@ def main() -> None:
     # imported here, not at the top: accuracy.py prints its tables through this module
     from accuracy import ABLATIONS
 
-    renderers = {"accuracy": lambda res: accuracy(res, ABLATIONS), "calibration": calibration, "step": step,
-                 "search": search, "datascale": datascale}
+    renderers = {
+        "accuracy": lambda res: accuracy(res, ABLATIONS),
+        "calibration": calibration,
+        "step": step,
+        "search": search,
+        "datascale": datascale,
+    }
     for name in sys.argv[1:] or list(renderers):
         for variant in (name, f"{name}-quick"):
             res = _load(variant)

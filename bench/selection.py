@@ -66,9 +66,18 @@ def tested_candidates(chosen: dict, epochs: int, test, baseline_model: Path) -> 
             continue
         checkpoint = Checkpoint(last["checkpoint_path"], filesystem=storage_filesystem(path))
         with tempfile.TemporaryDirectory() as tmp:
-            weights = save_inference_checkpoint(read_checkpoint(checkpoint, Path(tmp) / "last.pt"), Path(tmp) / "i.safetensors")
-            score(trial.trial_id, weights, {"method": trial.config.get("method", "drtune"), "val_top1": last["val_top1"],
-                                            "val_loss": last["val_loss"]})
+            weights = save_inference_checkpoint(
+                read_checkpoint(checkpoint, Path(tmp) / "last.pt"), Path(tmp) / "i.safetensors"
+            )
+            score(
+                trial.trial_id,
+                weights,
+                {
+                    "method": trial.config.get("method", "drtune"),
+                    "val_top1": last["val_top1"],
+                    "val_loss": last["val_loss"],
+                },
+            )
     record = json.loads((baseline_model.parent / "baseline.json").read_text())
     score("baseline", baseline_model, {"method": "ce", "val_top1": record["val_top1"], "val_loss": record["val_loss"]})
     return rows, right
@@ -77,40 +86,65 @@ def tested_candidates(chosen: dict, epochs: int, test, baseline_model: Path) -> 
 def scored(chosen: dict, rows: list[dict], right: dict) -> dict:
     """One search's numbers: the pick and the old rule against the best candidate on test and the baseline."""
     test = {r["trial"]: r["test_top1"] for r in rows}
-    trials = [Candidate(id=r["trial"], method=r["method"], val_top1=r["val_top1"], val_loss=r["val_loss"], n_val=1)
-              for r in rows if r["trial"] != "baseline"]
+    trials = [
+        Candidate(id=r["trial"], method=r["method"], val_top1=r["val_top1"], val_loss=r["val_loss"], n_val=1)
+        for r in rows
+        if r["trial"] != "baseline"
+    ]
     old = rank(trials)[0].id
     pick = chosen["best_trial"]
     gate = paired_test(right[pick], right["baseline"])
     best = max(test.values())
-    return {"pick": pick, "pick_method": chosen["best_method"], "rule": chosen["selection"]["rule"],
-            "pick_test": test[pick], "baseline_test": test["baseline"], "pick_minus_ce": test[pick] - test["baseline"],
-            "mcnemar_p": gate.p_value, "promotable": gate.only_b <= gate.only_a, "regret_pick": best - test[pick],
-            "old_pick": old, "old_test": test[old], "old_minus_ce": test[old] - test["baseline"], "regret_old": best - test[old],
-            "best_test": best, "candidates": rows, "revalidated": len(chosen["finalists"])}
+    return {
+        "pick": pick,
+        "pick_method": chosen["best_method"],
+        "rule": chosen["selection"]["rule"],
+        "pick_test": test[pick],
+        "baseline_test": test["baseline"],
+        "pick_minus_ce": test[pick] - test["baseline"],
+        "mcnemar_p": gate.p_value,
+        "promotable": gate.only_b <= gate.only_a,
+        "regret_pick": best - test[pick],
+        "old_pick": old,
+        "old_test": test[old],
+        "old_minus_ce": test[old] - test["baseline"],
+        "regret_old": best - test[old],
+        "best_test": best,
+        "candidates": rows,
+        "revalidated": len(chosen["finalists"]),
+    }
 
 
 def table(results: dict) -> None:
     """Print each search and each (dataset, search)'s means."""
-    print("\n| dataset | search | seed | pick (rule) | pick test | CE test | pick − CE | McNemar p | gate | regret | "
-          "old rule − CE | old regret |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| dataset | search | seed | pick (rule) | pick test | CE test | pick − CE | McNemar p | gate | regret | "
+        "old rule − CE | old regret |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     groups: dict = {}
     for key, r in sorted(results["searches"].items()):
         dataset, search, seed = key.split("/")
         groups.setdefault((dataset, search), []).append(r)
-        print(f"| {dataset} | {search} | {seed} | {r['pick_method']} ({r['rule']}) | {r['pick_test']:.4f} | "
-              f"{r['baseline_test']:.4f} | {r['pick_minus_ce']:+.4f} | {r['mcnemar_p']:.2g} | "
-              f"{'promote' if r['promotable'] else 'held'} | {r['regret_pick']:.4f} | {r['old_minus_ce']:+.4f} | "
-              f"{r['regret_old']:.4f} |")
-    print("\n| dataset | search | searches | mean pick − CE | worst pick − CE | mean regret | mean old − CE | "
-          "worst old − CE | mean old regret |\n|---|---|---|---|---|---|---|---|---|")
+        print(
+            f"| {dataset} | {search} | {seed} | {r['pick_method']} ({r['rule']}) | {r['pick_test']:.4f} | "
+            f"{r['baseline_test']:.4f} | {r['pick_minus_ce']:+.4f} | {r['mcnemar_p']:.2g} | "
+            f"{'promote' if r['promotable'] else 'held'} | {r['regret_pick']:.4f} | {r['old_minus_ce']:+.4f} | "
+            f"{r['regret_old']:.4f} |"
+        )
+    print(
+        "\n| dataset | search | searches | mean pick − CE | worst pick − CE | mean regret | mean old − CE | "
+        "worst old − CE | mean old regret |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for (dataset, search), rs in sorted(groups.items()):
+
         def mean(k: str) -> float:
             return float(np.mean([r[k] for r in rs]))
 
-        print(f"| {dataset} | {search} | {len(rs)} | {mean('pick_minus_ce'):+.4f} | {min(r['pick_minus_ce'] for r in rs):+.4f} "
-              f"| {mean('regret_pick'):.4f} | {mean('old_minus_ce'):+.4f} | {min(r['old_minus_ce'] for r in rs):+.4f} "
-              f"| {mean('regret_old'):.4f} |")
+        print(
+            f"| {dataset} | {search} | {len(rs)} | {mean('pick_minus_ce'):+.4f} | {min(r['pick_minus_ce'] for r in rs):+.4f} "
+            f"| {mean('regret_pick'):.4f} | {mean('old_minus_ce'):+.4f} | {min(r['old_minus_ce'] for r in rs):+.4f} "
+            f"| {mean('regret_old'):.4f} |"
+        )
 
 
 def main() -> None:
@@ -130,9 +164,16 @@ def main() -> None:
         raise SystemExit(f"{OUT} holds results of other settings ({results['settings']}); move it away first")
     for dataset in args.datasets:
         home = Path("runs/bench/selection").resolve() / dataset
-        common = DATASETS[dataset] + args.set + ["train.progress=false", f"data.prepared_dir={home / 'prepared'}",
-                                                 f"mlflow.tracking_uri=sqlite:///{home / 'mlflow.db'}",
-                                                 f"ray.storage_path={home / 'ray'}"]
+        common = (
+            DATASETS[dataset]
+            + args.set
+            + [
+                "train.progress=false",
+                f"data.prepared_dir={home / 'prepared'}",
+                f"mlflow.tracking_uri=sqlite:///{home / 'mlflow.db'}",
+                f"ray.storage_path={home / 'ray'}",
+            ]
+        )
         p = load(args.params, common)
         if not (home / "prepared" / "stats.json").is_file():
             write_prepared(p.data)
@@ -156,8 +197,11 @@ def main() -> None:
                 OUT.parent.mkdir(parents=True, exist_ok=True)
                 OUT.write_text(json.dumps(results, indent=1))
                 r = results["searches"][key]
-                print(f"{key}: pick {r['pick']} ({r['rule']}) test {r['pick_test']:.4f}, CE {r['baseline_test']:.4f}, "
-                      f"regret {r['regret_pick']:.4f} (old rule {r['regret_old']:.4f}), {r['wall_s']:.0f} s", flush=True)
+                print(
+                    f"{key}: pick {r['pick']} ({r['rule']}) test {r['pick_test']:.4f}, CE {r['baseline_test']:.4f}, "
+                    f"regret {r['regret_pick']:.4f} (old rule {r['regret_old']:.4f}), {r['wall_s']:.0f} s",
+                    flush=True,
+                )
     table(results)
 
 

@@ -59,8 +59,9 @@ class Timers:
         setattr(obj, attr, timed)
 
 
-def step_flops(task: FineTuneTask, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               index: torch.Tensor) -> float:
+def step_flops(
+    task: FineTuneTask, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor
+) -> float:
     """Forward + backward (+ optimiser) FLOPs of one training step, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -74,8 +75,7 @@ def variant(method: str = "drtune", **drtune) -> Config:
     return Config(train={"method": method}, drtune=drtune).resolved()
 
 
-def run(model_name: str, pretrained: str, config: Config, batches: list, warmup: int,
-        device: torch.device) -> dict:
+def run(model_name: str, pretrained: str, config: Config, batches: list, warmup: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     task = FineTuneTask(create_backbone(model_name, pretrained), 10, config).to(device)
     amp = device.type == "cuda"
@@ -89,8 +89,9 @@ def run(model_name: str, pretrained: str, config: Config, batches: list, warmup:
         timers.wrap(task.frozen, "forward", "frozen forward")
         timers.wrap(task, "calibrated_bank", "calibration")
         if task.cached_features:  # built once before training; not part of the step
-            task.cache_pretrained_features(DataLoader(TensorDataset(*map(torch.cat, zip(*batches, strict=True))), batch_size=64),
-                                           device)
+            task.cache_pretrained_features(
+                DataLoader(TensorDataset(*map(torch.cat, zip(*batches, strict=True))), batch_size=64), device
+            )
         task.warm_up(batches, device)
     opt = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1e-3, momentum=0.9, nesterov=True)
     task.train()
@@ -119,46 +120,74 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32])
     parser.add_argument("--queue-size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (a multiple of 10 covers the rotation schedule)")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="timed steps (a multiple of 10 covers the rotation schedule)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100 SXM: 989)")
     parser.add_argument("--out", default="bench/results/step.json")
     args = parser.parse_args()
     device = torch.device(args.device)
-    name_of = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name_of = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
     rows = []
     for batch in args.batch_size:
         gen = torch.Generator().manual_seed(0)
-        batches = [(torch.randn(batch, 3, args.image_size, args.image_size, generator=gen).to(device),
-                    torch.randint(0, 10, (batch,), generator=gen).to(device),
-                    torch.arange(i * batch, (i + 1) * batch, device=device)) for i in range(args.steps)]
+        batches = [
+            (
+                torch.randn(batch, 3, args.image_size, args.image_size, generator=gen).to(device),
+                torch.randint(0, 10, (batch,), generator=gen).to(device),
+                torch.arange(i * batch, (i + 1) * batch, device=device),
+            )
+            for i in range(args.steps)
+        ]
         if device.type == "cuda":
             batches = [(x.contiguous(memory_format=torch.channels_last), y, i) for x, y, i in batches]
         for name in args.models:
             pretrained = "bundled" if name == "tf_efficientnet_lite0" else "none"
             k = args.queue_size
-            variants = {"CE-tuning": variant("ce"),
-                        "DR-Tune, rotation every 10th step": variant(queue_size=k, rotation_every=10),
-                        "DR-Tune, rotation every step": variant(queue_size=k, rotation_every=1),
-                        "DR-Tune, cached features, rot. /10": variant(queue_size=k, rotation_every=10,
-                                                                      pretrained_features="cached")}
+            variants = {
+                "CE-tuning": variant("ce"),
+                "DR-Tune, rotation every 10th step": variant(queue_size=k, rotation_every=10),
+                "DR-Tune, rotation every step": variant(queue_size=k, rotation_every=1),
+                "DR-Tune, cached features, rot. /10": variant(
+                    queue_size=k, rotation_every=10, pretrained_features="cached"
+                ),
+            }
             results = {label: run(name, pretrained, s, batches, 2, device) for label, s in variants.items()}
             ce = results["CE-tuning"]
             for label, r in results.items():
                 mfu = r["flops"] / r["step_s"] / (args.peak_tflops * 1e12) if r["flops"] else None
-                rows.append({"model": name, "batch": batch, "method": label, "ratio_to_ce": r["step_s"] / ce["step_s"],
-                             "throughput_vs_ce": r["images_per_s"] / ce["images_per_s"], "mfu": mfu, **r})
+                rows.append(
+                    {
+                        "model": name,
+                        "batch": batch,
+                        "method": label,
+                        "ratio_to_ce": r["step_s"] / ce["step_s"],
+                        "throughput_vs_ce": r["images_per_s"] / ce["images_per_s"],
+                        "mfu": mfu,
+                        **r,
+                    }
+                )
     print(f"{name_of}; {args.image_size} px, K = {args.queue_size}; seconds per step")
     print(f"{'model':22s} {'batch':>5s} {'method':36s} {'step':>7s} {'img/s':>8s} {'× CE':>6s} {'MFU':>6s}  breakdown")
     for r in rows:
         parts = ", ".join(f"{k} {v:.4f}" for k, v in r["parts_s"].items())
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['model']:22s} {r['batch']:5d} {r['method']:36s} {r['step_s']:7.4f} {r['images_per_s']:8.1f} "
-              f"{r['ratio_to_ce']:6.2f} {mfu:>6s}  {parts}")
+        print(
+            f"{r['model']:22s} {r['batch']:5d} {r['method']:36s} {r['step_s']:7.4f} {r['images_per_s']:8.1f} "
+            f"{r['ratio_to_ce']:6.2f} {mfu:>6s}  {parts}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name_of, "image_size": args.image_size, "queue_size": args.queue_size,
-                               "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"device": name_of, "image_size": args.image_size, "queue_size": args.queue_size, "rows": rows}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

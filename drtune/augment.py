@@ -42,9 +42,15 @@ def augment_on_device(choice: str, device: torch.device, split: ArraySplit) -> b
     return device.type == "cuda" and split.images.nbytes <= DEVICE_SPLIT_LIMIT_BYTES
 
 
-def random_resized_crop_boxes(heights: int, widths: int, n: int, generator: torch.Generator,
-                              scale: tuple[float, float] = TRAIN_CROP_SCALE,
-                              ratio: tuple[float, float] = TRAIN_CROP_RATIO, tries: int = 10) -> Tensor:
+def random_resized_crop_boxes(
+    heights: int,
+    widths: int,
+    n: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = TRAIN_CROP_SCALE,
+    ratio: tuple[float, float] = TRAIN_CROP_RATIO,
+    tries: int = 10,
+) -> Tensor:
     """``n`` crop boxes ``(x0, y0, x1, y1)`` (pixel edges, float) drawn as ``RandomResizedCrop.get_params``
     draws them: the first of ``tries`` (area, aspect) draws that fits the image, else the centre crop
     with the aspect clamped to ``ratio``."""
@@ -99,8 +105,17 @@ class DeviceBatches:
     :func:`drtune.data.set_epoch`, full batches only, and the index of each image in the split.
     """
 
-    def __init__(self, split: ArraySplit, data_cfg: dict, image_size: int, batch_size: int,
-                 device: torch.device, *, seed: int = 0, distributed: bool = False) -> None:
+    def __init__(
+        self,
+        split: ArraySplit,
+        data_cfg: dict,
+        image_size: int,
+        batch_size: int,
+        device: torch.device,
+        *,
+        seed: int = 0,
+        distributed: bool = False,
+    ) -> None:
         # N × C × H × W uint8; grey images keep one channel until after the crop.
         self.images = torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.from_numpy(split.labels).long().to(device)
@@ -109,8 +124,11 @@ class DeviceBatches:
         self.std = torch.tensor(data_cfg["std"], device=device).view(1, -1, 1, 1)
         self.generator = torch.Generator().manual_seed(seed)
         positions = range(len(split))
-        self.sampler = (DistributedSampler(positions, shuffle=True, seed=seed, drop_last=True) if distributed
-                        else RandomSampler(positions, generator=self.generator))
+        self.sampler = (
+            DistributedSampler(positions, shuffle=True, seed=seed, drop_last=True)
+            if distributed
+            else RandomSampler(positions, generator=self.generator)
+        )
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
@@ -119,10 +137,11 @@ class DeviceBatches:
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         _, _, height, width = self.images.shape
         for b in range(len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
             boxes = random_resized_crop_boxes(height, width, len(index), self.generator)
             flip = torch.rand(len(index), generator=self.generator) < 0.5
             on_device = index.to(self.device, non_blocking=True)
-            x = crop_resize_flip(self.images.index_select(0, on_device), boxes, flip, self.image_size,
-                                 self.mean, self.std)
+            x = crop_resize_flip(
+                self.images.index_select(0, on_device), boxes, flip, self.image_size, self.mean, self.std
+            )
             yield x, self.labels.index_select(0, on_device), index

@@ -41,8 +41,14 @@ def _efficientnet_pytorch_to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]
     # Depthwise-separable blocks (no expansion) use bn1/bn2 around dw/pw; inverted residuals
     # use bn1/bn2/bn3 around pw(expand)/dw/pwl(project).
     ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-          "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    ir = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     expanded = {int(m.group(1)) for k in state if (m := re.match(r"_blocks\.(\d+)\._expand_conv", k))}
     out = {}
@@ -78,11 +84,13 @@ def checkpoint_filter_fn(state: dict[str, Tensor], model: nn.Module) -> dict[str
     classifier (``num_classes=0``).
     """
     if any(k.startswith(("module.encoder_q.", "encoder_q.")) for k in state):
-        state = {re.sub(r"^(module\.)?encoder_q\.", "", k): v for k, v in state.items()
-                 if re.match(r"^(module\.)?encoder_q\.", k)}
+        state = {
+            re.sub(r"^(module\.)?encoder_q\.", "", k): v
+            for k, v in state.items()
+            if re.match(r"^(module\.)?encoder_q\.", k)
+        }
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items()
-             if not k.startswith(("decoder", "mask_token", "encoder_k.", "queue"))}
+    state = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token", "encoder_k.", "queue"))}
     if "_conv_stem.weight" in state:
         state = _efficientnet_pytorch_to_timm(state)
     if getattr(model, "num_classes", 0) == 0:
@@ -107,6 +115,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     unexpected = sorted(set(state) - set(own))
     wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong_shape:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "") or "none"
 

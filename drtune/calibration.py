@@ -153,7 +153,9 @@ def _row_dots(rows: Tensor, table: Tensor, index: Tensor) -> Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             crow = torch.arange(rows.shape[0] + 1, device=rows.device)
-            pattern = torch.sparse_csr_tensor(crow, index, torch.zeros_like(rows[:, 0]), size=(rows.shape[0], table.shape[0]))
+            pattern = torch.sparse_csr_tensor(
+                crow, index, torch.zeros_like(rows[:, 0]), size=(rows.shape[0], table.shape[0])
+            )
             return torch.sparse.sampled_addmm(pattern, rows, table.T).values()
     return torch.linalg.vecdot(rows, table.index_select(0, index))
 
@@ -169,7 +171,9 @@ def class_translation(
     return pre + class_shifts(pre, down, labels, head_weight, confidence=confidence).index_select(0, labels)
 
 
-def _shift_and_rescale(rows: Tensor, shift: Tensor | None, labels: Tensor, scale: float | Tensor, out: Tensor) -> Tensor:
+def _shift_and_rescale(
+    rows: Tensor, shift: Tensor | None, labels: Tensor, scale: float | Tensor, out: Tensor
+) -> Tensor:
     """``out = scale · normalize(rows + shift[labels])``, block by block (``out`` may be ``rows``)."""
     for block in _blocks(rows):
         o = out[block]

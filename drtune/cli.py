@@ -53,10 +53,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
     last = result.history[-1]
     loader = build_loader(test, data_config(model.encoder), config.train.image_size, 256, train=False)
     test_metrics = evaluate(model, loader, pick_device(config.train.device))
-    save_model(out / "model.safetensors", model.state_dict(), config.resolved().model_dump(mode="json"), raw.classes,
-               result.history)
-    summary = {"history": result.history, "val_top1": last["val_top1"], "epochs": last["epoch"], "test": test_metrics,
-               "n_train": len(train), "n_val": len(val), "n_test": len(test)}
+    save_model(
+        out / "model.safetensors",
+        model.state_dict(),
+        config.resolved().model_dump(mode="json"),
+        raw.classes,
+        result.history,
+    )
+    summary = {
+        "history": result.history,
+        "val_top1": last["val_top1"],
+        "epochs": last["epoch"],
+        "test": test_metrics,
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_test": len(test),
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({"val_top1": last["val_top1"], "test_top1": test_metrics["top1"]}))
     return 0
@@ -70,8 +82,10 @@ def _predictor(source: str, tracking_uri: str | None) -> Predictor:
     if path.is_dir():
         path = path / "model.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"{source} holds no model.safetensors: give the --output folder of a finished "
-                                    "`drtune fit` run, a model file such as models/best.safetensors, or models:/name@alias")
+            raise FileNotFoundError(
+                f"{source} holds no model.safetensors: give the --output folder of a finished "
+                "`drtune fit` run, a model file such as models/best.safetensors, or models:/name@alias"
+            )
     elif not path.is_file():
         raise FileNotFoundError(f"{source}: no such model file or folder")
     return load_predictor(path)
@@ -124,9 +138,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(bad)} file(s) are not readable images: " + "; ".join(bad))
     rows = []
     for start in tqdm(range(0, len(images), 256), desc="predict", disable=len(images) <= 256):
-        proba = predictor.predict_proba(images[start:start + 256])
-        rows += [{"path": str(files[start + i]), "label": predictor.classes[int(p.argmax())],
-                  "probability": f"{float(p.max()):.6f}"} for i, p in enumerate(proba)]
+        proba = predictor.predict_proba(images[start : start + 256])
+        rows += [
+            {
+                "path": str(files[start + i]),
+                "label": predictor.classes[int(p.argmax())],
+                "probability": f"{float(p.max()):.6f}",
+            }
+            for i, p in enumerate(proba)
+        ]
     out = Path(args.output)
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "label", "probability"])
@@ -147,7 +167,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="drtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="drtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_fit = sub.add_parser("fit", help="fine-tune once")
     p_fit.add_argument("--config", default=None, help="params.yaml to read (default: built-in defaults)")
@@ -169,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"fit": cmd_fit, "predict": cmd_predict, "export": cmd_export}
     try:
         return commands[args.command](args)
-    except (ConfigError, FileNotFoundError, ModelFileError, ValueError) as err:  # bad input: one clear line, no traceback
+    except (
+        ConfigError,
+        FileNotFoundError,
+        ModelFileError,
+        ValueError,
+    ) as err:  # bad input: one clear line, no traceback
         print(f"drtune: {err}", file=sys.stderr)
         return 2
 

@@ -43,16 +43,22 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: str = Field("fashion-mnist", description="digits | fashion-mnist | imagefolder:<path> | a torchvision name")
+    dataset: str = Field(
+        "fashion-mnist", description="digits | fashion-mnist | imagefolder:<path> | a torchvision name"
+    )
     root: str = Field("data/raw", description="where raw dataset files are looked for")
     prepared_dir: str = Field("data/prepared", description="output of the prepare stage")
     labels_per_class: int | None = Field(60, ge=1, description="few-label setting: training images kept per class")
     label_fraction: float | None = Field(None, gt=0, le=1, description="alternative: fraction of labels kept per class")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the kept training images held out for validation")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of the kept training images held out for validation"
+    )
     seed: int = Field(0, ge=0, description="seed of the subsampling and of the validation split")
     skip_bad: bool = Field(False, description="skip unreadable images (counted in stats.json) instead of failing")
     download: bool = Field(True, description="download a missing fashion-mnist / torchvision dataset when online")
-    store_size: int = Field(96, ge=8, le=1024, description="image folders: stored side length (shorter side, centre crop)")
+    store_size: int = Field(
+        96, ge=8, le=1024, description="image folders: stored side length (shorter side, centre crop)"
+    )
 
     @model_validator(mode="after")
     def _one_label_budget(self) -> DataConfig:
@@ -79,14 +85,17 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int | Literal["auto"] = Field(
-        "auto", description="data-loader processes per training worker; auto: none on the CPU (the step needs "
-        "the cores), on CUDA one per CPU thread the process was given, at most 12")
+        "auto",
+        description="data-loader processes per training worker; auto: none on the CPU (the step needs "
+        "the cores), on CUDA one per CPU thread the process was given, at most 12",
+    )
     augment_on: Literal["auto", "loader", "device"] = Field(
-        "auto", description="where training images are cropped and flipped: loader (CPU processes), device "
-        "(the split in GPU memory, whole batches at once); auto: device on CUDA when the split fits in 2 GiB")
+        "auto",
+        description="where training images are cropped and flipped: loader (CPU processes), device "
+        "(the split in GPU memory, whole batches at once); auto: device on CUDA when the split fits in 2 GiB",
+    )
     bf16: bool = Field(True, description="bf16 autocast and channels_last on CUDA (ignored on CPU)")
     progress: bool = True
-
 
     @field_validator("num_workers")
     @classmethod
@@ -110,8 +119,9 @@ class DRTuneConfig(Section):
     rotation_every: int = Field(10, ge=0, le=1_000_000, description="0 = never rotate")
     rotation_between: Literal["skip", "reuse"] = "skip"
     pretrained_features: Literal["online", "cached"] = Field(
-        "online", description="online: the frozen encoder sees each augmented batch (the paper); cached: "
-        "features of the un-augmented training images, computed once (no extra forward pass per step)"
+        "online",
+        description="online: the frozen encoder sees each augmented batch (the paper); cached: "
+        "features of the un-augmented training images, computed once (no extra forward pass per step)",
     )
 
 
@@ -134,8 +144,10 @@ class Config(Section):
     @model_validator(mode="after")
     def _stored_images_are_large_enough(self) -> Config:
         if self.data.dataset.startswith("imagefolder:") and self.data.store_size < self.train.image_size:
-            raise ValueError(f"data.store_size = {self.data.store_size} is smaller than train.image_size = "
-                             f"{self.train.image_size}: the stored images would be upsampled; raise data.store_size")
+            raise ValueError(
+                f"data.store_size = {self.data.store_size} is smaller than train.image_size = "
+                f"{self.train.image_size}: the stored images would be upsampled; raise data.store_size"
+            )
         return self
 
     def resolved(self, world_size: int = 1) -> Config:
@@ -176,8 +188,9 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                schema: type[Config] = Config) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type[Config] = Config
+) -> Config:
     """Read ``params.yaml`` (or the schema's defaults), apply ``section.key=value`` overrides, validate.
 
     Every key of an override and of a section ``schema`` knows must be valid. Top-level sections of

@@ -65,14 +65,22 @@ def build_transform(data_cfg: dict, image_size: int, train: bool) -> T.Transform
     """Reference augmentation (train) or resize + centre crop (eval), normalised per ``data_cfg``."""
     interp = InterpolationMode(data_cfg.get("interpolation", "bilinear"))
     if train:
-        geometry = [T.RandomResizedCrop(image_size, scale=TRAIN_CROP_SCALE, ratio=TRAIN_CROP_RATIO,
-                                    interpolation=interp, antialias=True),
-                    T.RandomHorizontalFlip()]
+        geometry = [
+            T.RandomResizedCrop(
+                image_size, scale=TRAIN_CROP_SCALE, ratio=TRAIN_CROP_RATIO, interpolation=interp, antialias=True
+            ),
+            T.RandomHorizontalFlip(),
+        ]
     else:
         resize = int(round(image_size / data_cfg.get("crop_pct", 0.875)))
         geometry = [T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(image_size)]
-    return T.Compose([*geometry, T.ToDtype(torch.float32, scale=True),
-                      T.Normalize(mean=list(data_cfg["mean"]), std=list(data_cfg["std"]))])
+    return T.Compose(
+        [
+            *geometry,
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=list(data_cfg["mean"]), std=list(data_cfg["std"])),
+        ]
+    )
 
 
 def build_loader(
@@ -99,8 +107,15 @@ def build_loader(
         sampler = RandomSampler(dataset, generator=generator)
     else:
         sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                      num_workers=num_workers, generator=generator, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train,
+        num_workers=num_workers,
+        generator=generator,
+        persistent_workers=False,
+    )
 
 
 def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:

@@ -21,8 +21,7 @@ from torch import nn
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = False,
-             predictions: bool = False) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = False, predictions: bool = False) -> dict:
     """Top-1, top-5 accuracy, mean cross-entropy and the count ``n``, summed over all ranks.
 
     With ``predictions`` (single process only) the result also holds ``predicted`` (top-1 class
@@ -37,9 +36,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = Fals
             logits = model(x)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.stack([(top[:, 0] == y).sum().double(), (top == y[:, None]).any(1).sum().double(),
-                             F.cross_entropy(logits, y, reduction="sum").double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+        sums += torch.stack(
+            [
+                (top[:, 0] == y).sum().double(),
+                (top == y[:, None]).any(1).sum().double(),
+                F.cross_entropy(logits, y, reduction="sum").double(),
+                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+            ]
+        )
         if predictions:
             predicted.append(top[:, 0].cpu())
             labels.append(y.cpu())

@@ -51,16 +51,29 @@ def export_onnx(predictor: Predictor, path: str | Path, check_images: np.ndarray
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(model, (x[:1],), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            model,
+            (x[:1],),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     with torch.no_grad():
         expected = model(x).float().numpy()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {"image": x.numpy()})[0]
     diff = float(np.abs(got - expected).max())
     scale = float(np.abs(expected).max()) or 1.0
-    check = {"images": len(x), "labels_equal": bool((got.argmax(1) == expected.argmax(1)).all()),
-             "max_abs_logit_diff": diff, "relative_diff": diff / scale, "tolerance": LOGIT_TOLERANCE}
+    check = {
+        "images": len(x),
+        "labels_equal": bool((got.argmax(1) == expected.argmax(1)).all()),
+        "max_abs_logit_diff": diff,
+        "relative_diff": diff / scale,
+        "tolerance": LOGIT_TOLERANCE,
+    }
     if not check["labels_equal"] or check["relative_diff"] > LOGIT_TOLERANCE:
         raise ExportMismatchError(f"the ONNX export of {path.name} disagrees with PyTorch: {check}")
     return check

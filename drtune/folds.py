@@ -40,9 +40,10 @@ def extra_fold(train: ArraySplit, val: ArraySplit, fold: int, seed: int) -> tupl
         mine = np.flatnonzero(train.labels == c)
         size = int(np.sum(val.labels == c))
         order = np.random.default_rng([seed, int(c)]).permutation(mine)
-        held.append(order[(fold - 1) * size: fold * size])
+        held.append(order[(fold - 1) * size : fold * size])
     held_idx = np.sort(np.concatenate(held))
     kept = np.setdiff1d(np.arange(len(train)), held_idx)
-    fold_train = ArraySplit(np.concatenate([train.images[kept], val.images]),
-                            np.concatenate([train.labels[kept], val.labels]))
+    fold_train = ArraySplit(
+        np.concatenate([train.images[kept], val.images]), np.concatenate([train.labels[kept], val.labels])
+    )
     return fold_train, ArraySplit(train.images[held_idx], train.labels[held_idx])

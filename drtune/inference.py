@@ -1,7 +1,8 @@
 """From a model file to predictions: the inference model alone, and batches of raw images.
 
 The inference model is the downstream encoder + head only, read from a model file
-(:mod:`drtune.model_file`); a training checkpoint's frozen copy and banks are training state and are dropped. Inputs are the images a user has, not tensors prepared for
+(:mod:`drtune.model_file`); a training checkpoint's frozen copy and banks are training state and
+are dropped. Inputs are the images a user has, not tensors prepared for
 the network: uint8 H × W × C arrays (C = 1 or 3, any size; a batch N × H × W × C or a list of
 differently sized images) or float N × C × H × W in [0, 1]. Each is resized and centre-cropped
 to the trained image size and normalised with the backbone's mean and std, exactly as the
@@ -39,8 +40,10 @@ class Predictor:
         transform = build_transform(self.data_cfg, self.image_size, train=False)
         tensors = [transform(t) for t in to_chw(images)]
         self.model.eval()
-        out = [torch.softmax(self.model(torch.stack(tensors[i:i + batch_size])).float(), dim=1)
-               for i in range(0, len(tensors), batch_size)]
+        out = [
+            torch.softmax(self.model(torch.stack(tensors[i : i + batch_size])).float(), dim=1)
+            for i in range(0, len(tensors), batch_size)
+        ]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
     def score(self, split: ArraySplit, batch_size: int = 256) -> dict:
@@ -56,11 +59,15 @@ def to_chw(images: np.ndarray | list[np.ndarray]) -> list[torch.Tensor]:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"float input must be N × C × H × W in [0, 1] with C = 1 or 3, got shape {images.shape}")
         if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 1 or np.isnan(images).any()):
-            raise ValueError(f"float input must hold values in [0, 1], got {np.nanmin(images):.3g} … "
-                             f"{np.nanmax(images):.3g}; send 0–255 images as integers (uint8 H × W × C)")
+            raise ValueError(
+                f"float input must hold values in [0, 1], got {np.nanmin(images):.3g} … "
+                f"{np.nanmax(images):.3g}; send 0–255 images as integers (uint8 H × W × C)"
+            )
         batch = torch.from_numpy(images * 255).round().to(torch.uint8)
         return [b.expand(3, -1, -1) for b in batch]
-    items = list(images) if not isinstance(images, np.ndarray) or images.dtype == object or images.ndim == 4 else [images]
+    items = (
+        list(images) if not isinstance(images, np.ndarray) or images.dtype == object or images.ndim == 4 else [images]
+    )
     out = []
     for i, img in enumerate(items):
         a = np.asarray(img)
@@ -85,8 +92,12 @@ def load_predictor(source: str | Path | bytes | ModelFile) -> Predictor:
     try:
         model.load_state_dict(model_file.tensors)
     except RuntimeError as err:
-        raise ModelFileError(f"the model file's tensors do not fit {model_file.model_name}: {str(err).splitlines()[0]}") from None
-    return Predictor(model.eval(), model_file.classes, model_file.params["train"]["image_size"], data_config(model.encoder))
+        raise ModelFileError(
+            f"the model file's tensors do not fit {model_file.model_name}: {str(err).splitlines()[0]}"
+        ) from None
+    return Predictor(
+        model.eval(), model_file.classes, model_file.params["train"]["image_size"], data_config(model.encoder)
+    )
 
 
 def save_inference_checkpoint(checkpoint: str | Path, target: str | Path) -> Path:

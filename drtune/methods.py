@@ -76,8 +76,11 @@ class MethodSpec:
 
 
 # The knobs every method shares: the two learning rates (real step sizes) and, when searched, weight decay.
-COMMON_KNOBS = (Knob("lr_backbone", "train.lr_backbone", 1e-4, 3e-2), Knob("lr_head", "train.lr_head", 3e-3, 0.3),
-                Knob("weight_decay", "train.weight_decay", 1e-6, 1e-2))
+COMMON_KNOBS = (
+    Knob("lr_backbone", "train.lr_backbone", 1e-4, 3e-2),
+    Knob("lr_head", "train.lr_head", 3e-3, 0.3),
+    Knob("weight_decay", "train.weight_decay", 1e-6, 1e-2),
+)
 
 
 def _cross_entropy(task: FineTuneTask, features: Tensor, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,8 +98,9 @@ def _dr_tune(task: FineTuneTask, features: Tensor, logits: Tensor, y: Tensor) ->
 
 def _l2sp(task: FineTuneTask, features: Tensor, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     b, ce = task.config.baselines, F.cross_entropy(logits, y)
-    reg = l2sp_penalty(task.model.encoder.parameters(), task.frozen.parameters(), [task.model.head.weight],
-                       b.l2sp_alpha, b.l2sp_beta)
+    reg = l2sp_penalty(
+        task.model.encoder.parameters(), task.frozen.parameters(), [task.model.head.weight], b.l2sp_alpha, b.l2sp_beta
+    )
     return ce + reg, ce, reg
 
 
@@ -169,12 +173,32 @@ def knob(name: str) -> Knob:
     raise ValueError(f"unknown hyperparameter {name!r}")
 
 
-register(MethodSpec("drtune", "DR-Tune", "DR-Tune (distribution regularisation + semantic calibration)", _dr_tune,
-                    knobs=(Knob("lam", "drtune.lam", 0.1, 40.0), Knob("queue_size", "drtune.queue_size", choice=True)),
-                    frozen_copy=True, feature_bank=True, preset_knobs=_reference_knobs, resolve=_resolve_reference))
+register(
+    MethodSpec(
+        "drtune",
+        "DR-Tune",
+        "DR-Tune (distribution regularisation + semantic calibration)",
+        _dr_tune,
+        knobs=(Knob("lam", "drtune.lam", 0.1, 40.0), Knob("queue_size", "drtune.queue_size", choice=True)),
+        frozen_copy=True,
+        feature_bank=True,
+        preset_knobs=_reference_knobs,
+        resolve=_resolve_reference,
+    )
+)
 register(MethodSpec("ce", "CE-tuning", "CE-tuning", _cross_entropy))
 register(MethodSpec("linear_probe", "linear probe", "linear probe", _cross_entropy, trains_backbone=False))
-register(MethodSpec("l2sp", "L2-SP", "L2-SP", _l2sp, frozen_copy=True,
-                    knobs=(Knob("l2sp_alpha", "baselines.l2sp_alpha", 1e-4, 1.0),
-                           Knob("l2sp_beta", "baselines.l2sp_beta", 1e-4, 1.0))))
+register(
+    MethodSpec(
+        "l2sp",
+        "L2-SP",
+        "L2-SP",
+        _l2sp,
+        frozen_copy=True,
+        knobs=(
+            Knob("l2sp_alpha", "baselines.l2sp_alpha", 1e-4, 1.0),
+            Knob("l2sp_beta", "baselines.l2sp_beta", 1e-4, 1.0),
+        ),
+    )
+)
 register(MethodSpec("bss", "BSS", "BSS", _bss, knobs=(Knob("bss_eta", "baselines.bss_eta", 1e-4, 0.1),)))

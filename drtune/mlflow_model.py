@@ -42,31 +42,44 @@ class DRTuneClassifier(PythonModel):
         except ValueError as err:  # a served model answers 400 with this sentence, not a stack trace
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         index = proba.argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)
-        return pd.DataFrame({
-            "label": [self.predictor.classes[i] for i in index],
-            "class_index": index.astype(np.int64),
-            "probability": proba.max(1) if len(proba) else np.zeros(0),
-            "probabilities": [row.astype(np.float64).tolist() for row in proba],
-        })
+        return pd.DataFrame(
+            {
+                "label": [self.predictor.classes[i] for i in index],
+                "class_index": index.astype(np.int64),
+                "probability": proba.max(1) if len(proba) else np.zeros(0),
+                "probabilities": [row.astype(np.float64).tolist() for row in proba],
+            }
+        )
 
 
 # Rank and dtype are fixed; height, width and channels are free (``to_chw`` checks C and says what it expects).
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
-    outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_index"), ColSpec("double", "probability"),
-                    ColSpec(Array("double"), "probabilities")]),
+    outputs=Schema(
+        [
+            ColSpec("string", "label"),
+            ColSpec("long", "class_index"),
+            ColSpec("double", "probability"),
+            ColSpec(Array("double"), "probabilities"),
+        ]
+    ),
 )
 
 
 def model_metadata(classes: list[str], image_size: int, data_cfg: dict) -> dict:
     """What a user needs to feed the model (or its ONNX export) without our code: stored in the MLmodel file."""
-    return {"classes": list(classes), "image_size": image_size, "mean": list(data_cfg["mean"]),
-            "std": list(data_cfg["std"]), "interpolation": data_cfg.get("interpolation", "bilinear"),
-            "crop_pct": data_cfg.get("crop_pct", 0.875),
-            "input": "uint8 images N × H × W × C (C = 1, 3 or 4), values 0–255, any size",
-            "onnx_input": f"float32 N × 3 × {image_size} × {image_size}: resized to image_size / crop_pct, centre-"
-                          "cropped, scaled to [0, 1], normalised with mean and std",
-            "output": "label, class_index, probability, probabilities (in the order of classes)"}
+    return {
+        "classes": list(classes),
+        "image_size": image_size,
+        "mean": list(data_cfg["mean"]),
+        "std": list(data_cfg["std"]),
+        "interpolation": data_cfg.get("interpolation", "bilinear"),
+        "crop_pct": data_cfg.get("crop_pct", 0.875),
+        "input": "uint8 images N × H × W × C (C = 1, 3 or 4), values 0–255, any size",
+        "onnx_input": f"float32 N × 3 × {image_size} × {image_size}: resized to image_size / crop_pct, centre-"
+        "cropped, scaled to [0, 1], normalised with mean and std",
+        "output": "label, class_index, probability, probabilities (in the order of classes)",
+    }
 
 
 set_model(DRTuneClassifier())

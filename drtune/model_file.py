@@ -50,12 +50,16 @@ class ModelFile:
 
 def to_bytes(tensors: dict[str, Tensor], params: dict, classes: list[str], history: list[dict] = ()) -> bytes:
     """The file's bytes: ``tensors`` (made contiguous, on the CPU) and the metadata as JSON."""
-    meta = {"format": FORMAT, "drtune": json.dumps({"params": params, "classes": list(classes), "history": list(history)})}
+    meta = {
+        "format": FORMAT,
+        "drtune": json.dumps({"params": params, "classes": list(classes), "history": list(history)}),
+    }
     return save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
 
 
-def save_model(path: str | Path, tensors: dict[str, Tensor], params: dict, classes: list[str],
-               history: list[dict] = ()) -> Path:
+def save_model(
+    path: str | Path, tensors: dict[str, Tensor], params: dict, classes: list[str], history: list[dict] = ()
+) -> Path:
     """Write a model file (atomically: a reader never sees half a file); returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,12 +73,14 @@ def _metadata(data: bytes, source: str) -> dict:
     """The header's JSON metadata, checked to be ours (the format: 8-byte length, then the JSON header)."""
     try:
         size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + size])
+        header = json.loads(data[8 : 8 + size])
         meta = header.get("__metadata__") or {}
     except (ValueError, AttributeError):
         raise ModelFileError(f"{source} is not a safetensors file") from None
     if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{source} is not a drtune model file (format {meta.get('format')!r}, expected {FORMAT!r})")
+        raise ModelFileError(
+            f"{source} is not a drtune model file (format {meta.get('format')!r}, expected {FORMAT!r})"
+        )
     return json.loads(meta["drtune"])
 
 

@@ -36,22 +36,51 @@ class NamedDataset:
 
 
 NAMED_DATASETS: dict[str, NamedDataset] = {
-    "cifar10": NamedDataset("CIFAR10", ({"train": True},), ({"train": False},),
-                            "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta from cifar-10-python.tar.gz)"),
-    "cifar100": NamedDataset("CIFAR100", ({"train": True},), ({"train": False},),
-                             "cifar-100-python/ (train, test, meta from cifar-100-python.tar.gz)"),
-    "dtd": NamedDataset("DTD", ({"split": "train"}, {"split": "val"}), ({"split": "test"},),
-                        "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/{train,val,test}1.txt (dtd-r1.0.1.tar.gz)"),
-    "caltech101": NamedDataset("Caltech101", ({},), None,
-                               "caltech101/101_ObjectCategories/<class>/*.jpg and caltech101/Annotations/"),
-    "fgvc-aircraft": NamedDataset("FGVCAircraft", ({"split": "trainval"},), ({"split": "test"},),
-                                  "fgvc-aircraft-2013b/ (fgvc-aircraft-2013b.tar.gz extracted)"),
-    "stanford-cars": NamedDataset("StanfordCars", ({"split": "train"},), ({"split": "test"},),
-                                  "stanford_cars/ (cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat)"),
-    "oxford-pets": NamedDataset("OxfordIIITPet", ({"split": "trainval"},), ({"split": "test"},),
-                                "oxford-iiit-pet/images/*.jpg and oxford-iiit-pet/annotations/{trainval,test}.txt"),
-    "flowers102": NamedDataset("Flowers102", ({"split": "train"}, {"split": "val"}), ({"split": "test"},),
-                               "flowers-102/jpg/*.jpg, flowers-102/imagelabels.mat, flowers-102/setid.mat"),
+    "cifar10": NamedDataset(
+        "CIFAR10",
+        ({"train": True},),
+        ({"train": False},),
+        "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta from cifar-10-python.tar.gz)",
+    ),
+    "cifar100": NamedDataset(
+        "CIFAR100",
+        ({"train": True},),
+        ({"train": False},),
+        "cifar-100-python/ (train, test, meta from cifar-100-python.tar.gz)",
+    ),
+    "dtd": NamedDataset(
+        "DTD",
+        ({"split": "train"}, {"split": "val"}),
+        ({"split": "test"},),
+        "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/{train,val,test}1.txt (dtd-r1.0.1.tar.gz)",
+    ),
+    "caltech101": NamedDataset(
+        "Caltech101", ({},), None, "caltech101/101_ObjectCategories/<class>/*.jpg and caltech101/Annotations/"
+    ),
+    "fgvc-aircraft": NamedDataset(
+        "FGVCAircraft",
+        ({"split": "trainval"},),
+        ({"split": "test"},),
+        "fgvc-aircraft-2013b/ (fgvc-aircraft-2013b.tar.gz extracted)",
+    ),
+    "stanford-cars": NamedDataset(
+        "StanfordCars",
+        ({"split": "train"},),
+        ({"split": "test"},),
+        "stanford_cars/ (cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat)",
+    ),
+    "oxford-pets": NamedDataset(
+        "OxfordIIITPet",
+        ({"split": "trainval"},),
+        ({"split": "test"},),
+        "oxford-iiit-pet/images/*.jpg and oxford-iiit-pet/annotations/{trainval,test}.txt",
+    ),
+    "flowers102": NamedDataset(
+        "Flowers102",
+        ({"split": "train"}, {"split": "val"}),
+        ({"split": "test"},),
+        "flowers-102/jpg/*.jpg, flowers-102/imagelabels.mat, flowers-102/setid.mat",
+    ),
     "svhn": NamedDataset("SVHN", ({"split": "train"},), ({"split": "test"},), "train_32x32.mat and test_32x32.mat"),
     "sun397": NamedDataset("SUN397", ({},), None, "SUN397/<letter>/<class>/*.jpg and SUN397/ClassName.txt"),
 }
@@ -83,8 +112,10 @@ def _open(name: str, spec: NamedDataset, root: Path, kwargs: dict, download: boo
             reason = f"not found, and the download failed ({type(err).__name__}: {err})"
     else:
         reason += "; data.download is off"
-    raise FileNotFoundError(f"data.dataset = {name!r}: {reason}. Put {spec.expected} under {root}/ "
-                            "(the layout torchvision expects) or run once where it can download.")
+    raise FileNotFoundError(
+        f"data.dataset = {name!r}: {reason}. Put {spec.expected} under {root}/ "
+        "(the layout torchvision expects) or run once where it can download."
+    )
 
 
 def _to_split(ds, size: int, desc: str) -> ArraySplit:
@@ -107,7 +138,9 @@ def _classes(ds, n: int) -> list[str]:
     return [str(c) for c in names] if names else [str(i) for i in range(n)]
 
 
-def load_named(name: str, root: str | Path, *, size: int, download: bool) -> tuple[ArraySplit, ArraySplit | None, list[str]]:
+def load_named(
+    name: str, root: str | Path, *, size: int, download: bool
+) -> tuple[ArraySplit, ArraySplit | None, list[str]]:
     """(official train, official test or None, class names) of a torchvision dataset."""
     spec = NAMED_DATASETS[name]
     root = Path(root)

@@ -26,9 +26,7 @@ def dr_tune_loss(
     return ce + lam * reg, ce, reg
 
 
-def concatenated_cross_entropy(
-    logits: Tensor, labels: Tensor, bank_logits: Tensor, bank_labels: Tensor
-) -> Tensor:
+def concatenated_cross_entropy(logits: Tensor, labels: Tensor, bank_logits: Tensor, bank_labels: Tensor) -> Tensor:
     """The reference code's loss: one cross-entropy over the B + K rows (= Eq. 14 / (1 + K/B))."""
     return F.cross_entropy(torch.cat([logits, bank_logits]), torch.cat([labels, bank_labels]))
 

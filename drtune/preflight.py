@@ -43,8 +43,10 @@ def check_model(model: ModelConfig) -> torch.nn.Module:
     except CheckpointMismatchError as err:
         raise ConfigError(f"model.pretrained = {model.pretrained!r}: {err}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise ConfigError(f"model.pretrained = {model.pretrained!r}: not a checkpoint torch can load with "
-                          f"weights_only=True ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise ConfigError(
+            f"model.pretrained = {model.pretrained!r}: not a checkpoint torch can load with "
+            f"weights_only=True ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
     except ValueError as err:  # bundled weights on another architecture
         raise ConfigError(f"model.pretrained = {model.pretrained!r}: {err}") from None
 
@@ -80,8 +82,10 @@ def check_disk(folder: str | Path, need: int, field: str) -> None:
     """:class:`ConfigError` naming ``field`` when ``folder``'s disk has less than ``need`` bytes free."""
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise ConfigError(f"{field} = {str(folder)!r}: {free / 2**20:.0f} MiB free, but the checkpoints need about "
-                          f"{need / 2**20:.0f} MiB")
+        raise ConfigError(
+            f"{field} = {str(folder)!r}: {free / 2**20:.0f} MiB free, but the checkpoints need about "
+            f"{need / 2**20:.0f} MiB"
+        )
 
 
 def preflight(config: Config, output: str | Path | None, *, field: str = "--output", checkpoints: int = 2) -> None:

@@ -57,8 +57,12 @@ def write_prepared(cfg: DataConfig) -> dict:
     raw, parts = load_splits(cfg)
     splits = dict(zip(SPLITS, parts, strict=True))
     stats = {
-        "dataset": cfg.dataset, "classes": raw.classes, "image_shape": list(raw.train.images.shape[1:]),
-        "skipped_bad_files": len(raw.skipped), "skipped_files": raw.skipped, "ignored_files": raw.ignored,
+        "dataset": cfg.dataset,
+        "classes": raw.classes,
+        "image_shape": list(raw.train.images.shape[1:]),
+        "skipped_bad_files": len(raw.skipped),
+        "skipped_files": raw.skipped,
+        "ignored_files": raw.ignored,
         "counts": {name: np.bincount(s.labels, minlength=len(raw.classes)).tolist() for name, s in splits.items()},
         "sha256": {name: _sha256(s) for name, s in splits.items()},
         "source_sha256": {"train": _sha256(raw.train), "test": _sha256(raw.test)},

@@ -34,10 +34,24 @@ from drtune.named_datasets import NAMED_DATASETS, load_named, square_rgb
 
 IMAGE_EXTENSIONS = tuple(IMG_EXTENSIONS)  # torchvision's: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp
 
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 SYSTEM_DATASETS = Path("/usr/share/datasets")
 
 
@@ -57,7 +71,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
@@ -69,8 +83,10 @@ def fashion_mnist_dir(root: str | Path, download: bool = False) -> Path:
     for folder in candidates:
         if all((folder / name).is_file() for name in FASHION_MNIST_FILES):
             return folder
-    where = (", ".join(FASHION_MNIST_FILES) + f" in {candidates[0]} (or install Debian's dataset-fashion-mnist, "
-             f"which puts them in {candidates[1]})")
+    where = (
+        ", ".join(FASHION_MNIST_FILES) + f" in {candidates[0]} (or install Debian's dataset-fashion-mnist, "
+        f"which puts them in {candidates[1]})"
+    )
     if not download:
         raise FileNotFoundError(f"Fashion-MNIST not found and data.download is off: put {where}")
     from torchvision.datasets import FashionMNIST
@@ -81,7 +97,9 @@ def fashion_mnist_dir(root: str | Path, download: bool = False) -> Path:
             if not (candidates[0] / name).is_file():
                 download_url(FashionMNIST.mirrors[0] + name, candidates[0], name, md5)
     except (OSError, RuntimeError) as err:
-        raise FileNotFoundError(f"Fashion-MNIST not found offline and the download failed ({err}): put {where}") from None
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found offline and the download failed ({err}): put {where}"
+        ) from None
     return candidates[0]
 
 
@@ -111,8 +129,9 @@ def load_digits_dataset(seed: int = 0) -> RawDataset:
     )
 
 
-def stratified_take(labels: np.ndarray, *, fraction: float | None = None, per_class: int | None = None,
-                    seed: int = 0) -> np.ndarray:
+def stratified_take(
+    labels: np.ndarray, *, fraction: float | None = None, per_class: int | None = None, seed: int = 0
+) -> np.ndarray:
     """Sorted indices of a seeded per-class sample: ``per_class`` images or ``round(fraction · n_c)``.
 
     The permutation of each class depends only on (seed, class), so the same seed gives the same
@@ -189,8 +208,13 @@ def _read_files(files: list[Path], labels: np.ndarray, size: int, bad: list[Path
     return ArraySplit(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), labels[kept])
 
 
-def load_image_folder(folder: str | Path, size: int = 96, skip_bad: bool = False, seed: int = 0,
-                      budget: tuple[int | None, float | None] | None = None) -> RawDataset:
+def load_image_folder(
+    folder: str | Path,
+    size: int = 96,
+    skip_bad: bool = False,
+    seed: int = 0,
+    budget: tuple[int | None, float | None] | None = None,
+) -> RawDataset:
     """A dataset from a folder of class folders; see the module docstring.
 
     With ``budget`` = (``labels_per_class``, ``label_fraction``) only the training images of the
@@ -231,8 +255,7 @@ def load_image_folder(folder: str | Path, size: int = 96, skip_bad: bool = False
     test = _read_files(test_files, test_labels, size, bad)
     if empty or (bad and not skip_bad):
         raise BadImagesError(folder, empty, bad)
-    return RawDataset(train, test, classes, skipped=[str(p) for p in bad], ignored=ignored,
-                      labelled=budget is not None)
+    return RawDataset(train, test, classes, skipped=[str(p) for p in bad], ignored=ignored, labelled=budget is not None)
 
 
 KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", *NAMED_DATASETS)
@@ -241,12 +264,21 @@ KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", *NAMED_DATASE
 def _hold_out_test(train: ArraySplit, seed: int) -> tuple[ArraySplit, ArraySplit]:
     test_idx = stratified_take(train.labels, fraction=0.2, seed=seed)
     keep = np.setdiff1d(np.arange(len(train)), test_idx)
-    return ArraySplit(train.images[keep], train.labels[keep]), ArraySplit(train.images[test_idx], train.labels[test_idx])
+    return ArraySplit(train.images[keep], train.labels[keep]), ArraySplit(
+        train.images[test_idx], train.labels[test_idx]
+    )
 
 
-def load_source(dataset: str, root: str | Path = "data/raw", seed: int = 0, *, image_size: int = 96,
-                skip_bad: bool = False, download: bool = False,
-                budget: tuple[int | None, float | None] | None = None) -> RawDataset:
+def load_source(
+    dataset: str,
+    root: str | Path = "data/raw",
+    seed: int = 0,
+    *,
+    image_size: int = 96,
+    skip_bad: bool = False,
+    download: bool = False,
+    budget: tuple[int | None, float | None] | None = None,
+) -> RawDataset:
     """Load a dataset by name; see the module docstring for the names. ``budget`` (labels per class, label
     fraction) lets an image folder decode only the labelled subset (:func:`load_image_folder`)."""
     if dataset == "digits":
@@ -263,8 +295,9 @@ def load_source(dataset: str, root: str | Path = "data/raw", seed: int = 0, *, i
     raise ValueError(f"data.dataset = {dataset!r}: unknown; known: {', '.join(KNOWN_DATASETS)}")
 
 
-def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fraction: float | None,
-                     val_fraction: float, seed: int) -> tuple[ArraySplit, ArraySplit, ArraySplit]:
+def few_label_splits(
+    raw: RawDataset, *, labels_per_class: int | None, label_fraction: float | None, val_fraction: float, seed: int
+) -> tuple[ArraySplit, ArraySplit, ArraySplit]:
     """(train, val, test): the labelled budget is sampled per class from the official training
     split, validation is a stratified share of that budget, the official test split is untouched."""
     labels = raw.train.labels
@@ -293,7 +326,19 @@ def few_label_splits(raw: RawDataset, *, labels_per_class: int | None, label_fra
 
 def load_splits(cfg: DataConfig) -> tuple[RawDataset, tuple[ArraySplit, ArraySplit, ArraySplit]]:
     """The source named by ``data.*`` and its (train, val, test) splits: what ``prepare`` writes."""
-    raw = load_source(cfg.dataset, cfg.root, cfg.seed, image_size=cfg.store_size, skip_bad=cfg.skip_bad,
-                      download=cfg.download, budget=(cfg.labels_per_class, cfg.label_fraction))
-    return raw, few_label_splits(raw, labels_per_class=cfg.labels_per_class, label_fraction=cfg.label_fraction,
-                                 val_fraction=cfg.val_fraction, seed=cfg.seed)
+    raw = load_source(
+        cfg.dataset,
+        cfg.root,
+        cfg.seed,
+        image_size=cfg.store_size,
+        skip_bad=cfg.skip_bad,
+        download=cfg.download,
+        budget=(cfg.labels_per_class, cfg.label_fraction),
+    )
+    return raw, few_label_splits(
+        raw,
+        labels_per_class=cfg.labels_per_class,
+        label_fraction=cfg.label_fraction,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )

@@ -103,8 +103,16 @@ class FineTuneTask(nn.Module):
         backbone = [p for p in self.model.encoder.parameters() if p.requires_grad]
         return backbone, list(self.model.head.parameters())
 
-    def train_step(self, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, index: Tensor | None = None, *,
-                   model: nn.Module | None = None, amp: bool = False) -> dict[str, float]:
+    def train_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        x: Tensor,
+        y: Tensor,
+        index: Tensor | None = None,
+        *,
+        model: nn.Module | None = None,
+        amp: bool = False,
+    ) -> dict[str, float]:
         """One whole training step, in its only order: forward, loss, backward, update, enqueue.
 
         ``model`` is ``self.model`` (the default) or its DDP wrapper; ``index`` (the images'
@@ -148,9 +156,17 @@ class FineTuneTask(nn.Module):
             self._calibrated = torch.empty_like(bank.pre)
         # The previous step's backward, which read this buffer, has already run.
         return semantic_calibrate(
-            bank.pre, bank.down, bank.labels, self.model.head.weight.detach(), scale,
-            rotate=(due or rotation is not None), translate=s.translate, confidence=s.confidence,
-            normalized=True, rotation=rotation, out=self._calibrated,
+            bank.pre,
+            bank.down,
+            bank.labels,
+            self.model.head.weight.detach(),
+            scale,
+            rotate=(due or rotation is not None),
+            translate=s.translate,
+            confidence=s.confidence,
+            normalized=True,
+            rotation=rotation,
+            out=self._calibrated,
         )
 
     @torch.no_grad()

@@ -87,7 +87,9 @@ def build_task(config: Config, num_classes: int, world_size: int = 1) -> tuple[F
     return FineTuneTask(backbone, num_classes, resolved), resolved, data_config(backbone)
 
 
-def build_optimizer(task: FineTuneTask, config: Config) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optimizer(
+    task: FineTuneTask, config: Config
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """SGD-Nesterov (or AdamW) with backbone and head groups and a per-epoch cosine schedule.
 
     On CUDA the update is one fused kernel over all parameters instead of a kernel per tensor
@@ -100,8 +102,9 @@ def build_optimizer(task: FineTuneTask, config: Config) -> tuple[torch.optim.Opt
         groups.insert(0, {"params": backbone, "lr": t.lr_backbone})
     fused = {"fused": True} if head[0].is_cuda else {}
     if t.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=t.lr_backbone, momentum=t.momentum, nesterov=t.momentum > 0,
-                              weight_decay=t.weight_decay, **fused)
+        opt = torch.optim.SGD(
+            groups, lr=t.lr_backbone, momentum=t.momentum, nesterov=t.momentum > 0, weight_decay=t.weight_decay, **fused
+        )
     else:
         opt = torch.optim.AdamW(groups, lr=t.lr_backbone, weight_decay=t.weight_decay, **fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / t.epochs)))
@@ -111,8 +114,11 @@ def build_optimizer(task: FineTuneTask, config: Config) -> tuple[torch.optim.Opt
 def _rng_state() -> dict:
     # numpy's state as a tensor and numbers, so the whole checkpoint loads with ``weights_only=True``.
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -127,12 +133,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, task: FineTuneTask, opt, sched, epoch: int, config: Config, classes: list[str],
-                    history: list[dict]) -> None:
+def save_checkpoint(
+    path: Path, task: FineTuneTask, opt, sched, epoch: int, config: Config, classes: list[str], history: list[dict]
+) -> None:
     """Atomically write everything exact resume needs (and what inference needs: classes, model name)."""
-    state = {"version": CHECKPOINT_VERSION, "task": task.state_dict(), "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "epoch": epoch, "rng": _rng_state(),
-             "params": config.model_dump(mode="json"), "classes": classes, "history": history}
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "task": task.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": epoch,
+        "rng": _rng_state(),
+        "params": config.model_dump(mode="json"),
+        "classes": classes,
+        "history": history,
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -146,12 +161,16 @@ def load_checkpoint_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-        raise ValueError(f"cannot resume from {path}: the file is damaged, truncated or holds more than tensors and "
-                         f"numbers ({type(err).__name__}); delete it to start the run afresh") from None
+        raise ValueError(
+            f"cannot resume from {path}: the file is damaged, truncated or holds more than tensors and "
+            f"numbers ({type(err).__name__}); delete it to start the run afresh"
+        ) from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         found = state.get("version") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"checkpoint {path} has version {found}, expected {CHECKPOINT_VERSION} (written by another "
-                         "release); delete it to start the run afresh")
+        raise ValueError(
+            f"checkpoint {path} has version {found}, expected {CHECKPOINT_VERSION} (written by another "
+            "release); delete it to start the run afresh"
+        )
     return state
 
 
@@ -161,10 +180,13 @@ _RESUMABLE_CHANGES = {"train.epochs", "train.progress", "train.num_workers", "tr
 
 def _check_same_run(saved: dict, current: dict, path: Path) -> None:
     """Refuse to resume a checkpoint written under different settings, naming each field."""
-    diffs = [f"{section}.{key}: checkpoint {value!r}, now {current.get(section, {}).get(key)!r}"
-             for section, values in saved.items() if isinstance(values, dict)
-             for key, value in values.items()
-             if f"{section}.{key}" not in _RESUMABLE_CHANGES and current.get(section, {}).get(key) != value]
+    diffs = [
+        f"{section}.{key}: checkpoint {value!r}, now {current.get(section, {}).get(key)!r}"
+        for section, values in saved.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if f"{section}.{key}" not in _RESUMABLE_CHANGES and current.get(section, {}).get(key) != value
+    ]
     if diffs:
         raise ValueError(f"cannot resume from {path}: it was written with other settings:\n  " + "\n  ".join(diffs))
 
@@ -215,19 +237,29 @@ def fit(
     workers = loader_workers(t.num_workers, device)
     loader_args = dict(image_size=t.image_size, seed=t.seed, num_workers=workers, distributed=distributed)
     if augment_on_device(t.augment_on, device, train):
-        train_loader = DeviceBatches(train, dcfg, t.image_size, t.batch_size, device, seed=t.seed,
-                                     distributed=distributed)
+        train_loader = DeviceBatches(
+            train, dcfg, t.image_size, t.batch_size, device, seed=t.seed, distributed=distributed
+        )
     else:
         train_loader = build_loader(train, dcfg, batch_size=t.batch_size, train=True, with_index=True, **loader_args)
     val_loader = build_loader(val, dcfg, batch_size=max(t.batch_size, 64), train=False, **loader_args)
     if len(train_loader) == 0:
-        raise ValueError(f"train.batch_size = {t.batch_size} exceeds the {len(train) // world} training images per worker")
+        raise ValueError(
+            f"train.batch_size = {t.batch_size} exceeds the {len(train) // world} training images per worker"
+        )
 
     if task.cached_features:
         # Every rank encodes the whole split once (un-augmented, eval transform): the cache is
         # indexed by position in the split, and the distributed sampler visits all of it.
-        plain = build_loader(train, dcfg, image_size=t.image_size, batch_size=max(t.batch_size, 64), train=False,
-                             num_workers=workers, with_index=True)
+        plain = build_loader(
+            train,
+            dcfg,
+            image_size=t.image_size,
+            batch_size=max(t.batch_size, 64),
+            train=False,
+            num_workers=workers,
+            with_index=True,
+        )
         task.cache_pretrained_features(plain, device)
 
     start_epoch, result = 0, FitResult()
@@ -270,10 +302,19 @@ def fit(
         sched.step()
         scores = evaluate(model, val_loader, device, amp=amp)
         steps = len(train_loader)
-        metrics = {"val_top1": scores["top1"], "val_top5": scores["top5"], "val_loss": scores["loss"],
-                   "epoch": epoch + 1, "train_loss": totals[0].item() / steps, "train_ce": totals[1].item() / steps,
-                   "train_reg": totals[2].item() / steps, "lr": lr_used[0], "lr_head": lr_used[-1],
-                   "epoch_s": train_s, "images_per_s": steps * t.batch_size * world / train_s}
+        metrics = {
+            "val_top1": scores["top1"],
+            "val_top5": scores["top5"],
+            "val_loss": scores["loss"],
+            "epoch": epoch + 1,
+            "train_loss": totals[0].item() / steps,
+            "train_ce": totals[1].item() / steps,
+            "train_reg": totals[2].item() / steps,
+            "lr": lr_used[0],
+            "lr_head": lr_used[-1],
+            "epoch_s": train_s,
+            "images_per_s": steps * t.batch_size * world / train_s,
+        }
         result.history.append(metrics)
         written = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == t.epochs
         if rank == 0 and written:

@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from drtune import methods
 from drtune.config import Config
 from drtune.inference import load_predictor, save_inference_checkpoint
@@ -27,7 +26,7 @@ from drtune.model_file import read_model
 from drtune.preflight import preflight
 from drtune.prepared import load_prepared
 from pipeline.cluster import local_storage, start_ray, storage_uri
-from pipeline.config import PipelineConfig, load
+from pipeline.config import PipelineConfig
 from pipeline.mlflow_store import (
     connect,
     dataset_inputs,
@@ -62,16 +61,26 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     name = run_name("baseline-ce", named, data.checksum)
     # The MLflow run is opened before training, so its duration is the training's.
     exp = experiment_id(client, p.mlflow_experiment())
-    run_id = client.create_run(exp, run_name=name, tags={"role": "ce-baseline", "git_commit": git_commit(root),
-                                                          "data_sha256": data.checksum, "dataset": p.data.dataset}).info.run_id
+    run_id = client.create_run(
+        exp,
+        run_name=name,
+        tags={
+            "role": "ce-baseline",
+            "git_commit": git_commit(root),
+            "data_sha256": data.checksum,
+            "dataset": p.data.dataset,
+        },
+    ).info.run_id
     with run_outcome(client, run_id):
         log_params(client, run_id, flat(ce.model_dump(mode="json", include={"data", "model", "train"})))
         client.log_inputs(run_id, datasets=dataset_inputs(data, p.data.prepared_dir))
         start = time.time()
         result = run_training(ce, p, share_data(data), f"{storage_uri(p, root)}/baseline", name, [])
         if result.metrics.get("diverged"):
-            raise RuntimeError(f"the CE baseline diverged ({result.metrics['error']}): lower train.lr_backbone "
-                               f"({ce.train.lr_backbone}) or train.lr_head ({ce.train.lr_head})")
+            raise RuntimeError(
+                f"the CE baseline diverged ({result.metrics['error']}): lower train.lr_backbone "
+                f"({ce.train.lr_backbone}) or train.lr_head ({ce.train.lr_head})"
+            )
         models = root / "models"
         models.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -81,23 +90,42 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         log_history(client, run_id, history)
         client.log_metric(run_id, "test_top1", scores["top1"])
         client.log_metric(run_id, "test_top5", scores["top5"])
-    summary = {"lr_backbone": ce.train.lr_backbone, "lr_head": ce.train.lr_head,
-               "epochs": ce.train.epochs, "val_top1": history[-1]["val_top1"], "test_top1": scores["top1"],
-               "test_top5": scores["top5"], "n_test": scores["n"], "wall_s": round(time.time() - start, 1)}
+    summary = {
+        "lr_backbone": ce.train.lr_backbone,
+        "lr_head": ce.train.lr_head,
+        "epochs": ce.train.epochs,
+        "val_top1": history[-1]["val_top1"],
+        "test_top1": scores["top1"],
+        "test_top5": scores["top5"],
+        "n_test": scores["n"],
+        "wall_s": round(time.time() - start, 1),
+    }
     out = root / "metrics"
     out.mkdir(parents=True, exist_ok=True)
     (out / "baseline.json").write_text(json.dumps(summary, indent=2))
     # What the tune stage needs to make it a candidate; never its test score (the search must not see test).
-    (models / "baseline.json").write_text(json.dumps({
-        "val_top1": history[-1]["val_top1"], "val_loss": history[-1]["val_loss"], "epochs": ce.train.epochs,
-        "data_sha256": data.checksum, "mlflow_run_id": run_id, "lr_backbone": ce.train.lr_backbone,
-        "lr_head": ce.train.lr_head}, indent=2))
+    (models / "baseline.json").write_text(
+        json.dumps(
+            {
+                "val_top1": history[-1]["val_top1"],
+                "val_loss": history[-1]["val_loss"],
+                "epochs": ce.train.epochs,
+                "data_sha256": data.checksum,
+                "mlflow_run_id": run_id,
+                "lr_backbone": ce.train.lr_backbone,
+                "lr_head": ce.train.lr_head,
+            },
+            indent=2,
+        )
+    )
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("baseline", __doc__, argv, lambda path, sets: run(load(path, sets)),
-                      lambda s: json.dumps({k: s[k] for k in ("val_top1", "test_top1", "wall_s")}))
+    def summary(s: dict) -> str:
+        return json.dumps({k: s[k] for k in ("val_top1", "test_top1", "wall_s")})
+
+    return stage_main("baseline", __doc__, argv, run, summary)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from pipeline.selection import PairedTest
 CHECKSUM_TAG = "checkpoint_sha256"
 
 
-def champion_score(client: MlflowClient, name: str, test, classes: list[str],
-                   data_sha256: str) -> tuple[str | None, float | None, str, bool]:
+def champion_score(
+    client: MlflowClient, name: str, test, classes: list[str], data_sha256: str
+) -> tuple[str | None, float | None, str, bool]:
     """(version, test top-1 on *this* test split, note, whether it loads) of the current champion, if comparable.
 
     The champion is re-scored here. One registered by an older release of this project may not load
@@ -43,10 +44,19 @@ def champion_score(client: MlflowClient, name: str, test, classes: list[str],
     except Exception as err:  # noqa: BLE001 - whatever an old model's loading raises
         recorded = version.tags.get("test_top1")
         if recorded is not None and version.tags.get("data_sha256") == data_sha256:
-            return (str(version.version), float(recorded), "champion's recorded test top-1 on this same data "
-                    f"(it does not load with this code: {type(err).__name__})", False)
-        return (str(version.version), None, f"champion does not load with this code ({type(err).__name__}); "
-                "not comparable", False)
+            return (
+                str(version.version),
+                float(recorded),
+                "champion's recorded test top-1 on this same data "
+                f"(it does not load with this code: {type(err).__name__})",
+                False,
+            )
+        return (
+            str(version.version),
+            None,
+            f"champion does not load with this code ({type(err).__name__}); not comparable",
+            False,
+        )
     if predictor.classes != classes:
         return str(version.version), None, "champion was trained on other classes; not comparable", True
     return str(version.version), predictor.score(test)["top1"], "re-scored on this test split", True
@@ -61,8 +71,9 @@ def registered_version(client: MlflowClient, name: str, checksum: str):
     return next((v for v in versions if v.tags.get(CHECKSUM_TAG) == checksum), None)
 
 
-def decide(new: float, current: float | None, note: str, champion_loads: bool = True,
-           vs_baseline: PairedTest | None = None) -> tuple[bool, str]:
+def decide(
+    new: float, current: float | None, note: str, champion_loads: bool = True, vs_baseline: PairedTest | None = None
+) -> tuple[bool, str]:
     """Whether the challenger becomes champion, and why, in words.
 
     First the gate against plain fine-tuning: a challenger that gets fewer test images right than the
@@ -73,9 +84,11 @@ def decide(new: float, current: float | None, note: str, champion_loads: bool = 
     if vs_baseline is not None and vs_baseline.only_b > vs_baseline.only_a:
         t = vs_baseline
         noise = "beyond the noise" if t.p_value < 0.05 else "within the noise, but a gate takes no chances"
-        return False, (f"not promoted: the search did not beat plain fine-tuning on this data: CE-tuning's model is "
-                       f"better on test ({t.only_b - t.only_a} more of {t.n} images right, {t.difference:+.4f}; "
-                       f"McNemar p = {t.p_value:.3g}, {noise})")
+        return False, (
+            f"not promoted: the search did not beat plain fine-tuning on this data: CE-tuning's model is "
+            f"better on test ({t.only_b - t.only_a} more of {t.n} images right, {t.difference:+.4f}; "
+            f"McNemar p = {t.p_value:.3g}, {noise})"
+        )
     if current is None:
         return note == "no champion yet", f"promoted: {note}" if note == "no champion yet" else f"kept champion: {note}"
     if new > current or (new == current and not champion_loads):
@@ -92,8 +105,15 @@ def current(client: MlflowClient, name: str) -> str | None:
         return None
 
 
-def claim(client: MlflowClient, name: str, version: str, seen: str | None, rescore: Callable[[], tuple],
-          judge: Callable[[tuple], tuple[bool, str]], attempts: int = 5) -> tuple[bool, str | None]:
+def claim(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    seen: str | None,
+    rescore: Callable[[], tuple],
+    judge: Callable[[tuple], tuple[bool, str]],
+    attempts: int = 5,
+) -> tuple[bool, str | None]:
     """Move ``@champion`` to ``version``, judged against ``seen`` (the champion when ``register`` started).
 
     If another version holds the alias now, ``rescore()`` (:func:`champion_score`) scores it and

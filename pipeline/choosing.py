@@ -40,24 +40,39 @@ def baseline_candidate(root: Path, p: PipelineConfig, data_sha256: str, n_val: i
     an error, not a silently unfair comparison."""
     record, model = root / "models" / "baseline.json", root / "models" / "baseline.safetensors"
     if not (record.is_file() and model.is_file()):
-        print("no CE baseline here (models/baseline.json): it is not a candidate; run the baseline stage first "
-              "to let plain fine-tuning compete", flush=True)
+        print(
+            "no CE baseline here (models/baseline.json): it is not a candidate; run the baseline stage first "
+            "to let plain fine-tuning compete",
+            flush=True,
+        )
         return None
     b = json.loads(record.read_text())
     if b["data_sha256"] != data_sha256 or b["epochs"] != p.train.epochs:
-        raise ConfigError(f"models/baseline.json was trained on other data or for {b['epochs']} epochs (train.epochs "
-                          f"= {p.train.epochs}): run the baseline stage again (dvc repro does)")
-    return Candidate(id=BASELINE, method=methods.PLAIN, val_top1=b["val_top1"], val_loss=b["val_loss"], n_val=n_val,
-                     config={"method": methods.PLAIN, "lr_backbone": b["lr_backbone"], "lr_head": b["lr_head"]}, baseline=True,
-                     ref=model)
+        raise ConfigError(
+            f"models/baseline.json was trained on other data or for {b['epochs']} epochs (train.epochs "
+            f"= {p.train.epochs}): run the baseline stage again (dvc repro does)"
+        )
+    return Candidate(
+        id=BASELINE,
+        method=methods.PLAIN,
+        val_top1=b["val_top1"],
+        val_loss=b["val_loss"],
+        n_val=n_val,
+        config={"method": methods.PLAIN, "lr_backbone": b["lr_backbone"], "lr_head": b["lr_head"]},
+        baseline=True,
+        ref=model,
+    )
 
 
 def predictions_on(model: Path | Checkpoint, split: ArraySplit) -> tuple[bool, ...]:
     """Per image of ``split``, whether a final model gets it right (scored here, on the driver, with the
     evaluation transform): a model file (the baseline's), or a trial's Ray checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
-        weights = (model if isinstance(model, Path) else
-                   save_inference_checkpoint(read_checkpoint(model, Path(tmp) / "last.pt"), Path(tmp) / "m.safetensors"))
+        weights = (
+            model
+            if isinstance(model, Path)
+            else save_inference_checkpoint(read_checkpoint(model, Path(tmp) / "last.pt"), Path(tmp) / "m.safetensors")
+        )
         predicted = load_predictor(weights).score(split)["predicted"]
     return tuple(bool(x) for x in np.asarray(predicted) == split.labels)
 
@@ -75,22 +90,30 @@ def near_the_top(candidates: list[Candidate], val: ArraySplit) -> list[Candidate
     return [scored_on(c, val) if c.id in close and len(close) > 1 else c for c in candidates]
 
 
-def choose(p: PipelineConfig, candidates: list[Candidate],
-           revalidate: Callable[[list[Candidate]], list[Candidate]]) -> tuple[Pick, list[Candidate]]:
+def choose(
+    p: PipelineConfig, candidates: list[Candidate], revalidate: Callable[[list[Candidate]], list[Candidate]]
+) -> tuple[Pick, list[Candidate]]:
     """The pick (:func:`pipeline.selection.pick`), with the tied candidates re-validated first when
     ``tune.revalidate`` asks for it; ``revalidate(finalists)`` trains them on the extra folds and returns
     them re-validated. Returns the pick and the re-validated finalists (empty when none were)."""
     mode, at_most = p.tune.revalidate, p.tune.finalists
-    finalists = (rank(candidates)[:at_most] if mode == "always" else
-                 selection_finalists(candidates, at_most) if mode == "auto" else [])
+    finalists = (
+        rank(candidates)[:at_most]
+        if mode == "always"
+        else selection_finalists(candidates, at_most)
+        if mode == "auto"
+        else []
+    )
     if len(finalists) < 2:
         return pick(candidates), []
     scored = revalidate(finalists)
     by_id = {c.id: c for c in scored}
     return pick([by_id.get(c.id, c) for c in candidates]), scored
 
-def revalidation(p: PipelineConfig, data: PreparedData, shared: SharedData, storage: str, name: str,
-                 callbacks: list) -> Callable[[list[Candidate]], list[Candidate]]:
+
+def revalidation(
+    p: PipelineConfig, data: PreparedData, shared: SharedData, storage: str, name: str, callbacks: list
+) -> Callable[[list[Candidate]], list[Candidate]]:
     """The ``revalidate`` of :func:`choose` for a search stored at ``storage/name``: the finalists, scored on
     validation image by image, trained again on ``tune.finalist_folds`` extra folds (a grid of Ray Train
     runs, ``storage/name-finalists``, resumable like the search) and scored on each fold's held-out images."""
@@ -98,16 +121,24 @@ def revalidation(p: PipelineConfig, data: PreparedData, shared: SharedData, stor
 
     def revalidate(finalists: list[Candidate]) -> list[Candidate]:
         finalists = [scored_on(c, data.val) for c in finalists]  # tune.revalidate: always may add unscored ones
-        print(f"re-validating {', '.join(c.id for c in finalists)} on {p.tune.finalist_folds} more held-out folds",
-              flush=True)
+        print(
+            f"re-validating {', '.join(c.id for c in finalists)} on {p.tune.finalist_folds} more held-out folds",
+            flush=True,
+        )
         refits = build_finalist_tuner(p, shared, storage, f"{name}-finalists", finalists, callbacks).fit()
-        require_finished(refits, len(finalists) * p.tune.finalist_folds,
-                         f"re-validation interrupted; its state is stored at {storage}/{name}-finalists")
-        held_out = {fold: extra_fold(data.train, data.val, fold, p.data.seed)[1]
-                    for fold in range(1, p.tune.finalist_folds + 1)}
+        require_finished(
+            refits,
+            len(finalists) * p.tune.finalist_folds,
+            f"re-validation interrupted; its state is stored at {storage}/{name}-finalists",
+        )
+        held_out = {
+            fold: extra_fold(data.train, data.val, fold, p.data.seed)[1] for fold in range(1, p.tune.finalist_folds + 1)
+        }
 
         def right(refit) -> tuple[bool, ...]:
-            return predictions_on(Checkpoint(refit.metrics["checkpoint_path"], filesystem=fs), held_out[refit.config["fold"]])
+            return predictions_on(
+                Checkpoint(refit.metrics["checkpoint_path"], filesystem=fs), held_out[refit.config["fold"]]
+            )
 
         return cross_validated(finalists, refits, p.train.epochs, right)
 
@@ -127,4 +158,6 @@ def write_models(board: dict[str, dict], candidates: list[Candidate], folder: Pa
             shutil.copy(best.ref, folder / f"{method}.safetensors")
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            save_inference_checkpoint(read_checkpoint(best.ref, Path(tmp) / "last.pt"), folder / f"{method}.safetensors")
+            save_inference_checkpoint(
+                read_checkpoint(best.ref, Path(tmp) / "last.pt"), folder / f"{method}.safetensors"
+            )

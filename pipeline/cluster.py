@@ -74,14 +74,24 @@ def start_ray(config: PipelineConfig) -> None:
     otherwise start a private local instance with ``ray.num_cpus`` and the trial-driver resource."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0",
-                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(config.ray.start_timeout_s)}}
+    env = {
+        "env_vars": {
+            "RAY_CHDIR_TO_TRIAL_DIR": "0",
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(config.ray.start_timeout_s),
+        }
+    }
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or _live_local_head()
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, resources={DRIVER_RESOURCE: 10_000}, runtime_env=env,
-                 log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(
+            num_cpus=config.ray.num_cpus,
+            resources={DRIVER_RESOURCE: 10_000},
+            runtime_env=env,
+            log_to_driver=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+        )
     _private["ray"] = not address
 
 
@@ -96,12 +106,18 @@ def trial_resources(config: PipelineConfig) -> tuple[dict, int | None]:
     total = ray.cluster_resources()
     r = config.ray
     driver = {"CPU": 0, DRIVER_RESOURCE: 1} if total.get(DRIVER_RESOURCE, 0) >= 1 else {"CPU": DRIVER_CPUS_FALLBACK}
-    need = {"CPU": r.workers_per_trial * r.cpus_per_worker + driver["CPU"], "GPU": r.workers_per_trial * r.gpus_per_worker}
+    need = {
+        "CPU": r.workers_per_trial * r.cpus_per_worker + driver["CPU"],
+        "GPU": r.workers_per_trial * r.gpus_per_worker,
+    }
     fits = min(int(total.get(k, 0) // v) if v > 0 else 10**9 for k, v in need.items())
     if fits == 0 and not _private["ray"]:
-        warnings.warn(f"the cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU now, less than one "
-                      f"trial's {need['CPU']:g} CPU and {need['GPU']:g} GPU: trials wait until nodes join "
-                      "(an autoscaling cluster adds them on demand)", stacklevel=2)
+        warnings.warn(
+            f"the cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU now, less than one "
+            f"trial's {need['CPU']:g} CPU and {need['GPU']:g} GPU: trials wait until nodes join "
+            "(an autoscaling cluster adds them on demand)",
+            stacklevel=2,
+        )
         return driver, config.tune.max_concurrent_trials or None
     if fits == 0:
         raise ConfigError(

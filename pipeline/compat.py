@@ -55,10 +55,14 @@ def tune_state_files(names: Iterable[str]) -> list[tuple[str, Callable[[bytes], 
     states = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
     if not states:
         return [(TUNER_FILE, pickle.loads), ("experiment_state-<time>.json", json.loads)]
-    stamp = states[-1][len("experiment_state-"):-len(".json")]
+    stamp = states[-1][len("experiment_state-") : -len(".json")]
     # experiment_state is JSON; search_gen_state, despite its name, is a pickle, like the others
-    return [(TUNER_FILE, pickle.loads), (f"experiment_state-{stamp}.json", json.loads),
-            (f"search_gen_state-{stamp}.json", pickle.loads), (f"searcher-state-{stamp}.pkl", pickle.loads)]
+    return [
+        (TUNER_FILE, pickle.loads),
+        (f"experiment_state-{stamp}.json", json.loads),
+        (f"search_gen_state-{stamp}.json", pickle.loads),
+        (f"searcher-state-{stamp}.pkl", pickle.loads),
+    ]
 
 
 # --- MLflow: datasets logged through the client ---------------------------------------------------

@@ -40,32 +40,53 @@ def _default(name: str) -> Range:
 class TuneConfig(Section):
     num_samples: int = Field(8, ge=1, le=100_000, description="trials in the search")
     methods: list[Method] | None = Field(
-        None, description="null: search train.method alone; a list: one study whose first choice is the method, then "
-        "that method's own hyperparameters (every method with the same epochs, early stopping and trial budget)")
+        None,
+        description="null: search train.method alone; a list: one study whose first choice is the method, then "
+        "that method's own hyperparameters (every method with the same epochs, early stopping and trial budget)",
+    )
     seed: int = Field(0, ge=0, description="seed of Optuna's TPE sampler")
     startup_trials: int = Field(3, ge=1, le=10_000, description="random trials before TPE starts modelling")
     max_concurrent_trials: int = Field(0, ge=0, le=10_000, description="0 = as many as the cluster's resources fit")
-    early_stopping: bool = Field(True, description="ASHA on (stop weak trials at rungs) or off (every trial runs all epochs)")
+    early_stopping: bool = Field(
+        True, description="ASHA on (stop weak trials at rungs) or off (every trial runs all epochs)"
+    )
     grace_period: int = Field(3, ge=1, le=10_000, description="ASHA: epochs every trial gets before its first rung")
     reduction_factor: float = Field(3.0, gt=1, le=100, description="ASHA: keep the top 1/reduction_factor at each rung")
     revalidate: Literal["auto", "always", "never"] = Field(
-        "auto", description="auto: when the best candidates are within the validation noise of each other, re-validate "
+        "auto",
+        description="auto: when the best candidates are within the validation noise of each other, re-validate "
         "them on tune.finalist_folds more held-out folds; always: re-validate the top tune.finalists every time; "
-        "never: a tie goes to the conservative rule at once (pipeline.selection)")
+        "never: a tie goes to the conservative rule at once (pipeline.selection)",
+    )
     finalists: int = Field(3, ge=2, le=100, description="at most this many candidates are re-validated")
-    finalist_folds: int = Field(2, ge=1, le=100, description="extra held-out folds per finalist, each the validation "
-                                "split's size, drawn from the training split (at most 1/data.val_fraction − 1)")
+    finalist_folds: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="extra held-out folds per finalist, each the validation "
+        "split's size, drawn from the training split (at most 1/data.val_fraction − 1)",
+    )
     lam: Range = Field(default_factory=lambda: _default("lam"), description="λ, log-uniform")
-    queue_sizes: list[int] = Field([256, 512, 1024], min_length=1, description="K choices, multiples of the global batch")
-    lr_backbone: Range = Field(default_factory=lambda: _default("lr_backbone"), description="real backbone step size, log-uniform")
+    queue_sizes: list[int] = Field(
+        [256, 512, 1024], min_length=1, description="K choices, multiples of the global batch"
+    )
+    lr_backbone: Range = Field(
+        default_factory=lambda: _default("lr_backbone"), description="real backbone step size, log-uniform"
+    )
     lr_head: Range = Field(default_factory=lambda: _default("lr_head"), description="real head step size, log-uniform")
     weight_decay: Range | None = Field(None, description="searched when set, else train.weight_decay")
-    l2sp_alpha: Range = Field(default_factory=lambda: _default("l2sp_alpha"), description="train.method l2sp: α, log-uniform")
-    l2sp_beta: Range = Field(default_factory=lambda: _default("l2sp_beta"), description="train.method l2sp: β, log-uniform")
+    l2sp_alpha: Range = Field(
+        default_factory=lambda: _default("l2sp_alpha"), description="train.method l2sp: α, log-uniform"
+    )
+    l2sp_beta: Range = Field(
+        default_factory=lambda: _default("l2sp_beta"), description="train.method l2sp: β, log-uniform"
+    )
     bss_eta: Range = Field(default_factory=lambda: _default("bss_eta"), description="train.method bss: η, log-uniform")
     points_to_evaluate: list[dict[str, int | float]] = Field(
-        default_factory=lambda: [{"lam": 1.0, "queue_size": 1024, "lr_backbone": 0.01, "lr_head": 0.1},
-                                 {"lam": 32.0, "queue_size": 1024, "lr_backbone": 0.000303, "lr_head": 0.01}],
+        default_factory=lambda: [
+            {"lam": 1.0, "queue_size": 1024, "lr_backbone": 0.01, "lr_head": 0.1},
+            {"lam": 32.0, "queue_size": 1024, "lr_backbone": 0.000303, "lr_head": 0.01},
+        ],
         description="trials run first (keys: the method's searched names): the library defaults, then the "
         "reference's effective setting (λ = K/B = 1024/32, backbone 0.01/(1 + 32), head 0.01)",
     )
@@ -86,14 +107,22 @@ class TuneConfig(Section):
 
 
 class RayConfig(Section):
-    address: str | None = Field(None, description="null: a local Ray (or RAY_ADDRESS / the job's cluster); auto; ray://…")
+    address: str | None = Field(
+        None, description="null: a local Ray (or RAY_ADDRESS / the job's cluster); auto; ray://…"
+    )
     num_cpus: int | None = Field(None, ge=1, le=100_000, description="local Ray only: CPUs to use (null = all)")
     workers_per_trial: int = Field(1, ge=1, le=4096, description="Ray Train data-parallel workers per trial")
     cpus_per_worker: float = Field(2.0, gt=0, le=1024, description="CPUs per Train worker (torch threads follow it)")
     gpus_per_worker: float = Field(0.0, ge=0, le=64, description="GPUs per Train worker; > 0 uses nccl and CUDA")
-    storage_path: str = Field("runs/ray", description="Ray Tune/Train results and checkpoints; shared storage on a cluster")
-    max_failures: int = Field(1, ge=0, le=100, description="Ray Train: restarts of a trial's workers from its last checkpoint")
-    start_timeout_s: int = Field(300, ge=10, le=86_400, description="fail a trial whose worker group cannot start in time")
+    storage_path: str = Field(
+        "runs/ray", description="Ray Tune/Train results and checkpoints; shared storage on a cluster"
+    )
+    max_failures: int = Field(
+        1, ge=0, le=100, description="Ray Train: restarts of a trial's workers from its last checkpoint"
+    )
+    start_timeout_s: int = Field(
+        300, ge=10, le=86_400, description="fail a trial whose worker group cannot start in time"
+    )
 
 
 class MLflowConfig(Section):
@@ -115,12 +144,16 @@ class PipelineConfig(Config):
         batch = self.train.batch_size * self.ray.workers_per_trial
         bad = [k for k in self.tune.queue_sizes if k % batch]
         if bad:
-            raise ValueError(f"tune.queue_sizes {bad} are not multiples of the global batch {batch} "
-                             f"(train.batch_size {self.train.batch_size} × ray.workers_per_trial {self.ray.workers_per_trial})")
+            raise ValueError(
+                f"tune.queue_sizes {bad} are not multiples of the global batch {batch} "
+                f"(train.batch_size {self.train.batch_size} × ray.workers_per_trial {self.ray.workers_per_trial})"
+            )
         folds = round(1 / self.data.val_fraction) - 1
         if self.tune.revalidate != "never" and self.tune.finalist_folds > folds:
-            raise ValueError(f"tune.finalist_folds = {self.tune.finalist_folds}: the training split holds at most "
-                             f"{folds} folds the size of the validation split (data.val_fraction = {self.data.val_fraction})")
+            raise ValueError(
+                f"tune.finalist_folds = {self.tune.finalist_folds}: the training split holds at most "
+                f"{folds} folds the size of the validation split (data.val_fraction = {self.data.val_fraction})"
+            )
         if self.tune.grace_period > self.train.epochs:
             raise ValueError(f"tune.grace_period = {self.tune.grace_period} exceeds train.epochs = {self.train.epochs}")
         return self

@@ -28,8 +28,12 @@ class MethodASHA(FIFOScheduler):
 
     def __init__(self, *, max_t: int, grace_period: int, reduction_factor: float, anchors: list[dict]) -> None:
         super().__init__()
-        self._asha_args = {"time_attr": "epoch", "max_t": max_t, "grace_period": grace_period,
-                           "reduction_factor": reduction_factor}
+        self._asha_args = {
+            "time_attr": "epoch",
+            "max_t": max_t,
+            "grace_period": grace_period,
+            "reduction_factor": reduction_factor,
+        }
         self._max_t = max_t
         self._anchors = anchors
         self._rungs: dict[str, ASHAScheduler] = {}
@@ -47,8 +51,14 @@ class MethodASHA(FIFOScheduler):
 
     def is_anchor(self, config: dict) -> bool:
         """Whether ``config`` is one of the starting points (the sampler returns them as given)."""
-        return any(all(k in config and (config[k] == v or (isinstance(v, float) and math.isclose(config[k], v)))
-                       for k, v in a.items()) and len(a) == len(config) for a in self._anchors)
+        return any(
+            all(
+                k in config and (config[k] == v or (isinstance(v, float) and math.isclose(config[k], v)))
+                for k, v in a.items()
+            )
+            and len(a) == len(config)
+            for a in self._anchors
+        )
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._of(trial).on_trial_add(tune_controller, trial)
@@ -75,7 +85,12 @@ def scheduler(config: PipelineConfig):
     if not t.early_stopping:
         return FIFOScheduler()
     if across_methods(config):
-        return MethodASHA(max_t=config.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor,
-                          anchors=starting_points(config))
-    return ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period,
-                         reduction_factor=t.reduction_factor)
+        return MethodASHA(
+            max_t=config.train.epochs,
+            grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+            anchors=starting_points(config),
+        )
+    return ASHAScheduler(
+        time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
+    )

@@ -30,8 +30,9 @@ def check_experiment_state(path: str) -> None:
             with fs.open_input_stream(f"{base}/{name}") as f:
                 parse(f.read())
         except Exception as err:  # noqa: BLE001 - any way a file fails to read means the state is unusable
-            raise ExperimentStateError(f"the stored search at {path} is damaged: {name} cannot be read "
-                                       f"({type(err).__name__}); {FRESH_HINT}") from None
+            raise ExperimentStateError(
+                f"the stored search at {path} is damaged: {name} cannot be read ({type(err).__name__}); {FRESH_HINT}"
+            ) from None
 
 
 def restore_tuner(path: str, trainable) -> tune.Tuner | None:
@@ -40,11 +41,14 @@ def restore_tuner(path: str, trainable) -> tune.Tuner | None:
         return None
     check_experiment_state(path)
     try:
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  restart_errored=False)
+        return tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+        )
     except Exception as err:  # noqa: BLE001 - Ray raises many types for a state it cannot read
-        raise ExperimentStateError(f"the stored search at {path} cannot be restored ({type(err).__name__}: "
-                                   f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}") from None
+        raise ExperimentStateError(
+            f"the stored search at {path} cannot be restored ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}"
+        ) from None
 
 
 def discard_experiment(path: str) -> bool:

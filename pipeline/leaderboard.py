@@ -24,9 +24,12 @@ def leaderboard(candidates: list[Candidate], chosen: Pick, shown: list[str]) -> 
         mine = [c for c in candidates if c.method == method]
         best = next((c for c in chosen.order if c.method == method), None)
         board[method] = {
-            "trials": sum(not c.baseline for c in mine), "completed": sum(c.status == "completed" for c in mine),
-            "stopped_early": sum(c.status == "stopped" for c in mine), "failed": sum(c.status == "failed" for c in mine),
-            "best_trial": best.id if best else None, "best_val_top1": best.val_top1 if best else None,
+            "trials": sum(not c.baseline for c in mine),
+            "completed": sum(c.status == "completed" for c in mine),
+            "stopped_early": sum(c.status == "stopped" for c in mine),
+            "failed": sum(c.status == "failed" for c in mine),
+            "best_trial": best.id if best else None,
+            "best_val_top1": best.val_top1 if best else None,
             **({"best_cv_top1": best.cv_top1} if best and best.cv_top1 is not None else {}),
         }
     return board
@@ -44,8 +47,11 @@ def validation_numbers(board: dict[str, dict]) -> dict[str, float]:
     top-1 and trial counts, and DR-Tune's lift over the best other method when both ran (negative when it lost)."""
     out = {}
     for method, e in board.items():
-        out |= {f"{method}.trials": e["trials"], f"{method}.completed": e["completed"],
-                f"{method}.stopped_early": e["stopped_early"]}
+        out |= {
+            f"{method}.trials": e["trials"],
+            f"{method}.completed": e["completed"],
+            f"{method}.stopped_early": e["stopped_early"],
+        }
         if e["best_val_top1"] is not None:
             out[f"{method}.best_val_top1"] = e["best_val_top1"]
     val_lift = lift({m: e["best_val_top1"] for m, e in board.items()})

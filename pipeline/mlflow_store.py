@@ -41,8 +41,18 @@ EXPERIMENT_TAG = "drtune.ray_experiment"
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # What every training run logs per epoch (a trial's run and the CE baseline's alike).
-METRIC_KEYS = ("val_top1", "val_top5", "val_loss", "train_loss", "train_ce", "train_reg", "lr", "lr_head", "epoch_s",
-               "images_per_s")
+METRIC_KEYS = (
+    "val_top1",
+    "val_top5",
+    "val_loss",
+    "train_loss",
+    "train_ce",
+    "train_reg",
+    "lr",
+    "lr_head",
+    "epoch_s",
+    "images_per_s",
+)
 # HTTP statuses that say the server (or the proxy in front of it) cannot answer now: bad gateway,
 # unavailable, gateway timeout. Any other status is the server refusing the request.
 UNAVAILABLE_STATUS = frozenset({502, 503, 504})
@@ -68,7 +78,9 @@ def connect(uri: str, timeout_s: float = 10.0) -> MlflowClient:
                 "MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"
             ) from None
     elif uri.startswith("file:") or "://" not in uri:
-        raise TrackingUnavailableError(f"tracking URI {uri!r}: MLflow 3 needs a database (sqlite:///mlflow.db) or a server")
+        raise TrackingUnavailableError(
+            f"tracking URI {uri!r}: MLflow 3 needs a database (sqlite:///mlflow.db) or a server"
+        )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, registry_uri=uri)
@@ -107,17 +119,26 @@ def tracking_errors() -> Iterator[None]:
             raise
         ours = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).parent == Path(__file__).parent]
         where = f" (in {Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else ""
-        raise TrackingUnavailableError(f"the MLflow tracking server {mlflow.get_tracking_uri()} stopped answering{where}; "
-                                       "what has run is stored (a search under ray.storage_path): run the stage again "
-                                       "when it answers") from None
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server {mlflow.get_tracking_uri()} stopped answering{where}; "
+            "what has run is stored (a search under ray.storage_path): run the stage again "
+            "when it answers"
+        ) from None
 
 
 def git_commit(folder: str | Path = ".") -> str:
     """The checked-out commit (with ``-dirty`` when the tree has changes), or ``unknown`` outside git."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
@@ -134,7 +155,9 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return found.experiment_id
 
 
-def dataset_inputs(data: PreparedData, prepared_dir: str, splits: tuple[str, ...] = ("train", "val")) -> list[DatasetInput]:
+def dataset_inputs(
+    data: PreparedData, prepared_dir: str, splits: tuple[str, ...] = ("train", "val")
+) -> list[DatasetInput]:
     """The prepared ``splits`` as MLflow dataset inputs: named ``<dataset>-<split>``, our SHA-256 as digest,
     the split's file as source, and the split as context."""
     inputs = []
@@ -143,8 +166,13 @@ def dataset_inputs(data: PreparedData, prepared_dir: str, splits: tuple[str, ...
         arrays = getattr(data, split)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways": a local file
-            dataset = mlflow.data.from_numpy(arrays.images, targets=arrays.labels, name=f"{slug}-{split}",
-                                             source=f"{prepared_dir}/{split}.npz", digest=data.stats["sha256"][split][:16])
+            dataset = mlflow.data.from_numpy(
+                arrays.images,
+                targets=arrays.labels,
+                name=f"{slug}-{split}",
+                source=f"{prepared_dir}/{split}.npz",
+                digest=data.stats["sha256"][split][:16],
+            )
         inputs.append(DatasetInput(compat.dataset_entity(dataset), tags=[InputTag("mlflow.data.context", split)]))
     return inputs
 
@@ -154,7 +182,7 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
     existing = client.get_run(run_id).data.params
     fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
     for i in range(0, len(fresh), 100):
-        client.log_batch(run_id, params=fresh[i:i + 100])
+        client.log_batch(run_id, params=fresh[i : i + 100])
 
 
 def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
@@ -162,13 +190,17 @@ def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(h[k]), now, int(h["epoch"])) for h in history for k in METRIC_KEYS if k in h]
     for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i:i + 500])
+        client.log_batch(run_id, metrics=metrics[i : i + 500])
 
 
 def parent_run(client: MlflowClient, experiment: str, ray_experiment: str, tags: dict[str, str], run_name: str) -> str:
     """The parent run of the search stored at ``ray_experiment``: found again on resume, else created."""
-    found = client.search_runs([experiment], filter_string=f"tags.`{EXPERIMENT_TAG}` = '{ray_experiment}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
+    found = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`{EXPERIMENT_TAG}` = '{ray_experiment}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
@@ -183,8 +215,9 @@ def discard_parent(client: MlflowClient, experiment: str, ray_experiment: str) -
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         client.set_tag(run.info.run_id, EXPERIMENT_TAG, f"{ray_experiment} (discarded {stamp})")
         client.set_tag(run.info.run_id, "outcome", f"discarded by --fresh at {stamp}")
-        stale = client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and "
-                                                               "attributes.status = 'RUNNING'")
+        stale = client.search_runs(
+            [experiment], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'"
+        )
         for child in [run, *stale]:
             if child.info.status == "RUNNING":
                 client.set_terminated(child.info.run_id, "KILLED")

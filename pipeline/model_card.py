@@ -21,13 +21,25 @@ def hyperparameters(params: dict) -> dict[str, object]:
     return {key: params[key.split(".")[0]][key.split(".")[1]] for key in keys}
 
 
-def model_description(name: str, version: str, params: dict, classes: list[str], stats: dict, scores: dict,
-                      baseline_top1: float, decision: str, experiment_id: str | None = None,
-                      selection: dict | None = None, vs_baseline: PairedTest | None = None) -> str:
+def model_description(
+    name: str,
+    version: str,
+    params: dict,
+    classes: list[str],
+    stats: dict,
+    scores: dict,
+    baseline_top1: float,
+    decision: str,
+    experiment_id: str | None = None,
+    selection: dict | None = None,
+    vs_baseline: PairedTest | None = None,
+) -> str:
     """The Markdown a person reads on the registry page: what the model is, how good, how to call it."""
     method = methods.get(params["train"]["method"]).long_name
-    rows = "\n".join(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
-                     for k, v in hyperparameters(params).items())
+    rows = "\n".join(
+        f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
+        for k, v in hyperparameters(params).items()
+    )
     counts = {split: sum(stats["counts"][split]) for split in ("train", "val", "test")}
     shown = ", ".join(classes[:12]) + (f", … ({len(classes)} in all)" if len(classes) > 12 else "")
     size = params["train"]["image_size"]
@@ -37,10 +49,16 @@ def model_description(name: str, version: str, params: dict, classes: list[str],
     paired = ""
     if vs_baseline is not None:
         low, high = vs_baseline.interval()
-        paired = (f" (paired on the same images: {vs_baseline.only_a} right only by this model, {vs_baseline.only_b} only "
-                  f"by CE-tuning's; 95 % interval [{low:+.4f}, {high:+.4f}], McNemar p = {vs_baseline.p_value:.3g})")
-    runs = (f"\n\nThe search's trials and the CE baseline: [training runs](#/experiments/{experiment_id}/runs"
-            "?workflowType=machine_learning)." if experiment_id else "")
+        paired = (
+            f" (paired on the same images: {vs_baseline.only_a} right only by this model, {vs_baseline.only_b} only "
+            f"by CE-tuning's; 95 % interval [{low:+.4f}, {high:+.4f}], McNemar p = {vs_baseline.p_value:.3g})"
+        )
+    runs = (
+        f"\n\nThe search's trials and the CE baseline: [training runs](#/experiments/{experiment_id}/runs"
+        "?workflowType=machine_learning)."
+        if experiment_id
+        else ""
+    )
     return f"""**{params["model"]["name"]}** (weights: `{params["model"]["pretrained"]}`) fine-tuned with **{method}**.
 
 | hyperparameter | value |

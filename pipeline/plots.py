@@ -39,7 +39,9 @@ def search_landscape(rows: list[dict], keys: list[str], path: Path) -> Path:
     styles = {"completed": ("tab:blue", "o"), "stopped": ("tab:gray", "v"), "failed": ("tab:red", "x")}
     for ax, key in zip(axes[0], keys, strict=True):
         for status, (color, marker) in styles.items():
-            pts = [(r[key], r["val_top1"] if np.isfinite(r["val_top1"]) else 0.0) for r in rows if r["status"] == status]
+            pts = [
+                (r[key], r["val_top1"] if np.isfinite(r["val_top1"]) else 0.0) for r in rows if r["status"] == status
+            ]
             if pts:
                 ax.scatter(*zip(*pts, strict=True), c=color, marker=marker, label=status)
         if key != "queue_size":
@@ -65,8 +67,15 @@ def confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: 
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

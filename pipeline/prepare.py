@@ -1,6 +1,6 @@
 """The ``prepare`` stage: ``params.yaml: data.*`` → ``data/prepared/`` (the layout is :mod:`drtune.prepared`'s).
 
-    python -m pipeline.prepare --params params.yaml
+python -m pipeline.prepare --params params.yaml
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ import sys
 
 from drtune.config import ConfigError
 from drtune.prepared import write_prepared
-from pipeline.config import load
 from pipeline.stage import stage_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("prepare", __doc__, argv, lambda path, sets: write_prepared(load(path, sets).data),
-                      lambda stats: json.dumps({k: stats["counts"][k] for k in ("train", "val", "test")}),
-                      errors=(ConfigError, FileNotFoundError, ValueError))
+    def summary(stats: dict) -> str:
+        return json.dumps({k: stats["counts"][k] for k in ("train", "val", "test")})
+
+    errors = (ConfigError, FileNotFoundError, ValueError)
+    return stage_main("prepare", __doc__, argv, lambda p: write_prepared(p.data), summary, errors=errors)
 
 
 if __name__ == "__main__":

@@ -42,12 +42,12 @@ from drtune.model_file import read_model
 from drtune.prepared import load_prepared
 from pipeline import faults, plots
 from pipeline.champion import CHECKSUM_TAG, champion_score, claim, decide, registered_version
-from pipeline.config import PipelineConfig, load
-from pipeline.model_card import hyperparameters, model_description
+from pipeline.config import PipelineConfig
 from pipeline.leaderboard import test_numbers, tested
+from pipeline.mlflow_store import connect, tracking_errors
+from pipeline.model_card import hyperparameters, model_description
 from pipeline.selection import BASELINE, paired_test
 from pipeline.stage import stage_main, write_csv
-from pipeline.mlflow_store import connect, tracking_errors
 
 # Models-from-code: the pyfunc is this file, run by MLflow at load time, with drtune as its only code.
 MODEL_CODE = mlflow_model.__file__
@@ -76,24 +76,47 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     scores = predictor.score(test)
     lift = scores["top1"] - baseline["test_top1"]
     baseline_predicted = load_predictor(root / "models" / "baseline.safetensors").score(test)["predicted"]
-    vs_baseline = paired_test(list(np.asarray(scores["predicted"]) == test.labels),
-                              list(np.asarray(baseline_predicted) == test.labels))
-    plots.confusion_matrix(scores["confusion"], classes, plots_dir / "confusion_matrix.png",
-                           f"test top-1 {scores['top1']:.3f} ({scores['n']} images)")
-    version_before, champion_top1, note, champion_loads = champion_score(client, name, test, classes,
-                                                                         tune_summary["data_sha256"])
-    board = tested(tune_summary.get("leaderboard", {}), root / "models" / "leaderboard", test,
-                             {tune_summary["best_trial"]: scores["top1"], BASELINE: baseline["test_top1"]})
+    vs_baseline = paired_test(
+        list(np.asarray(scores["predicted"]) == test.labels), list(np.asarray(baseline_predicted) == test.labels)
+    )
+    plots.confusion_matrix(
+        scores["confusion"],
+        classes,
+        plots_dir / "confusion_matrix.png",
+        f"test top-1 {scores['top1']:.3f} ({scores['n']} images)",
+    )
+    version_before, champion_top1, note, champion_loads = champion_score(
+        client, name, test, classes, tune_summary["data_sha256"]
+    )
+    board = tested(
+        tune_summary.get("leaderboard", {}),
+        root / "models" / "leaderboard",
+        test,
+        {tune_summary["best_trial"]: scores["top1"], BASELINE: baseline["test_top1"]},
+    )
 
     parent = tune_summary["mlflow_parent_run_id"]
     with mlflow.start_run(run_id=parent), tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_metrics({"test_top1": scores["top1"], "test_top5": scores["top5"],
-                            "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift,
-                            "lift_over_ce_mcnemar_p": vs_baseline.p_value,
-                            **{f"leaderboard.{k}": v for k, v in test_numbers(board).items()}})
-        mlflow.log_dict({"columns": ["method", "trials", "completed", "best_trial", "best_val_top1", "test_top1"],
-                         "data": [[m, e["trials"], e["completed"], e["best_trial"], e["best_val_top1"], e.get("test_top1")]
-                                  for m, e in board.items()]}, "leaderboard.json")
+        mlflow.log_metrics(
+            {
+                "test_top1": scores["top1"],
+                "test_top5": scores["top5"],
+                "ce_baseline_test_top1": baseline["test_top1"],
+                "lift_over_ce": lift,
+                "lift_over_ce_mcnemar_p": vs_baseline.p_value,
+                **{f"leaderboard.{k}": v for k, v in test_numbers(board).items()},
+            }
+        )
+        mlflow.log_dict(
+            {
+                "columns": ["method", "trials", "completed", "best_trial", "best_val_top1", "test_top1"],
+                "data": [
+                    [m, e["trials"], e["completed"], e["best_trial"], e["best_val_top1"], e.get("test_top1")]
+                    for m, e in board.items()
+                ],
+            },
+            "leaderboard.json",
+        )
         for picture in ("confusion_matrix.png", "learning_curve.png", "landscape.png"):
             if (plots_dir / picture).is_file():
                 mlflow.log_artifact(str(plots_dir / picture), artifact_path="plots")
@@ -106,9 +129,13 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         if registered is None:
             onnx_check = export_onnx(predictor, Path(tmp) / "model.onnx", example_batch(test, 16))
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=MODEL_CODE, artifacts={"checkpoint": str(weights),
-                                                                  "onnx": str(Path(tmp) / "model.onnx")},
-                signature=SIGNATURE, input_example=example, code_paths=CODE_PATHS, pip_requirements=_requirements(),
+                name="model",
+                python_model=MODEL_CODE,
+                artifacts={"checkpoint": str(weights), "onnx": str(Path(tmp) / "model.onnx")},
+                signature=SIGNATURE,
+                input_example=example,
+                code_paths=CODE_PATHS,
+                pip_requirements=_requirements(),
                 metadata=model_metadata(classes, predictor.image_size, predictor.data_cfg) | {"onnx_check": onnx_check},
             )
             # The checksum is a tag of the version from its creation on: an interrupted registration is
@@ -117,36 +144,59 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         version = str(registered.version)
         faults.interrupt("interrupt_registration")
         client.set_registered_model_alias(name, "challenger", version)
+
         def judge(champion: tuple) -> tuple[bool, str]:
             if champion[0] == version:  # this very model is the champion already (a rerun)
                 return True, "already champion: this model was registered and promoted before"
             return decide(scores["top1"], champion[1], champion[2], champion[3], vs_baseline)
 
         params = best.params
-        tags = {"test_top1": f"{scores['top1']:.4f}", "ce_baseline_test_top1": f"{baseline['test_top1']:.4f}",
-                "lift_over_ce": f"{lift:+.4f}", "lift_over_ce_mcnemar_p": f"{vs_baseline.p_value:.3g}",
-                "selection_rule": tune_summary["selection"]["rule"], "data_sha256": tune_summary["data_sha256"],
-                "best_trial": tune_summary["best_trial"], "source_run": parent, "method": params["train"]["method"],
-                **({"onnx_max_abs_logit_diff": f"{onnx_check['max_abs_logit_diff']:.2e}"} if onnx_check else {}),
-                **{k: str(v) for k, v in hyperparameters(params).items()}}
+        tags = {
+            "test_top1": f"{scores['top1']:.4f}",
+            "ce_baseline_test_top1": f"{baseline['test_top1']:.4f}",
+            "lift_over_ce": f"{lift:+.4f}",
+            "lift_over_ce_mcnemar_p": f"{vs_baseline.p_value:.3g}",
+            "selection_rule": tune_summary["selection"]["rule"],
+            "data_sha256": tune_summary["data_sha256"],
+            "best_trial": tune_summary["best_trial"],
+            "source_run": parent,
+            "method": params["train"]["method"],
+            **({"onnx_max_abs_logit_diff": f"{onnx_check['max_abs_logit_diff']:.2e}"} if onnx_check else {}),
+            **{k: str(v) for k, v in hyperparameters(params).items()},
+        }
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
 
         def record(decision: str) -> str:
             """The decision on the version (tag and description), written before the alias moves."""
             client.set_model_version_tag(name, version, "decision", decision)
-            description = model_description(name, version, params, classes, data.stats, scores, baseline["test_top1"],
-                                            decision, tune_summary["mlflow_experiment_id"], tune_summary["selection"],
-                                            vs_baseline)
+            description = model_description(
+                name,
+                version,
+                params,
+                classes,
+                data.stats,
+                scores,
+                baseline["test_top1"],
+                decision,
+                tune_summary["mlflow_experiment_id"],
+                tune_summary["selection"],
+                vs_baseline,
+            )
             client.update_model_version(name, version, description=description)
             return description
 
         promote, decision = judge((version_before, champion_top1, note, champion_loads))
         description = record(decision)
         if promote:  # the alias moves last, and only if the champion read above still holds it (or is beaten again)
-            promote, changed = claim(client, name, version, version_before,
-                                     lambda: champion_score(client, name, test, classes, tune_summary["data_sha256"]),
-                                     judge)
+            promote, changed = claim(
+                client,
+                name,
+                version,
+                version_before,
+                lambda: champion_score(client, name, test, classes, tune_summary["data_sha256"]),
+                judge,
+            )
             if changed:
                 decision, description = changed, record(changed)
         if promote:
@@ -155,12 +205,26 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         if champion_top1 is not None:
             mlflow.log_metric("champion_test_top1_before", champion_top1)
 
-    write_csv(root / "metrics" / "test_predictions.csv",
-              [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(test.labels, scores["predicted"], strict=True)])
-    metrics = {"test_top1": scores["top1"], "test_top5": scores["top5"], "n_test": scores["n"],
-               "ce_baseline_test_top1": baseline["test_top1"], "lift_over_ce": lift,
-               "lift_over_ce_mcnemar_p": vs_baseline.p_value, "lift_over_ce_low": vs_baseline.interval()[0],
-               "lift_over_ce_high": vs_baseline.interval()[1], "champion_test_top1_before": champion_top1, "promoted": int(promote), **test_numbers(board)}
+    write_csv(
+        root / "metrics" / "test_predictions.csv",
+        [
+            {"actual": classes[a], "predicted": classes[b]}
+            for a, b in zip(test.labels, scores["predicted"], strict=True)
+        ],
+    )
+    metrics = {
+        "test_top1": scores["top1"],
+        "test_top5": scores["top5"],
+        "n_test": scores["n"],
+        "ce_baseline_test_top1": baseline["test_top1"],
+        "lift_over_ce": lift,
+        "lift_over_ce_mcnemar_p": vs_baseline.p_value,
+        "lift_over_ce_low": vs_baseline.interval()[0],
+        "lift_over_ce_high": vs_baseline.interval()[1],
+        "champion_test_top1_before": champion_top1,
+        "promoted": int(promote),
+        **test_numbers(board),
+    }
     registered = {"registered_model": name, "version": version, "champion_before": version_before, "decision": decision}
     (root / "metrics" / "test.json").write_text(json.dumps(metrics, indent=2))  # numbers only: a DVC metrics file
     (root / "models" / "registered.json").write_text(json.dumps(registered, indent=2))
@@ -170,14 +234,31 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "timm", "numpy", "pandas", "mlflow", "pydantic",
-                                                 "pyyaml", "onnx", "onnxruntime")]
+    return [
+        f"{pkg}=={version(pkg)}"
+        for pkg in (
+            "torch",
+            "torchvision",
+            "timm",
+            "numpy",
+            "pandas",
+            "mlflow",
+            "pydantic",
+            "pyyaml",
+            "onnx",
+            "onnxruntime",
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("register", __doc__, argv, lambda path, sets: run(load(path, sets)), lambda s: (
-        f"test top-1 {s['test_top1']:.4f} (CE-tuning {s['ce_baseline_test_top1']:.4f}, lift {s['lift_over_ce']:+.4f}); "
-        f"{s['registered_model']} v{s['version']} @challenger; {s['decision']}"))
+    def summary(s: dict) -> str:
+        return (
+            f"test top-1 {s['test_top1']:.4f} (CE-tuning {s['ce_baseline_test_top1']:.4f}, lift {s['lift_over_ce']:+.4f}); "
+            f"{s['registered_model']} v{s['version']} @challenger; {s['decision']}"
+        )
+
+    return stage_main("register", __doc__, argv, run, summary)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,10 @@ def search_space(config: PipelineConfig) -> dict:
     space is Optuna's define-by-run :class:`MethodSpace` instead."""
     if across_methods(config):
         return {}
-    return {name: tune.choice(drawn) if isinstance(drawn, list) else tune.loguniform(*drawn)
-            for name, drawn in ranges(config).items()}
+    return {
+        name: tune.choice(drawn) if isinstance(drawn, list) else tune.loguniform(*drawn)
+        for name, drawn in ranges(config).items()
+    }
 
 
 class MethodSpace:
@@ -96,12 +98,19 @@ def trial_driver(sampled: dict, *, base: PipelineConfig, data: SharedData, stora
     """A Tune trial: run this trial's config as a Ray Train job; metrics flow to Tune. ``specs`` are the
     searched methods' specs, carried by value (a method registered only in the driver trains here too)."""
     methods.adopt(specs)
-    run_training(trial_config(base, sampled), base, data, storage, tune.get_context().get_trial_id(),
-                 [ReportToTune(base.train.epochs)])
+    run_training(
+        trial_config(base, sampled),
+        base,
+        data,
+        storage,
+        tune.get_context().get_trial_id(),
+        [ReportToTune(base.train.epochs)],
+    )
 
 
-def _tuner(config: PipelineConfig, driver_fn, storage: str, name: str, callbacks: list, param_space: dict,
-           **tune_config) -> tune.Tuner:
+def _tuner(
+    config: PipelineConfig, driver_fn, storage: str, name: str, callbacks: list, param_space: dict, **tune_config
+) -> tune.Tuner:
     """The Tuner stored at ``storage/name`` restored (finished trials kept, unfinished resumed, errored
     retried, each from its last checkpoint), else a new one: ``driver_fn`` with a trial driver's
     resources, at most as many trials at once as the cluster fits, no Tune-level retries."""
@@ -110,10 +119,18 @@ def _tuner(config: PipelineConfig, driver_fn, storage: str, name: str, callbacks
     restored = restore_tuner(f"{storage}/{name}", trainable)
     if restored is not None:
         return restored
-    return tune.Tuner(trainable, param_space=param_space,
-                      tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, **tune_config),
-                      run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
-                                                failure_config=tune.FailureConfig(max_failures=0)))
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, **tune_config),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=callbacks,
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
 
 
 def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list) -> tune.Tuner:
@@ -121,15 +138,36 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
     disk was bad succeeds on the rerun once that is fixed; a diverged trial is not an error and stays failed."""
     t = config.tune
     # group=True: TPE models each method's conditional subspace on the trials that drew it.
-    sampler = optuna.samplers.TPESampler(seed=t.seed, multivariate=True, constant_liar=True,
-                                         n_startup_trials=t.startup_trials, group=across_methods(config))
+    sampler = optuna.samplers.TPESampler(
+        seed=t.seed,
+        multivariate=True,
+        constant_liar=True,
+        n_startup_trials=t.startup_trials,
+        group=across_methods(config),
+    )
     space = {"space": MethodSpace(config), "metric": METRIC, "mode": "max"} if across_methods(config) else {}
-    searcher = PruningOptunaSearch(points_to_evaluate=starting_points(config) or None, sampler=sampler,
-                                   max_epochs=config.train.epochs, **space)
-    return _tuner(config, tune.with_parameters(trial_driver, base=config, data=data, storage=f"{storage}/train",
-                                          specs=[methods.get(m) for m in config.search_methods()]),
-                  storage, name, callbacks, search_space(config), metric=METRIC, mode="max", search_alg=searcher,
-                  scheduler=scheduler(config), num_samples=t.num_samples)
+    searcher = PruningOptunaSearch(
+        points_to_evaluate=starting_points(config) or None, sampler=sampler, max_epochs=config.train.epochs, **space
+    )
+    return _tuner(
+        config,
+        tune.with_parameters(
+            trial_driver,
+            base=config,
+            data=data,
+            storage=f"{storage}/train",
+            specs=[methods.get(m) for m in config.search_methods()],
+        ),
+        storage,
+        name,
+        callbacks,
+        search_space(config),
+        metric=METRIC,
+        mode="max",
+        search_alg=searcher,
+        scheduler=scheduler(config),
+        num_samples=t.num_samples,
+    )
 
 
 def require_finished(results, expected: int, message: str) -> None:
@@ -140,8 +178,9 @@ def require_finished(results, expected: int, message: str) -> None:
         raise KeyboardInterrupt(message)
 
 
-def trial_candidates(results, max_epochs: int, n_val: int, method: str,
-                     filesystem: pyarrow.fs.FileSystem | None = None) -> list[Candidate]:
+def trial_candidates(
+    results, max_epochs: int, n_val: int, method: str, filesystem: pyarrow.fs.FileSystem | None = None
+) -> list[Candidate]:
     """Every trial of a search as a :class:`~pipeline.selection.Candidate`, in Tune's order: completed
     (every epoch, a finite score), stopped (by ASHA) or failed (an error or a divergence). ``method`` is
     the one a trial without a sampled method trained; ``ref`` is its last checkpoint.
@@ -154,35 +193,60 @@ def trial_candidates(results, max_epochs: int, n_val: int, method: str,
         score = float(m.get(METRIC, math.nan))
         failed = r.error is not None or bool(m.get("diverged")) or not math.isfinite(score)
         status = "failed" if failed else ("completed" if m.get("epoch", 0) >= max_epochs else "stopped")
-        out.append(Candidate(
-            id=m.get("trial_id") or str(r.path).rsplit("/", 1)[-1], method=r.config.get("method", method),
-            val_top1=score, val_loss=float(m.get("val_loss", math.nan)), n_val=n_val, status=status,
-            config=dict(r.config), ref=Checkpoint(m["checkpoint_path"], filesystem=filesystem)
-            if status == "completed" else None))
+        out.append(
+            Candidate(
+                id=m.get("trial_id") or str(r.path).rsplit("/", 1)[-1],
+                method=r.config.get("method", method),
+                val_top1=score,
+                val_loss=float(m.get("val_loss", math.nan)),
+                n_val=n_val,
+                status=status,
+                config=dict(r.config),
+                ref=Checkpoint(m["checkpoint_path"], filesystem=filesystem) if status == "completed" else None,
+            )
+        )
     return out
 
 
-def finalist_driver(point: dict, *, base: PipelineConfig, finalists: list[dict], data: SharedData, storage: str,
-                    specs: list) -> None:
+def finalist_driver(
+    point: dict, *, base: PipelineConfig, finalists: list[dict], data: SharedData, storage: str, specs: list
+) -> None:
     """A re-validation trial: finalist ``point["finalist"]`` (its sampled values) trained on extra fold ``point["fold"]``."""
     methods.adopt(specs)
-    run_training(trial_config(base, finalists[point["finalist"]]), base, data, storage, tune.get_context().get_trial_id(),
-                 [ReportToTune(base.train.epochs)], fold=point["fold"])
+    run_training(
+        trial_config(base, finalists[point["finalist"]]),
+        base,
+        data,
+        storage,
+        tune.get_context().get_trial_id(),
+        [ReportToTune(base.train.epochs)],
+        fold=point["fold"],
+    )
 
 
-def build_finalist_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str,
-                         finalists: list[Candidate], callbacks: list) -> tune.Tuner:
+def build_finalist_tuner(
+    config: PipelineConfig, data: SharedData, storage: str, name: str, finalists: list[Candidate], callbacks: list
+) -> tune.Tuner:
     """Every finalist on every one of ``tune.finalist_folds`` extra folds (:mod:`drtune.folds`), all epochs, no
     early stopping and no sampler: a grid. Restored, like :func:`build_tuner`'s search, when it is stored."""
-    driver_fn = tune.with_parameters(finalist_driver, base=config, finalists=[c.config for c in finalists], data=data,
-                                     storage=f"{storage}/train", specs=[methods.get(m) for m in config.search_methods()])
-    space = {"finalist": tune.grid_search(list(range(len(finalists)))),
-             "fold": tune.grid_search(list(range(1, config.tune.finalist_folds + 1)))}
+    driver_fn = tune.with_parameters(
+        finalist_driver,
+        base=config,
+        finalists=[c.config for c in finalists],
+        data=data,
+        storage=f"{storage}/train",
+        specs=[methods.get(m) for m in config.search_methods()],
+    )
+    space = {
+        "finalist": tune.grid_search(list(range(len(finalists)))),
+        "fold": tune.grid_search(list(range(1, config.tune.finalist_folds + 1))),
+    }
     return _tuner(config, driver_fn, storage, name, callbacks, space)
 
 
-def cross_validated(finalists: list[Candidate], refits, max_epochs: int,
-                    right: Callable[[object], tuple[bool, ...]] | None = None) -> list[Candidate]:
+def cross_validated(
+    finalists: list[Candidate], refits, max_epochs: int, right: Callable[[object], tuple[bool, ...]] | None = None
+) -> list[Candidate]:
     """The finalists with their extra folds pooled in (:meth:`Candidate.revalidated`): ``cv_top1`` is the mean
     validation top-1 over their own split and every extra fold (the folds are the same size, so it is their
     accuracy over all of those images). ``right(refit)``, when given, scores a finished refit's model image by
@@ -195,12 +259,18 @@ def cross_validated(finalists: list[Candidate], refits, max_epochs: int,
     for r in refits:
         m = r.metrics or {}
         if r.error is not None or not (m.get("diverged") or m.get("epoch", 0) >= max_epochs):
-            raise RuntimeError(f"finalist {finalists[r.config['finalist']].id} on extra fold {r.config['fold']} "
-                               "did not finish; run the stage again: it continues from its last checkpoint")
+            raise RuntimeError(
+                f"finalist {finalists[r.config['finalist']].id} on extra fold {r.config['fold']} "
+                "did not finish; run the stage again: it continues from its last checkpoint"
+            )
         i, fold = r.config["finalist"], r.config["fold"]
         folds[i][fold] = 0.0 if m.get("diverged") else float(m[METRIC])
         if right is not None:
             rights[i][fold] = (False,) * finalists[i].n_val if m.get("diverged") else right(r)
-    return [c.revalidated([folds[i][f] for f in sorted(folds[i])],
-                          [rights[i][f] for f in sorted(rights[i])] if right is not None else None)
-            for i, c in enumerate(finalists)]
+    return [
+        c.revalidated(
+            [folds[i][f] for f in sorted(folds[i])],
+            [rights[i][f] for f in sorted(rights[i])] if right is not None else None,
+        )
+        for i, c in enumerate(finalists)
+    ]

@@ -83,8 +83,11 @@ class Candidate:
         """This candidate with ``fold_top1`` (its top-1 on each extra fold, each of ``n_val`` images) pooled in,
         and ``fold_right`` (per image, each fold in order) appended to its validation results when both are known."""
         scores = [self.val_top1, *fold_top1]
-        right = (self.right + tuple(x for fold in fold_right for x in fold)
-                 if self.right is not None and fold_right is not None else None)
+        right = (
+            self.right + tuple(x for fold in fold_right for x in fold)
+            if self.right is not None and fold_right is not None
+            else None
+        )
         return replace(self, cv_top1=sum(scores) / len(scores), folds=len(scores), right=right)
 
     def with_right(self, right: list[bool] | tuple[bool, ...]) -> Candidate:
@@ -111,13 +114,22 @@ class Comparison:
 
     def words(self) -> str:
         how = f"paired, McNemar p = {self.p_value:.2g}" if self.p_value is not None else "unpaired"
-        return (f"{self.best} − {self.other}: {self.gap:+.4f} ({self.gap_images:+.1f} images), 95 % interval "
-                f"[{self.low:+.4f}, {self.high:+.4f}], {how}" + (", within the noise" if self.within_noise else ""))
+        return (
+            f"{self.best} − {self.other}: {self.gap:+.4f} ({self.gap_images:+.1f} images), 95 % interval "
+            f"[{self.low:+.4f}, {self.high:+.4f}], {how}" + (", within the noise" if self.within_noise else "")
+        )
 
     def record(self) -> dict:
-        return {"best": self.best, "other": self.other, "gap": self.gap, "gap_images": self.gap_images,
-                "interval": [self.low, self.high], "paired": self.p_value is not None, "mcnemar_p": self.p_value,
-                "within_noise": self.within_noise}
+        return {
+            "best": self.best,
+            "other": self.other,
+            "gap": self.gap,
+            "gap_images": self.gap_images,
+            "interval": [self.low, self.high],
+            "paired": self.p_value is not None,
+            "mcnemar_p": self.p_value,
+            "within_noise": self.within_noise,
+        }
 
 
 def compare(a: Candidate, b: Candidate) -> Comparison:
@@ -158,7 +170,7 @@ def finalists(candidates: list[Candidate], at_most: int) -> list[Candidate]:
     chosen = tied[:at_most]
     base = next((c for c in tied if c.baseline), None)
     if base is not None and base not in chosen:
-        chosen = chosen[:at_most - 1] + [base]
+        chosen = chosen[: at_most - 1] + [base]
     return chosen
 
 
@@ -175,9 +187,15 @@ class Pick:
 
     def record(self) -> dict:
         """What ``models/best.json``, the parent run and the registered version state about the decision."""
-        return {"chosen": self.chosen.id, "method": self.chosen.method, "rule": self.rule, "reason": self.reason,
-                "tied": self.tied, "scored_on_images": self.chosen.n,
-                "comparison": self.comparison.record() if self.comparison else None}
+        return {
+            "chosen": self.chosen.id,
+            "method": self.chosen.method,
+            "rule": self.rule,
+            "reason": self.reason,
+            "tied": self.tied,
+            "scored_on_images": self.chosen.n,
+            "comparison": self.comparison.record() if self.comparison else None,
+        }
 
 
 def pick(candidates: list[Candidate]) -> Pick:
@@ -190,17 +208,25 @@ def pick(candidates: list[Candidate]) -> Pick:
     again = scoped is not everyone
     tied = tied_with_best(scoped)
     comparison = compare(scoped[0], scoped[1]) if len(scoped) > 1 else None
-    where = f"on {scoped[0].folds} held-out folds ({scoped[0].n} images)" if again else f"on validation ({scoped[0].n} images)"
+    where = (
+        f"on {scoped[0].folds} held-out folds ({scoped[0].n} images)"
+        if again
+        else f"on validation ({scoped[0].n} images)"
+    )
     if len(tied) == 1:
         chosen, rule = scoped[0], "revalidated" if again else "clear"
-        reason = (f"{chosen.id} is best {where}" + (f", clear of the runner-up: {comparison.words()}" if comparison else ""))
+        reason = f"{chosen.id} is best {where}" + (
+            f", clear of the runner-up: {comparison.words()}" if comparison else ""
+        )
     else:
         base = next((c for c in tied if c.baseline), None)
         chosen, rule = base or tied[0], "conservative"
         names = ", ".join(c.id for c in tied)
-        reason = (f"{len(tied)} candidates are within the noise {where} ({names}; {comparison.words()}): "
-                  + ("plain fine-tuning (the CE baseline) is among them and wins the tie" if base
-                     else "the CE baseline is not among them, so the top score stands"))
+        reason = f"{len(tied)} candidates are within the noise {where} ({names}; {comparison.words()}): " + (
+            "plain fine-tuning (the CE baseline) is among them and wins the tie"
+            if base
+            else "the CE baseline is not among them, so the top score stands"
+        )
     rest = [c for c in scoped if c is not chosen] + [c for c in everyone if c not in scoped]
     return Pick(chosen, rule, reason, comparison, [c.id for c in tied], [chosen, *rest])
 
@@ -227,8 +253,14 @@ class PairedTest:
 
     def record(self) -> dict:
         low, high = self.interval()
-        return {"n": self.n, "only_challenger_right": self.only_a, "only_baseline_right": self.only_b,
-                "difference": self.difference, "interval": [low, high], "mcnemar_p": self.p_value}
+        return {
+            "n": self.n,
+            "only_challenger_right": self.only_a,
+            "only_baseline_right": self.only_b,
+            "difference": self.difference,
+            "interval": [low, high],
+            "mcnemar_p": self.p_value,
+        }
 
 
 def paired_test(a_right: list[bool], b_right: list[bool]) -> PairedTest:

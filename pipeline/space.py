@@ -18,6 +18,7 @@ from drtune import methods
 from drtune.config import Config, ConfigError
 from pipeline.config import PipelineConfig
 
+
 def field_of(name: str) -> str:
     """The config field a searched name sets (``lam`` → ``drtune.lam``): its :class:`~drtune.methods.Knob`'s."""
     return methods.knob(name).field
@@ -52,19 +53,25 @@ def starting_points(config: PipelineConfig) -> list[dict]:
     Across methods every method starts from one point, the config's own values (an equal start for
     each); ``tune.points_to_evaluate`` is for single-method searches."""
     if across_methods(config):
-        return [{"method": m, **{f"{m}.{name}": _config_value(config, name) for name in searched_names(config, m)}}
-                for m in config.search_methods()]
+        return [
+            {"method": m, **{f"{m}.{name}": _config_value(config, name) for name in searched_names(config, m)}}
+            for m in config.search_methods()
+        ]
     names = searched_names(config)
     points = []
     for i, given in enumerate(config.tune.points_to_evaluate):
         searchable = {k.name for k in methods.all_knobs()}
         unknown = sorted(set(given) - searchable)
         if unknown:
-            raise ConfigError(f"tune.points_to_evaluate[{i}]: unknown names {unknown} (searchable: {sorted(searchable)})")
+            raise ConfigError(
+                f"tune.points_to_evaluate[{i}]: unknown names {unknown} (searchable: {sorted(searchable)})"
+            )
         point = {name: given.get(name, _config_value(config, name)) for name in names}
         if "queue_size" in point and int(point["queue_size"]) not in config.tune.queue_sizes:
-            raise ConfigError(f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in "
-                              f"tune.queue_sizes {config.tune.queue_sizes}")
+            raise ConfigError(
+                f"tune.points_to_evaluate[{i}].queue_size = {point['queue_size']} is not in "
+                f"tune.queue_sizes {config.tune.queue_sizes}"
+            )
         points.append(point)
     return points
 
@@ -106,6 +113,9 @@ def ranges(config: PipelineConfig, method: str | None = None) -> dict[str, list 
 def random_point(config: PipelineConfig, rng: random.Random) -> dict:
     """One point of ``train.method``'s space drawn as the search draws it before TPE has data:
     log-uniform in each range of :func:`ranges`, a uniform choice among ``tune.queue_sizes``."""
-    return {name: rng.choice(drawn) if isinstance(drawn, list)
-            else math.exp(rng.uniform(math.log(drawn[0]), math.log(drawn[1])))
-            for name, drawn in ranges(config).items()}
+    return {
+        name: rng.choice(drawn)
+        if isinstance(drawn, list)
+        else math.exp(rng.uniform(math.log(drawn[0]), math.log(drawn[1])))
+        for name, drawn in ranges(config).items()
+    }

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from drtune.config import ConfigError
+from pipeline.config import load
 
 STAGE_ERRORS = (ConfigError, FileNotFoundError, RuntimeError)
 
@@ -25,23 +26,32 @@ def _terminate_as_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def stage_main(name: str, doc: str | None, argv: list[str] | None, run: Callable[..., dict],
-               summary: Callable[[dict], str], errors: tuple[type[Exception], ...] = STAGE_ERRORS,
-               flags: dict[str, str] | None = None) -> int:
-    """Parse ``--params``/``--set`` and the stage's own boolean ``flags`` (name → help), call
-    ``run(params_path, overrides, **flags)``, print ``summary(result)``; ``errors`` are the stage's
-    expected failures, reported in one line."""
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def stage_main(
+    name: str,
+    doc: str | None,
+    argv: list[str] | None,
+    run: Callable[..., dict],
+    summary: Callable[[dict], str],
+    errors: tuple[type[Exception], ...] = STAGE_ERRORS,
+    flags: dict[str, str] | None = None,
+) -> int:
+    """Parse ``--params``/``--set`` and the stage's own boolean ``flags`` (name → help), load and validate
+    the configuration, call ``run(config, **flags)``, print ``summary(result)``; ``errors`` are the
+    stage's expected failures (a bad configuration among them), reported in one line."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipeline.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     for flag, text in (flags or {}).items():
         parser.add_argument(flag, action="store_true", help=text)
     args = parser.parse_args(argv)
-    chosen = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_")) for flag in flags or {}}
+    chosen = {
+        flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_")) for flag in flags or {}
+    }
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
-        result = run(args.params, args.set, **chosen)
+        result = run(load(args.params, args.set), **chosen)
     except errors as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 2

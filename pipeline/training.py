@@ -107,8 +107,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         try:
             fit(config, train, val, data["classes"], scratch, report=report, resume=True, device=device)
         except DivergedError as err:
-            ray.train.report({"epoch": err.epoch, "val_top1": math.nan, "val_loss": math.nan, "diverged": 1.0,
-                              "error": str(err)})
+            ray.train.report(
+                {"epoch": err.epoch, "val_top1": math.nan, "val_loss": math.nan, "diverged": 1.0, "error": str(err)}
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -118,10 +119,12 @@ def system_metrics(device: torch.device) -> dict[str, float]:
     the run's System metrics tab): CPU and memory, and on a GPU its peak allocated memory and utilisation.
     They travel with the epoch's result, so the driver stays the only MLflow writer wherever workers run."""
     memory = psutil.virtual_memory()
-    out = {"system/cpu_utilization_percentage": psutil.cpu_percent(),
-           "system/system_memory_usage_megabytes": memory.used / 1e6,
-           "system/system_memory_usage_percentage": memory.percent,
-           "system/worker_memory_rss_megabytes": psutil.Process().memory_info().rss / 1e6}
+    out = {
+        "system/cpu_utilization_percentage": psutil.cpu_percent(),
+        "system/system_memory_usage_megabytes": memory.used / 1e6,
+        "system/system_memory_usage_percentage": memory.percent,
+        "system/worker_memory_rss_megabytes": psutil.Process().memory_info().rss / 1e6,
+    }
     if device.type == "cuda":
         i = device.index or 0
         out[f"system/gpu_{i}_memory_usage_megabytes"] = torch.cuda.max_memory_allocated(device) / 1e6
@@ -150,8 +153,9 @@ class ReportToTune(TuneReportCallback):
         super().after_report(run_context, metrics, checkpoint)
 
 
-def run_training(config: Config, pipeline: PipelineConfig, data: SharedData, storage: str, name: str,
-                 callbacks: list, fold: int = 0) -> ray.train.Result:
+def run_training(
+    config: Config, pipeline: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list, fold: int = 0
+) -> ray.train.Result:
     """One Ray Train run of ``config`` with the workers ``pipeline.ray`` asks for; resumes ``storage/name`` if present.
     ``fold`` ≥ 1 trains and validates on that extra fold of the labelled images (:mod:`drtune.folds`)."""
     r = pipeline.ray
@@ -159,15 +163,25 @@ def run_training(config: Config, pipeline: PipelineConfig, data: SharedData, sto
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "data": data, "threads": r.cpus_per_worker, "fold": fold,
-                           "specs": [methods.get(config.train.method)]},
-        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        train_loop_config={
+            "config": config,
+            "data": data,
+            "threads": r.cpus_per_worker,
+            "fold": fold,
+            "specs": [methods.get(config.train.method)],
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks,
+            name=name,
+            storage_path=storage,
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=r.max_failures, controller_failure_limit=r.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=r.max_failures, controller_failure_limit=r.max_failures
+            ),
         ),
     )
     return trainer.fit()

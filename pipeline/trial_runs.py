@@ -45,8 +45,9 @@ class TrialRuns(Callback):
     never logged twice, missing ones are added, and each run ends with its outcome.
     """
 
-    def __init__(self, client: MlflowClient, experiment: str, parent_id: str, max_epochs: int,
-                 inputs: list[DatasetInput] = ()) -> None:
+    def __init__(
+        self, client: MlflowClient, experiment: str, parent_id: str, max_epochs: int, inputs: list[DatasetInput] = ()
+    ) -> None:
         self.client, self.experiment, self.parent_id, self.max_epochs = client, experiment, parent_id, max_epochs
         self.inputs = list(inputs)
         self.runs: dict[str, str] = {}
@@ -73,8 +74,12 @@ class TrialRuns(Callback):
                 if not unreachable(err):
                     raise
                 if not self.warned:
-                    print(f"warning: the MLflow tracking server does not answer ({type(err).__name__}); the search goes "
-                          "on and its records are written when it is back", file=sys.stderr, flush=True)
+                    print(
+                        f"warning: the MLflow tracking server does not answer ({type(err).__name__}); the search goes "
+                        "on and its records are written when it is back",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     self.warned = True
                 return False
             self.held.pop(0)
@@ -88,19 +93,31 @@ class TrialRuns(Callback):
         run_id = self.runs.get(trial_id)
         if run_id is None:
             found = self.client.search_runs(
-                [self.experiment], max_results=1,
-                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'")
-            run_id = found[0].info.run_id if found else self.client.create_run(
-                self.experiment, run_name=f"trial-{trial_id}",
-                tags={PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id}).info.run_id
+                [self.experiment],
+                max_results=1,
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+            )
+            run_id = (
+                found[0].info.run_id
+                if found
+                else self.client.create_run(
+                    self.experiment,
+                    run_name=f"trial-{trial_id}",
+                    tags={PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id},
+                ).info.run_id
+            )
             self.runs[trial_id] = run_id
             self.logged[run_id] = {int(m.step) for m in self.client.get_metric_history(run_id, "val_top1")}
         return run_id
 
     def log_final(self, trial_id: str, metrics: dict[str, float]) -> None:
         """Numbers about a finished trial that come after it (its cross-validated score), on its run."""
-        self._write(lambda: self.client.log_batch(self._run(trial_id), metrics=[
-            Metric(k, float(v), int(time.time() * 1000), self.max_epochs) for k, v in metrics.items()]))
+        self._write(
+            lambda: self.client.log_batch(
+                self._run(trial_id),
+                metrics=[Metric(k, float(v), int(time.time() * 1000), self.max_epochs) for k, v in metrics.items()],
+            )
+        )
 
     def _start(self, trial_id: str, config: dict) -> str:
         run_id = self._run(trial_id)
@@ -117,8 +134,11 @@ class TrialRuns(Callback):
             return
         now = int(time.time() * 1000)
         # resumed_from_epoch: only in the first result of a restarted attempt
-        metrics = [Metric(k, float(result[k]), now, step) for k in result
-                   if k in METRIC_KEYS or k.startswith("system/") or k == "resumed_from_epoch"]
+        metrics = [
+            Metric(k, float(result[k]), now, step)
+            for k in result
+            if k in METRIC_KEYS or k.startswith("system/") or k == "resumed_from_epoch"
+        ]
         self.client.log_batch(run_id, metrics=metrics)
         self.logged[run_id].add(step)
         if "resumed_from_epoch" in result:
@@ -136,8 +156,9 @@ class TrialRuns(Callback):
             self.client.set_tag(run_id, "error", error[-4000:])
             self.client.set_terminated(run_id, "FAILED")
             return
-        self.client.set_tag(run_id, "outcome", "completed" if epochs >= self.max_epochs
-                            else f"stopped by ASHA after {epochs} epochs")
+        self.client.set_tag(
+            run_id, "outcome", "completed" if epochs >= self.max_epochs else f"stopped by ASHA after {epochs} epochs"
+        )
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -168,8 +189,10 @@ class TrialRuns(Callback):
         while not self.flush() and time.time() < deadline:
             time.sleep(5)
         if self.held:
-            raise TrackingUnavailableError("the MLflow tracking server went away during the search and has not come "
-                                           "back; the search itself is stored: run the stage again when it answers")
+            raise TrackingUnavailableError(
+                "the MLflow tracking server went away during the search and has not come "
+                "back; the search itself is stored: run the stage again when it answers"
+            )
         for r in results:
             metrics = r.metrics or {}
             trial_id = metrics.get("trial_id")
@@ -177,9 +200,10 @@ class TrialRuns(Callback):
                 continue
             self._start(trial_id, dict(r.config))
             history = r.metrics_dataframe
-            for row in ([] if history is None else history.to_dict("records")):
-                self._log_epoch(trial_id, {k: v for k, v in row.items()
-                                           if isinstance(v, (int, float)) and math.isfinite(v)})
+            for row in [] if history is None else history.to_dict("records"):
+                self._log_epoch(
+                    trial_id, {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+                )
             error = None if r.error is None else f"{type(r.error).__name__}: {r.error}"[-4000:]
             self._finish(trial_id, metrics, error)
 
@@ -190,7 +214,9 @@ class TrialRuns(Callback):
             if not self.flush():
                 return
             running = self.client.search_runs(
-                [self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and attributes.status = 'RUNNING'")
+                [self.experiment],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and attributes.status = 'RUNNING'",
+            )
             for run in running:
                 self.client.set_terminated(run.info.run_id, "KILLED")
         except Exception as err:  # noqa: BLE001

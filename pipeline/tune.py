@@ -49,7 +49,7 @@ from drtune.prepared import load_prepared
 from pipeline import plots
 from pipeline.choosing import baseline_candidate, choose, near_the_top, revalidation, write_models
 from pipeline.cluster import local_storage, start_ray, storage_filesystem, storage_uri
-from pipeline.config import PipelineConfig, load
+from pipeline.config import PipelineConfig
 from pipeline.experiment_state import FRESH_HINT, discard_experiment
 from pipeline.leaderboard import leaderboard, validation_numbers
 from pipeline.mlflow_store import (
@@ -81,14 +81,20 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     starting_points(p)  # validates tune.points_to_evaluate before Ray starts
     folds = max_extra_folds(data.train, data.val)
     if p.tune.revalidate != "never" and p.tune.finalist_folds > folds:
-        raise ConfigError(f"tune.finalist_folds = {p.tune.finalist_folds}: the prepared training split holds {folds} "
-                          "disjoint folds the size of the validation split (per class); lower it")
+        raise ConfigError(
+            f"tune.finalist_folds = {p.tune.finalist_folds}: the prepared training split holds {folds} "
+            "disjoint folds the size of the validation split (per class); lower it"
+        )
     baseline = baseline_candidate(root, p, data.checksum, len(data.val))
     largest = p.library()
     largest.drtune.queue_size = max(p.tune.queue_sizes)
     # Everything a worker would reject, before Ray starts; each trial keeps one checkpoint in storage.
-    preflight(largest, local_storage(p, root), field="ray.storage_path",
-              checkpoints=p.tune.num_samples + p.tune.finalists * p.tune.finalist_folds + 1)
+    preflight(
+        largest,
+        local_storage(p, root),
+        field="ray.storage_path",
+        checkpoints=p.tune.num_samples + p.tune.finalists * p.tune.finalist_folds + 1,
+    )
     start_ray(p)
     storage = storage_uri(p, root)
     ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
@@ -99,12 +105,24 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         if discard_experiment(f"{experiment_path}-finalists") | discard_experiment(experiment_path):
             print(f"starting afresh: deleted the search stored at {experiment_path}", flush=True)
     elif tune.Tuner.can_restore(experiment_path):
-        print(f"resuming the search stored at {experiment_path}: finished trials are kept, unfinished and failed ones "
-              f"continue from their last checkpoints; to {FRESH_HINT}",
-              flush=True)
-    parent = parent_run(client, mlflow_experiment, experiment_path, run_name=ray_run, tags={
-        "git_commit": git_commit(root), "data_sha256": data.checksum, "ray_experiment_path": experiment_path,
-        "dataset": p.data.dataset, "method": p.train.method})
+        print(
+            f"resuming the search stored at {experiment_path}: finished trials are kept, unfinished and failed ones "
+            f"continue from their last checkpoints; to {FRESH_HINT}",
+            flush=True,
+        )
+    parent = parent_run(
+        client,
+        mlflow_experiment,
+        experiment_path,
+        run_name=ray_run,
+        tags={
+            "git_commit": git_commit(root),
+            "data_sha256": data.checksum,
+            "ray_experiment_path": experiment_path,
+            "dataset": p.data.dataset,
+            "method": p.train.method,
+        },
+    )
     with run_outcome(client, parent):  # FINISHED, KILLED or FAILED: never left RUNNING
         log_params(client, parent, flat(p.model_dump(mode="json", exclude={"mlflow": True})))
         inputs = dataset_inputs(data, p.data.prepared_dir)
@@ -120,36 +138,56 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             trial_runs.close_open_runs()
         require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {experiment_path}")
         trial_runs.reconcile(results)  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
-        candidates = trial_candidates(results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage))
+        candidates = trial_candidates(
+            results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage)
+        )
         candidates += [baseline] if baseline else []
         if not rank(candidates):
-            raise RuntimeError(f"no trial completed all {p.train.epochs} epochs: {len(results)} trials, "
-                               f"{sum(c.status == 'failed' for c in candidates)} failed (their errors are in their MLflow "
-                               "runs); fix the cause and run the stage again: failed trials are retried from their last "
-                               "checkpoints")
+            raise RuntimeError(
+                f"no trial completed all {p.train.epochs} epochs: {len(results)} trials, "
+                f"{sum(c.status == 'failed' for c in candidates)} failed (their errors are in their MLflow "
+                "runs); fix the cause and run the stage again: failed trials are retried from their last "
+                "checkpoints"
+            )
         candidates = near_the_top(candidates, data.val)
         chosen, scored = choose(p, candidates, revalidation(p, data, shared, storage, ray_run, [progress]))
         for c in scored:
             if c.baseline:
-                client.log_metric(json.loads((root / "models" / "baseline.json").read_text())["mlflow_run_id"],
-                                  "cv_top1", c.cv_top1)
+                client.log_metric(
+                    json.loads((root / "models" / "baseline.json").read_text())["mlflow_run_id"], "cv_top1", c.cv_top1
+                )
             else:
                 trial_runs.log_final(c.id, {"cv_top1": c.cv_top1})
         trial_runs.flush()
         print(f"pick: {chosen.chosen.id} ({chosen.chosen.method}), rule {chosen.rule}: {chosen.reason}", flush=True)
-        landscape = [{"status": c.status, "epochs": p.train.epochs if c.status == "completed" else
-                      int((r.metrics or {}).get("epoch", 0))}
-                     for c, r in zip(candidates[:len(results)], results, strict=True)]  # the baseline is no trial
+        landscape = [
+            {
+                "status": c.status,
+                "epochs": p.train.epochs if c.status == "completed" else int((r.metrics or {}).get("epoch", 0)),
+            }
+            for c, r in zip(candidates[: len(results)], results, strict=True)
+        ]  # the baseline is no trial
         metrics, record = write_outputs(p, root, candidates, landscape, chosen, scored, time.time() - start)
-        record |= {"experiment_path": experiment_path, "mlflow_parent_run_id": parent,
-                   "mlflow_experiment_id": mlflow_experiment, "data_sha256": data.checksum}
+        record |= {
+            "experiment_path": experiment_path,
+            "mlflow_parent_run_id": parent,
+            "mlflow_experiment_id": mlflow_experiment,
+            "data_sha256": data.checksum,
+        }
         (root / "models" / "best.json").write_text(json.dumps(record, indent=2))
         log_pick(client, parent, chosen, record)
     return metrics | record
 
 
-def write_outputs(p: PipelineConfig, root: Path, candidates: list[Candidate], trials: list[dict], chosen: Pick,
-                  scored: list[Candidate], wall_s: float) -> tuple[dict, dict]:
+def write_outputs(
+    p: PipelineConfig,
+    root: Path,
+    candidates: list[Candidate],
+    trials: list[dict],
+    chosen: Pick,
+    scored: list[Candidate],
+    wall_s: float,
+) -> tuple[dict, dict]:
     """The stage's files (see the module docstring) but ``models/best.json``; returns (the numbers of
     ``metrics/tune.json``, what identifies the winner). ``trials`` holds each trial's status and epochs run,
     in ``candidates``' order (the baseline, last, is no trial)."""
@@ -159,8 +197,16 @@ def write_outputs(p: PipelineConfig, root: Path, candidates: list[Candidate], tr
     best = chosen.chosen
     shown = list(dict.fromkeys(p.search_methods() + [c.method for c in candidates if c.baseline]))
     keys = sorted({name for m in p.search_methods() for name in searched_names(p, m)})
-    rows = [{"trial": c.id, "method": c.method, **{k: unprefixed(c.config).get(k) for k in keys},
-             "val_top1": c.val_top1, **t} for c, t in zip(candidates[:len(trials)], trials, strict=True)]
+    rows = [
+        {
+            "trial": c.id,
+            "method": c.method,
+            **{k: unprefixed(c.config).get(k) for k in keys},
+            "val_top1": c.val_top1,
+            **t,
+        }
+        for c, t in zip(candidates[: len(trials)], trials, strict=True)
+    ]
     board = leaderboard(candidates, chosen, shown)
     write_models(board, candidates, models / "leaderboard")
     assert board[best.method]["best_trial"] == best.id, (board, best.id)  # the pick is its method's entry
@@ -176,27 +222,47 @@ def write_outputs(p: PipelineConfig, root: Path, candidates: list[Candidate], tr
     count = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped", "failed")}
     # Numbers go to the DVC metrics file; what identifies the winner goes beside its model.
     metrics = {
-        "best_val_top1": best.val_top1, "best_val_loss": best.val_loss, "trials": len(rows),
-        "completed": count["completed"], "stopped_early": count["stopped"], "failed": count["failed"],
-        "wall_s": round(wall_s, 1), "best_is_baseline": int(best.baseline), "revalidated": len(scored),
-        **({"gap_images": gap["gap_images"], "gap_low": gap["interval"][0], "gap_high": gap["interval"][1]}
-           if gap else {}),
+        "best_val_top1": best.val_top1,
+        "best_val_loss": best.val_loss,
+        "trials": len(rows),
+        "completed": count["completed"],
+        "stopped_early": count["stopped"],
+        "failed": count["failed"],
+        "wall_s": round(wall_s, 1),
+        "best_is_baseline": int(best.baseline),
+        "revalidated": len(scored),
+        **(
+            {"gap_images": gap["gap_images"], "gap_low": gap["interval"][0], "gap_high": gap["interval"][1]}
+            if gap
+            else {}
+        ),
         "best": unprefixed(best.config),
         **({"best_cv_top1": best.cv_top1} if best.cv_top1 is not None else {}),
     }
     (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
     (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board), indent=2))
     finalist_rows = [{"trial": c.id, "val_top1": c.val_top1, "cv_top1": c.cv_top1, "folds": c.folds} for c in scored]
-    return metrics, {"best_trial": best.id, "best_method": best.method, "best_is_baseline": best.baseline,
-                     "best_config": best.config, "leaderboard": board, "selection": record, "finalists": finalist_rows}
+    return metrics, {
+        "best_trial": best.id,
+        "best_method": best.method,
+        "best_is_baseline": best.baseline,
+        "best_config": best.config,
+        "leaderboard": board,
+        "selection": record,
+        "finalists": finalist_rows,
+    }
 
 
 def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> None:
     """The pick on the search's parent run: the winner, the rule and its reason, the finalists, the leaderboard."""
     best, selection, board = chosen.chosen, record["selection"], record["leaderboard"]
     client.log_metric(parent, "best_val_top1", best.val_top1)
-    for tag, value in {"best_trial": best.id, "best_method": best.method, "selection": chosen.rule,
-                       "selection_reason": chosen.reason}.items():
+    for tag, value in {
+        "best_trial": best.id,
+        "best_method": best.method,
+        "selection": chosen.rule,
+        "selection_reason": chosen.reason,
+    }.items():
         client.set_tag(parent, tag, value)
     if selection["comparison"]:
         client.log_metric(parent, "selection_gap_images", selection["comparison"]["gap_images"])
@@ -206,8 +272,11 @@ def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> N
         client.log_dict(parent, pd.DataFrame(record["finalists"]).to_dict(orient="split"), "finalists.json")
     client.log_dict(parent, selection, "selection.json")
     # the table format of MLflow's log_table, written whole (log_table appends on a rerun)
-    client.log_dict(parent, pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
-                    "leaderboard_val.json")
+    client.log_dict(
+        parent,
+        pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
+        "leaderboard_val.json",
+    )
     for key, value in validation_numbers(board).items():
         client.log_metric(parent, f"leaderboard.{key}", value)
     # The parent's own params are the base params.yaml values; the winner's are logged beside them.
@@ -215,11 +284,16 @@ def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("tune", __doc__, argv,
-                      lambda path, sets, fresh=False: run(load(path, sets), fresh=fresh or os.environ.get("DRTUNE_FRESH") == "1"),
-                      lambda s: json.dumps({k: s[k] for k in ("best_trial", "best_val_top1", "completed", "stopped_early",
-                                                              "failed", "wall_s")}),
-                      flags={"--fresh": "discard a stored search of the same settings and start it again"})
+    def summary(s: dict) -> str:
+        return json.dumps(
+            {k: s[k] for k in ("best_trial", "best_val_top1", "completed", "stopped_early", "failed", "wall_s")}
+        )
+
+    def search(p: PipelineConfig, fresh: bool = False) -> dict:
+        return run(p, fresh=fresh or os.environ.get("DRTUNE_FRESH") == "1")
+
+    flags = {"--fresh": "discard a stored search of the same settings and start it again"}
+    return stage_main("tune", __doc__, argv, search, summary, flags=flags)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,12 @@ def test_crop_boxes_follow_torchvision_random_resized_crop() -> None:
     boxes = random_resized_crop_boxes(h, w, n, torch.Generator().manual_seed(0))
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     torch.manual_seed(0)
-    ref = torch.tensor([V1.RandomResizedCrop.get_params(torch.zeros(1, h, w), TRAIN_CROP_SCALE, TRAIN_CROP_RATIO)
-                        for _ in range(n)]).float()  # (top, left, height, width)
-    assert float((bw * bh).mean()) / (h * w) == pytest.approx(float((ref[:, 2] * ref[:, 3]).mean()) / (h * w), abs=0.006)
+    ref = torch.tensor(
+        [V1.RandomResizedCrop.get_params(torch.zeros(1, h, w), TRAIN_CROP_SCALE, TRAIN_CROP_RATIO) for _ in range(n)]
+    ).float()  # (top, left, height, width)
+    assert float((bw * bh).mean()) / (h * w) == pytest.approx(
+        float((ref[:, 2] * ref[:, 3]).mean()) / (h * w), abs=0.006
+    )
     assert float((bw / bh).log().mean()) == pytest.approx(float((ref[:, 3] / ref[:, 2]).log().mean()), abs=0.006)
     assert float((boxes[:, 0] + bw / 2).mean()) == pytest.approx(float((ref[:, 1] + ref[:, 3] / 2).mean()), abs=0.5)
     assert boxes[:, :2].min() >= 0 and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()

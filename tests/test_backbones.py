@@ -65,7 +65,9 @@ def test_mae_and_safetensors_checkpoints_load(tmp_path) -> None:
     from safetensors.torch import save_file
 
     source = timm.create_model("test_vit", num_classes=0)
-    mae = {"model": {**source.state_dict(), "decoder_embed.weight": torch.zeros(2, 2), "mask_token": torch.zeros(1, 1, 2)}}
+    mae = {
+        "model": {**source.state_dict(), "decoder_embed.weight": torch.zeros(2, 2), "mask_token": torch.zeros(1, 1, 2)}
+    }
     torch.save(mae, tmp_path / "mae.pth")
     model = create_backbone("test_vit", str(tmp_path / "mae.pth"))
     assert torch.equal(model.patch_embed.proj.weight, source.patch_embed.proj.weight)
@@ -77,7 +79,9 @@ def test_mae_and_safetensors_checkpoints_load(tmp_path) -> None:
 def test_mismatched_checkpoint_names_missing_and_unexpected_keys(tmp_path) -> None:
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), tmp_path / "resnet.pth")
     model = timm.create_model("test_efficientnet", num_classes=0)
-    with pytest.raises(CheckpointMismatchError, match=r"missing keys: blocks\.0\.0\.bn1\.bias.*unexpected keys: conv1\.0\.weight"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"missing keys: blocks\.0\.0\.bn1\.bias.*unexpected keys: conv1\.0\.weight"
+    ):
         load_checkpoint(model, tmp_path / "resnet.pth")
     state = model.state_dict()
     state["conv_stem.weight"] = torch.zeros(1, 1, 1, 1)

@@ -35,8 +35,9 @@ def test_reproduces_reference_cases(name: str) -> None:
     with np.load(CASES) as z:
         g = {k.split("/")[1]: torch.from_numpy(np.asarray(z[k])) for k in z.files if k.startswith(name + "/")}
     scale = g["batch_down_feat"].norm(dim=1).mean()
-    out = semantic_calibrate(g["pre_queue"], g["down_queue"], g["labels"], g["head_weight"], scale,
-                             rotate=bool(g["rotate"]))
+    out = semantic_calibrate(
+        g["pre_queue"], g["down_queue"], g["labels"], g["head_weight"], scale, rotate=bool(g["rotate"])
+    )
     assert out.shape == g["calibrated"].shape
     assert rel_err(out, g["calibrated"]) <= 1e-4
 
@@ -46,15 +47,21 @@ def _banks(k: int, d: int, c: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     centres = torch.randn(c, d, generator=gen)
     labels = torch.arange(k) % c
     pre = centres[labels] + 0.7 * torch.randn(k, d, generator=gen)
-    down = pre @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen) / d**0.5) + 0.5 * torch.randn(k, d, generator=gen)
+    down = pre @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=gen) / d**0.5) + 0.5 * torch.randn(
+        k, d, generator=gen
+    )
     head = torch.randn(c, d, generator=gen)
     return pre, down, labels, head
 
 
 @pytest.mark.parametrize("k,d,c", [(300, 40, 7), (64, 200, 5), (150, 160, 12), (41, 40, 3)])
-@pytest.mark.parametrize("rotate,translate,confidence", [(True, True, True), (False, True, True), (True, False, True),
-                                                         (True, True, False), (False, False, False)])
-def test_matches_loop_and_svd_reference(k: int, d: int, c: int, rotate: bool, translate: bool, confidence: bool) -> None:
+@pytest.mark.parametrize(
+    "rotate,translate,confidence",
+    [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (False, False, False)],
+)
+def test_matches_loop_and_svd_reference(
+    k: int, d: int, c: int, rotate: bool, translate: bool, confidence: bool
+) -> None:
     """Both rotation paths (K ≥ 0.8 D: D × D SVD with reflection fix; K < 0.8 D: thin QRs) and every switch."""
     pre, down, labels, head = _banks(k, d, c)
     kw = dict(rotate=rotate, translate=translate, confidence=confidence)
@@ -100,8 +107,9 @@ def test_mirrored_bank_on_the_full_svd_path_matches_reference(k: int, d: int) ->
     if k > d:
         assert torch.linalg.det((x - x.mean(0)).T @ (y - y.mean(0))) < 0  # a property of S, not of an SVD
     ours = semantic_calibrate(pre, down, torch.zeros(k, dtype=torch.long), torch.randn(1, d), 1.0, translate=False)
-    ref = reference_semantic_calibrate(pre.double(), down.double(), torch.zeros(k, dtype=torch.long),
-                                       torch.randn(1, d).double(), 1.0, translate=False)
+    ref = reference_semantic_calibrate(
+        pre.double(), down.double(), torch.zeros(k, dtype=torch.long), torch.randn(1, d).double(), 1.0, translate=False
+    )
     assert rel_err(ours, ref) <= 1e-4
 
 

@@ -79,7 +79,9 @@ def test_corrupt_image_fails_listing_it_or_is_skipped(tmp_path) -> None:
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(BadImagesError, match="broken.jpg"):
         load_source(f"imagefolder:{root}", image_size=16)
-    stats = prepare(_cfg(tmp_path, dataset=f"imagefolder:{root}", labels_per_class="null", skip_bad="true", store_size=16))
+    stats = prepare(
+        _cfg(tmp_path, dataset=f"imagefolder:{root}", labels_per_class="null", skip_bad="true", store_size=16)
+    )
     assert stats["skipped_bad_files"] == 1
 
 
@@ -131,7 +133,9 @@ def _fake_dtd(root, classes=("banded", "dotted", "woven"), per_class=6):
     for c in classes:
         (base / "images" / c).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (40, 50 + i, 3), dtype=np.uint8)).save(base / "images" / c / f"{c}_{i}.jpg")
+            Image.fromarray(rng.integers(0, 255, (40, 50 + i, 3), dtype=np.uint8)).save(
+                base / "images" / c / f"{c}_{i}.jpg"
+            )
             lists[("train", "train", "val", "val", "test", "test")[i]].append(f"{c}/{c}_{i}.jpg")
     (base / "labels").mkdir()
     for split, lines in lists.items():
@@ -174,9 +178,13 @@ def test_every_problem_of_an_image_folder_is_reported_in_one_run(tmp_path) -> No
     assert "3 problem(s)" in message and "empty holds no images" in message
     assert "dog/a.png" in message and "dog/b.jpg" in message
     (root / "empty").rmdir()
-    stats = prepare(_cfg(tmp_path, dataset=f"imagefolder:{root}", labels_per_class="null", skip_bad="true",
-                         store_size=16))
-    assert stats["skipped_bad_files"] == 2 and sorted(Path(p).name for p in stats["skipped_files"]) == ["a.png", "b.jpg"]
+    stats = prepare(
+        _cfg(tmp_path, dataset=f"imagefolder:{root}", labels_per_class="null", skip_bad="true", store_size=16)
+    )
+    assert stats["skipped_bad_files"] == 2 and sorted(Path(p).name for p in stats["skipped_files"]) == [
+        "a.png",
+        "b.jpg",
+    ]
     assert sorted(Path(p).name for p in stats["ignored_files"]) == ["notes.txt", "readme.md"]
 
 

@@ -40,10 +40,24 @@ class TrackingServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}"],
-            cwd=self.root, env=dict(os.environ) | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+            ],
+            cwd=self.root,
+            env=dict(os.environ) | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         _wait_for(f"{self.uri}/health")
 
     def stop(self) -> None:
@@ -56,9 +70,17 @@ class TrackingServer:
 def _tune(root: Path, env: dict, *args: str, on_line=None, poll=None) -> tuple[int, str]:
     """Run the tune stage; ``on_line(line, process)`` sees each output line as it comes, ``poll(process)``
     runs every half second while it runs."""
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.tune", *args], cwd=root, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.tune", *args],
+        cwd=root,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     if poll is not None:
+
         def watch() -> None:
             while process.poll() is None:
                 poll(process)
@@ -77,8 +99,10 @@ def _tune(root: Path, env: dict, *args: str, on_line=None, poll=None) -> tuple[i
 
 
 def _outputs(root: Path) -> dict:
-    return {"tune": json.loads((root / "metrics" / "tune.json").read_text()),
-            "best": json.loads((root / "models" / "best.json").read_text())}
+    return {
+        "tune": json.loads((root / "metrics" / "tune.json").read_text()),
+        "best": json.loads((root / "models" / "best.json").read_text()),
+    }
 
 
 def _trial_runs(uri: str, parent_id: str) -> list:
@@ -92,8 +116,10 @@ def _trial_runs(uri: str, parent_id: str) -> list:
 
 @pytest.fixture(scope="module")
 def phases(tmp_path_factory) -> dict:
-    root = _copy_project(tmp_path_factory.mktemp("faults") / "project",
-                         tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1})
+    root = _copy_project(
+        tmp_path_factory.mktemp("faults") / "project",
+        tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1},
+    )
     server = TrackingServer(root)
     server.start()
     markers = root / "fault-markers"
@@ -102,8 +128,14 @@ def phases(tmp_path_factory) -> dict:
     out: dict = {"uri": server.uri}
     try:
         for stage in ("prepare", "baseline"):
-            done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=root, env=env, capture_output=True,
-                                  text=True, timeout=300)
+            done = subprocess.run(
+                [sys.executable, "-m", f"pipeline.{stage}"],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert done.returncode == 0, done.stderr[-3000:]
 
         def interrupt_when_held(process) -> None:
@@ -131,8 +163,12 @@ def phases(tmp_path_factory) -> dict:
 
         started = time.time()
         code, text = _tune(root, env | {"DRTUNE_FAULT": "lose_worker@1,disk_full@2"}, on_line=outage)
-        out["faulted"] = {"code": code, "text": text, "seconds": time.time() - started,
-                          **(_outputs(root) if code == 0 else {})}
+        out["faulted"] = {
+            "code": code,
+            "text": text,
+            "seconds": time.time() - started,
+            **(_outputs(root) if code == 0 else {}),
+        }
         (markers / "disk_freed").touch()
         started = time.time()
         code, text = _tune(root, env)
@@ -149,13 +185,24 @@ def phases(tmp_path_factory) -> dict:
         out["fresh"] = {"code": code, "text": text, "seconds": time.time() - started, **_outputs(root)}
         # Registration of the reference's winner, interrupted once the version exists.
         register = [sys.executable, "-m", "pipeline.register"]
-        cut = subprocess.run(register, cwd=root, env=env | {"DRTUNE_FAULT": "interrupt_registration"}, text=True,
-                             capture_output=True, timeout=300)
+        cut = subprocess.run(
+            register,
+            cwd=root,
+            env=env | {"DRTUNE_FAULT": "interrupt_registration"},
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
         again = subprocess.run(register, cwd=root, env=env, text=True, capture_output=True, timeout=300)
-        out["registration"] = {"cut": cut.returncode, "cut_text": cut.stdout + cut.stderr, "code": again.returncode,
-                               "text": again.stdout + again.stderr}
-        (root / "phase-seconds.json").write_text(json.dumps({k: v.get("seconds") for k, v in out.items()
-                                                             if isinstance(v, dict)}))
+        out["registration"] = {
+            "cut": cut.returncode,
+            "cut_text": cut.stdout + cut.stderr,
+            "code": again.returncode,
+            "text": again.stdout + again.stderr,
+        }
+        (root / "phase-seconds.json").write_text(
+            json.dumps({k: v.get("seconds") for k, v in out.items() if isinstance(v, dict)})
+        )
         yield out
     finally:
         server.stop()

@@ -41,12 +41,15 @@ def test_the_base_install_lists_none_of_the_pipelines_packages() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base = {d.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip() for d in project["dependencies"]}
     assert not base & set(PIPELINE_ONLY), base & set(PIPELINE_ONLY)
-    pipeline = {d.split("[")[0].split("=")[0].split(">")[0].strip() for d in project["optional-dependencies"]["pipeline"]}
+    pipeline = {
+        d.split("[")[0].split("=")[0].split(">")[0].strip() for d in project["optional-dependencies"]["pipeline"]
+    }
     assert {"ray", "mlflow", "dvc", "optuna"} <= pipeline
 
 
 def test_the_library_fits_exports_and_explains_without_the_pipelines_packages(tmp_path) -> None:
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "registry URIs need MLflow" in done.stderr

@@ -22,12 +22,17 @@ BETA = 0.05
 def head_decay_loss(task, features, logits, y):
     """CE + β/2 ‖W_head‖², β read from the field the knob sets."""
     ce = F.cross_entropy(logits, y)
-    reg = 0.5 * task.config.baselines.l2sp_beta * (task.model.head.weight ** 2).sum()
+    reg = 0.5 * task.config.baselines.l2sp_beta * (task.model.head.weight**2).sum()
     return ce + reg, ce, reg
 
 
-SPEC = methods.MethodSpec("head_decay", "head decay", "CE-tuning with a decayed head", head_decay_loss,
-                          knobs=(methods.Knob("head_decay", "baselines.l2sp_beta", 1e-3, 1e-1),))
+SPEC = methods.MethodSpec(
+    "head_decay",
+    "head decay",
+    "CE-tuning with a decayed head",
+    head_decay_loss,
+    knobs=(methods.Knob("head_decay", "baselines.l2sp_beta", 1e-3, 1e-1),),
+)
 
 
 @pytest.fixture
@@ -56,7 +61,10 @@ def test_a_registered_method_is_searched_over_its_own_knob_and_trains_with_its_l
     assert result.task.frozen is None and result.task.bank is None  # the spec keeps neither
     # The epoch's mean regulariser lies between the end-of-epoch value and the start's (the head shrinks).
     assert 0 < result.history[-1]["train_reg"] and result.history[-1]["train_loss"] > result.history[-1]["train_reg"]
-    assert abs(result.history[-1]["train_reg"] - 0.5 * BETA * float((head ** 2).sum())) < 0.5 * result.history[-1]["train_reg"]
+    assert (
+        abs(result.history[-1]["train_reg"] - 0.5 * BETA * float((head**2).sum()))
+        < 0.5 * result.history[-1]["train_reg"]
+    )
 
 
 @pytest.mark.slow
@@ -69,9 +77,17 @@ def test_a_quick_search_over_a_method_registered_only_in_this_process(head_decay
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    p = load(REPO / "configs" / "quick.yaml", ["tune.methods=[ce, head_decay]", "tune.num_samples=2", "train.epochs=1",
-                                               "tune.grace_period=1", "tune.revalidate=never",
-                                               f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    p = load(
+        REPO / "configs" / "quick.yaml",
+        [
+            "tune.methods=[ce, head_decay]",
+            "tune.num_samples=2",
+            "train.epochs=1",
+            "tune.grace_period=1",
+            "tune.revalidate=never",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
     data = p.data.model_copy()
     data.prepared_dir = str(tmp_path / p.data.prepared_dir)
     write_prepared(data)

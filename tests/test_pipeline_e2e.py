@@ -33,16 +33,23 @@ def _free_port() -> int:
 
 def _env(root: Path) -> dict:
     env = dict(os.environ)
-    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", DVC_SITE_CACHE_DIR=str(root / ".dvc" / "tmp" / "site"),
-               RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="1", DVC_NO_ANALYTICS="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", PYTHONUNBUFFERED="1")
+    env.update(
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        DVC_SITE_CACHE_DIR=str(root / ".dvc" / "tmp" / "site"),
+        RAY_USAGE_STATS_ENABLED="0",
+        MLFLOW_DISABLE_TELEMETRY="1",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
 def _copy_project(dest: Path, **sections) -> Path:
     """The committed and untracked project files (no results) in ``dest``, a git repo, quick params."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     dest.mkdir(parents=True)
     for name in files:
         if name.split("/")[0] in ("metrics", "plots") or name == "dvc.lock" or not (REPO / name).is_file():
@@ -54,10 +61,20 @@ def _copy_project(dest: Path, **sections) -> Path:
     for section, values in sections.items():
         params.setdefault(section, {}).update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
         subprocess.run(cmd, cwd=dest, check=True)
     return dest
+
+
+def _background(cmd: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    """A server process in its own session (so the test can stop its whole group), output discarded."""
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def _client(root: Path):
@@ -72,8 +89,11 @@ def project(tmp_path_factory) -> Path:
     """``dvc repro`` of the quick pipeline with 3 trials, the first of which diverges to NaN. The CE baseline's
     rates are set too low to learn in 3 epochs, so a DR-Tune trial is clearly the best candidate and the
     registry path of a searched model is what runs (the baseline's own wins are tested elsewhere)."""
-    root = _copy_project(tmp_path_factory.mktemp("e2e") / "project", train={"lr_backbone": 0.0001, "lr_head": 0.001},
-                         tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT]})
+    root = _copy_project(
+        tmp_path_factory.mktemp("e2e") / "project",
+        train={"lr_backbone": 0.0001, "lr_head": 0.001},
+        tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT]},
+    )
     start = time.time()
     done = subprocess.run(["dvc", "repro"], cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -91,9 +111,13 @@ def test_dvc_repro_writes_metrics_plots_and_model(project: Path) -> None:
     for picture in ("learning_curve.png", "landscape.png", "confusion_matrix.png"):
         assert (project / "plots" / picture).stat().st_size > 5000
     env = _env(project)
-    shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True)
+    shown = subprocess.run(
+        ["dvc", "metrics", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True
+    )
     assert "test_top1" in shown.stdout
-    plots = subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True)
+    plots = subprocess.run(
+        ["dvc", "plots", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True
+    )
     assert "lambda_vs_val_top1" in plots.stdout and "metrics/tune_curve.csv" in plots.stdout
     status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout
@@ -142,8 +166,13 @@ def test_the_registry_and_runs_as_a_person_browses_them(project: Path) -> None:
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     stats = json.loads((project / "data" / "prepared" / "stats.json").read_text())
     runs = client.search_runs([exp.experiment_id])
-    training = [r for r in runs if r.data.tags.get("role") == "ce-baseline" or "drtune.trial_id" in r.data.tags
-                or "drtune.ray_experiment" in r.data.tags]
+    training = [
+        r
+        for r in runs
+        if r.data.tags.get("role") == "ce-baseline"
+        or "drtune.trial_id" in r.data.tags
+        or "drtune.ray_experiment" in r.data.tags
+    ]
     assert len(training) == 5  # baseline, parent, 3 trials
     for run in training:
         logged = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
@@ -189,8 +218,14 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
     for i, image in enumerate(images):
         Image.fromarray(image).save(photos / f"{i}.png")
     for source in ("models:/drtune-digits@champion", "models/best.safetensors"):
-        cli = subprocess.run([str(BIN / "drtune"), "predict", source, str(photos), "--output", str(photos / "p.csv")],
-                             cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
+        cli = subprocess.run(
+            [str(BIN / "drtune"), "predict", source, str(photos), "--output", str(photos / "p.csv")],
+            cwd=project,
+            env=_env(project),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert cli.returncode == 0, cli.stderr[-2000:]
         labels = [row.split(",")[1] for row in (photos / "p.csv").read_text().splitlines()[1:]]
         assert labels == list(out["label"]), source
@@ -204,8 +239,13 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
     from drtune.model_file import read_model, save_model
 
     best = read_model(project / "models" / "best.safetensors")
-    save_model(project / "models" / "best.safetensors", best.tensors, best.params | {"note": "same weights, another file"},
-               best.classes, best.history)
+    save_model(
+        project / "models" / "best.safetensors",
+        best.tensors,
+        best.params | {"note": "same weights, another file"},
+        best.classes,
+        best.history,
+    )
     again = subprocess.run(register, cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert str(client.get_model_version_by_alias("drtune-digits", "challenger").version) == "2"
@@ -220,10 +260,8 @@ def test_mlflow_models_serve_answers_http(project: Path) -> None:
 
     port = _free_port()
     env = _env(project) | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/drtune-digits@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                              cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    serve = f"models serve -m models:/drtune-digits@champion --env-manager local -h 127.0.0.1 -p {port} -w 1"
+    server = _background([str(BIN / "mlflow"), *serve.split()], project, env)
     try:
         images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).tolist()
         deadline = time.time() + 120
@@ -249,26 +287,51 @@ def test_mlflow_models_serve_answers_http(project: Path) -> None:
 
 def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_with_a_leaderboard(project: Path) -> None:
     env = _env(project)
-    for cmd in (["git", "add", "dvc.lock", "metrics", "plots"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "quick run"]):
+    for cmd in (
+        ["git", "add", "dvc.lock", "metrics", "plots"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "quick run"],
+    ):
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)
     # No early stopping: one trial per method (each method's starting point), and the top two candidates
     # (of the two trials and the CE baseline) are always re-validated on one more fold.
-    exp = subprocess.run(["dvc", "exp", "run", "-S", "tune.methods=[drtune,linear_probe]", "-S", "tune.num_samples=2",
-                          "-S", "tune.early_stopping=false", "-S", "tune.revalidate=always", "-S", "tune.finalists=2",
-                          "-S", "tune.finalist_folds=1"],
-                         cwd=project, env=env,
-                         capture_output=True, text=True, timeout=900)
+    exp = subprocess.run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "tune.methods=[drtune,linear_probe]",
+            "-S",
+            "tune.num_samples=2",
+            "-S",
+            "tune.early_stopping=false",
+            "-S",
+            "tune.revalidate=always",
+            "-S",
+            "tune.finalists=2",
+            "-S",
+            "tune.finalist_folds=1",
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = exp.stdout + exp.stderr
     assert exp.returncode == 0, out[-4000:]
     assert "Running stage 'tune'" in out and "Running stage 'register'" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'baseline'" not in out
     assert json.loads((project / "metrics" / "tune.json").read_text())["trials"] == 2
     board = json.loads((project / "metrics" / "leaderboard.json").read_text())
-    assert board["drtune.completed"] == board["linear_probe.completed"] == 1 and "drtune_val_lift_over_best_other" in board
+    assert (
+        board["drtune.completed"] == board["linear_probe.completed"] == 1 and "drtune_val_lift_over_best_other" in board
+    )
     assert board["ce.trials"] == 0 and board["ce.completed"] == 1  # the baseline, on the leaderboard as CE-tuning
     test = json.loads((project / "metrics" / "test.json").read_text())
-    assert {"drtune.test_top1", "linear_probe.test_top1", "ce.test_top1", "drtune_test_lift_over_best_other"} <= set(test)
+    assert {"drtune.test_top1", "linear_probe.test_top1", "ce.test_top1", "drtune_test_lift_over_best_other"} <= set(
+        test
+    )
     baseline = json.loads((project / "metrics" / "baseline.json").read_text())
     assert test["ce.test_top1"] == baseline["test_top1"]
     chosen = json.loads((project / "models" / "best.json").read_text())
@@ -290,13 +353,19 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
     assert client.get_model_version("drtune-digits", version).tags["selection_rule"] == selection["rule"]
     parent = client.get_run(chosen["mlflow_parent_run_id"])
     assert parent.data.tags["best_method"] == chosen["best_method"]
-    assert parent.data.tags["selection"] == selection["rule"] and parent.data.tags["selection_reason"] == selection["reason"]
+    assert (
+        parent.data.tags["selection"] == selection["rule"]
+        and parent.data.tags["selection_reason"] == selection["reason"]
+    )
     assert {"leaderboard.json", "leaderboard_val.json", "selection.json"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)}
-    trials = client.search_runs([parent.info.experiment_id],
-                                filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert {t.data.tags["drtune.trial_id"]: t.data.metrics["cv_top1"] for t in trials if "cv_top1" in t.data.metrics} == \
-        pytest.approx({trial: row["cv_top1"] for trial, row in scores.items() if trial != "baseline"})
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+    trials = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert {
+        t.data.tags["drtune.trial_id"]: t.data.metrics["cv_top1"] for t in trials if "cv_top1" in t.data.metrics
+    } == pytest.approx({trial: row["cv_top1"] for trial, row in scores.items() if trial != "baseline"})
     probes = [t for t in trials if t.data.params.get("method") == "linear_probe"]
     assert probes and all(set(t.data.params) == {"method", "linear_probe.lr_head"} for t in probes)  # never λ
 
@@ -305,21 +374,55 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
 def object_store_and_tracking_server(tmp_path):
     """A real S3 API (moto) and an MLflow tracking server keeping its artifacts in it, both on 127.0.0.1."""
     s3_port, mlflow_port = _free_port(), _free_port()
-    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    aws = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     env = dict(os.environ) | aws | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    servers = [subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    servers = [
+        subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    ]
     try:
         _wait_for(f"http://127.0.0.1:{s3_port}/")
         import boto3
 
-        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket="drtune")
-        servers.append(subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", "s3://drtune/mlflow"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        boto3.client(
+            "s3",
+            endpoint_url=aws["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        ).create_bucket(Bucket="drtune")
+        servers.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{tmp_path / 'server.db'}",
+                    "--artifacts-destination",
+                    "s3://drtune/mlflow",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
         _wait_for(f"http://127.0.0.1:{mlflow_port}/health")
         yield aws, f"http://127.0.0.1:{mlflow_port}"
     finally:
@@ -343,21 +446,33 @@ def _wait_for(url: str, timeout: float = 90) -> None:
 
 
 def test_a_search_on_s3_with_a_tracking_server_resumes_and_never_reads_the_drivers_disk(
-        tmp_path, object_store_and_tracking_server) -> None:
+    tmp_path, object_store_and_tracking_server
+) -> None:
     """The cluster setting on loopback: Ray storage in S3, MLflow on a server with S3 artifacts, the
     prepared data gone from disk once the driver has read it, Ctrl-C after the first finished trial,
     then a rerun that resumes from S3, registers, and serves the champion from the server."""
     aws, tracking = object_store_and_tracking_server
-    root = _copy_project(tmp_path / "project", tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1},
-                         ray={"storage_path": "s3://drtune/runs"})
+    root = _copy_project(
+        tmp_path / "project",
+        tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1},
+        ray={"storage_path": "s3://drtune/runs"},
+    )
     env = _env(root) | aws | {"MLFLOW_TRACKING_URI": tracking}
     for stage in ("prepare", "baseline"):
-        done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", f"pipeline.{stage}"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     prepared, away = root / "data" / "prepared", root / "elsewhere"
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=root, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.tune"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     finished = None
     for line in first.stdout:
         if prepared.exists() and " started with configuration" in line:
@@ -371,23 +486,34 @@ def test_a_search_on_s3_with_a_tracking_server_resumes_and_never_reads_the_drive
     assert finished is not None and first.returncode != 0 and away.exists()  # a trial trained without the folder
     away.rename(prepared)
 
-    second = subprocess.run([sys.executable, "-m", "pipeline.tune"], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=600)
+    second = subprocess.run(
+        [sys.executable, "-m", "pipeline.tune"], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"trial {finished} completed" not in second.stdout  # restored from S3, not run again
     summary = json.loads((root / "metrics" / "tune.json").read_text())
     assert summary["trials"] == 2 and summary["completed"] == 2
-    assert json.loads((root / "models" / "best.json").read_text())["experiment_path"].startswith("s3://drtune/runs/search-")
-    done = subprocess.run([sys.executable, "-m", "pipeline.register"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    assert json.loads((root / "models" / "best.json").read_text())["experiment_path"].startswith(
+        "s3://drtune/runs/search-"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.register"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     assert not (root / "runs").exists() and not (root / "mlflow.db").exists()  # nothing local: S3 and the server
     import boto3
 
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                                           aws_access_key_id="test", aws_secret_access_key="test")
-            .list_objects_v2(Bucket="drtune", MaxKeys=1000)["Contents"]]
+    keys = [
+        o["Key"]
+        for o in boto3.client(
+            "s3",
+            endpoint_url=aws["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        ).list_objects_v2(Bucket="drtune", MaxKeys=1000)["Contents"]
+    ]
     assert any(k.startswith("runs/train/") and k.endswith("/last.pt") for k in keys)
     assert any(k.startswith("mlflow/") and k.endswith("model.safetensors") for k in keys)
     from mlflow.tracking import MlflowClient
@@ -397,9 +523,13 @@ def test_a_search_on_s3_with_a_tracking_server_resumes_and_never_reads_the_drive
     assert not client.search_runs([exp], filter_string="attributes.status = 'RUNNING'")
     assert len(client.search_runs([exp], filter_string="tags.`drtune.trial_id` != ''")) == 2
     assert str(client.get_model_version_by_alias("drtune-digits", "champion").version) == "1"
-    load = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/drtune-digits@champion'); "
-            "print(len(m.predict(np.zeros((2, 8, 8, 3), np.uint8))))")
-    served = subprocess.run([sys.executable, "-c", load], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    load = (
+        "import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/drtune-digits@champion'); "
+        "print(len(m.predict(np.zeros((2, 8, 8, 3), np.uint8))))"
+    )
+    served = subprocess.run(
+        [sys.executable, "-c", load], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert served.stdout.strip().endswith("2"), served.stderr[-3000:]
 
 
@@ -407,19 +537,37 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_started_here(tmp_path) -> No
     root = _copy_project(tmp_path / "project", tune={"num_samples": 1})  # one trial: the job's path, not the search
     env = _env(root) | {"RAY_AUTH_MODE": "disabled"}
     dashboard, gcs = _free_port(), _free_port()
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-                             "--resources", json.dumps({"drtune_trial_driver": 100}), "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dashboard}", "--include-dashboard=true", "--disable-usage-stats"],
-                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    start = f"start --head --block --port={gcs} --num-cpus=2 --dashboard-host=127.0.0.1 --dashboard-port={dashboard}"
+    resources = ["--resources", json.dumps({"drtune_trial_driver": 100})]
+    head = _background(
+        [str(BIN / "ray"), *start.split(), *resources, "--include-dashboard=true", "--disable-usage-stats"], root, env
+    )
     try:
-        runtime_env = {"excludes": [".git", ".venv", "data/", "runs/", "mlflow.db", "mlruns/", "models/"],
-                       "env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
-                                    "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"), "DVC_NO_ANALYTICS": "1",
-                                    "RAY_USAGE_STATS_ENABLED": "0"}}
+        runtime_env = {
+            "excludes": [".git", ".venv", "data/", "runs/", "mlflow.db", "mlruns/", "models/"],
+            "env_vars": {
+                "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
+                "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"),
+                "DVC_NO_ANALYTICS": "1",
+                "RAY_USAGE_STATS_ENABLED": "0",
+            },
+        }
         deadline = time.time() + 120
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
-               "--runtime-env-json", json.dumps(runtime_env), "--",
-               "bash", "-c", "git init -q && dvc config --local core.no_scm true && dvc repro"]
+        cmd = [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "bash",
+            "-c",
+            "git init -q && dvc config --local core.no_scm true && dvc repro",
+        ]
         while True:
             job = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
             if "Connection refused" not in job.stdout + job.stderr or time.time() > deadline:

@@ -20,10 +20,10 @@ from drtune.config import ConfigError
 from drtune.inference import Predictor, to_chw
 from drtune.mlflow_model import DRTuneClassifier
 from drtune.task import Classifier
+from pipeline.champion import decide
 from pipeline.config import PipelineConfig, load
 from pipeline.mlflow_store import TrackingUnavailableError, connect
 from pipeline.model_card import model_description
-from pipeline.champion import decide
 from pipeline.search import PruningOptunaSearch, require_finished, search_space
 from pipeline.space import field_of, random_point, searched_names, starting_points, trial_config
 
@@ -64,7 +64,9 @@ def test_the_shipped_parameter_files_are_valid() -> None:
     default = load("params.yaml")
     lo, hi = default.tune.lr_backbone.low, default.tune.lr_backbone.high
     reference_rate = default.train.lr_backbone / (1 + 1024 / default.train.batch_size)
-    assert lo <= reference_rate <= hi and lo <= default.train.lr_backbone <= hi  # reference and CE-like rates both inside
+    assert (
+        lo <= reference_rate <= hi and lo <= default.train.lr_backbone <= hi
+    )  # reference and CE-like rates both inside
 
 
 def test_trial_config_sets_real_step_sizes_and_keeps_the_reference_preset_for_the_library() -> None:
@@ -91,8 +93,13 @@ def test_every_searched_name_maps_to_a_config_field_and_a_range() -> None:
 
 
 def _searcher(max_epochs: int = 4) -> PruningOptunaSearch:
-    s = PruningOptunaSearch(space={"x": tune.uniform(0, 1)}, metric="val_top1", mode="max",
-                            sampler=optuna.samplers.RandomSampler(seed=0), max_epochs=max_epochs)
+    s = PruningOptunaSearch(
+        space={"x": tune.uniform(0, 1)},
+        metric="val_top1",
+        mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        max_epochs=max_epochs,
+    )
     return s
 
 
@@ -155,9 +162,13 @@ def test_a_server_that_does_not_answer_is_told_from_one_that_refuses_by_type_and
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens there
     assert unreachable(error_of(f"http://127.0.0.1:{port}"))
-    for status, body, expected in [(503, b"<html>down</html>", True), (503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}', True),
-                                   (404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "503"}', False),
-                                   (400, b"Connection refused; timed out", False)]:
+    for status, body, expected in [
+        (503, b"<html>down</html>", True),
+        (503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}', True),
+        (404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "503"}', False),
+        (400, b"Connection refused; timed out", False),
+    ]:
+
         class Answer(http.server.BaseHTTPRequestHandler):
             def do_GET(self, status=status, body=body):
                 self.send_response(status)
@@ -180,8 +191,12 @@ def test_a_server_that_does_not_answer_is_told_from_one_that_refuses_by_type_and
 
 
 def _predictor(tiny_encoder) -> Predictor:
-    return Predictor(Classifier(tiny_encoder, 3), ["cat", "dog", "owl"], 16,
-                     {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0})
+    return Predictor(
+        Classifier(tiny_encoder, 3),
+        ["cat", "dog", "owl"],
+        16,
+        {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0},
+    )
 
 
 def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> None:
@@ -191,7 +206,9 @@ def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> No
     batch = rng.integers(0, 256, (4, 20, 24, 3), dtype=np.uint8)
     out = model.predict(None, batch)
     assert list(out.columns) == ["label", "class_index", "probability", "probabilities"]
-    assert set(out["label"]) <= {"cat", "dog", "owl"} and np.allclose([sum(p) for p in out["probabilities"]], 1, atol=1e-5)
+    assert set(out["label"]) <= {"cat", "dog", "owl"} and np.allclose(
+        [sum(p) for p in out["probabilities"]], 1, atol=1e-5
+    )
     as_float = model.predict(None, batch.transpose(0, 3, 1, 2).astype(np.float32) / 255)
     assert (as_float["class_index"] == out["class_index"]).all()  # same images, same answers
     ragged = np.empty(2, dtype=object)
@@ -209,15 +226,28 @@ def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> No
         to_chw(batch.transpose(0, 3, 1, 2).astype(np.float32))
 
 
-@pytest.mark.parametrize("method, keys", [
-    ("drtune", {"lr_backbone", "lr_head", "lam", "queue_size"}), ("ce", {"lr_backbone", "lr_head"}),
-    ("linear_probe", {"lr_head"}), ("l2sp", {"lr_backbone", "lr_head", "l2sp_alpha", "l2sp_beta"}),
-    ("bss", {"lr_backbone", "lr_head", "bss_eta"})])
+@pytest.mark.parametrize(
+    "method, keys",
+    [
+        ("drtune", {"lr_backbone", "lr_head", "lam", "queue_size"}),
+        ("ce", {"lr_backbone", "lr_head"}),
+        ("linear_probe", {"lr_head"}),
+        ("l2sp", {"lr_backbone", "lr_head", "l2sp_alpha", "l2sp_beta"}),
+        ("bss", {"lr_backbone", "lr_head", "bss_eta"}),
+    ],
+)
 def test_each_method_searches_its_own_hyperparameters(method, keys) -> None:
     p = load(None, [f"train.method={method}"])
     assert set(search_space(p)) == keys
-    values = {"lr_backbone": 0.02, "lr_head": 0.2, "lam": 2.0, "queue_size": 512, "l2sp_alpha": 0.3, "l2sp_beta": 0.4,
-              "bss_eta": 0.05}
+    values = {
+        "lr_backbone": 0.02,
+        "lr_head": 0.2,
+        "lam": 2.0,
+        "queue_size": 512,
+        "l2sp_alpha": 0.3,
+        "l2sp_beta": 0.4,
+        "bss_eta": 0.05,
+    }
     trial = trial_config(p, {k: values[k] for k in keys})
     assert trial.train.lr_head == 0.2 and (method != "l2sp" or trial.baselines.l2sp_beta == 0.4)
     assert method != "bss" or trial.baselines.bss_eta == 0.05
@@ -252,16 +282,29 @@ def test_run_name_follows_settings_data_and_code(monkeypatch) -> None:
     assert training.run_name("search", p, "sha-a") != name  # DVC reran the stage for a code change: start afresh
 
 
-@pytest.mark.parametrize("method,stated,absent", [("drtune", "`drtune.queue_size` | 512", "l2sp"),
-                                                  ("linear_probe", "`train.lr_head` | 0.2", "lr_backbone")])
+@pytest.mark.parametrize(
+    "method,stated,absent",
+    [("drtune", "`drtune.queue_size` | 512", "l2sp"), ("linear_probe", "`train.lr_head` | 0.2", "lr_backbone")],
+)
 def test_model_description_states_what_the_model_is_and_how_to_call_it(method, stated, absent) -> None:
     params = PipelineConfig().library().model_dump(mode="json")
     params["train"].update(method=method, lr_head=0.2)
     params["drtune"]["queue_size"] = 512
-    stats = {"dataset": "fashion-mnist", "counts": {"train": [48] * 10, "val": [12] * 10, "test": [1000] * 10},
-             "sha256": {"train": "ab" * 32}}
-    text = model_description("drtune-fashion-mnist", "3", params, [f"c{i}" for i in range(10)], stats,
-                              {"top1": 0.8, "top5": 0.99, "n": 10000}, 0.75, "promoted: no champion yet")
+    stats = {
+        "dataset": "fashion-mnist",
+        "counts": {"train": [48] * 10, "val": [12] * 10, "test": [1000] * 10},
+        "sha256": {"train": "ab" * 32},
+    }
+    text = model_description(
+        "drtune-fashion-mnist",
+        "3",
+        params,
+        [f"c{i}" for i in range(10)],
+        stats,
+        {"top1": 0.8, "top5": 0.99, "n": 10000},
+        0.75,
+        "promoted: no champion yet",
+    )
     assert stated in text and absent not in text
     assert "tf_efficientnet_lite0" in text and "480 training" in text and "64 × 64 px" in text
     assert "lift **+0.0500**" in text and 'load_model("models:/drtune-fashion-mnist@champion")' in text
@@ -390,6 +433,7 @@ def test_trial_runs_hold_writes_while_the_server_is_away_and_log_each_epoch_once
                 if away["now"]:
                     raise requests.ConnectionError("Connection refused")
                 return method(*args, **kwargs)
+
             return call
 
     runs = TrialRuns(Switch(), exp, parent, max_epochs=2)
@@ -418,8 +462,10 @@ def test_a_search_across_methods_draws_each_methods_own_hyperparameters_only() -
 
     p = load(None, ["tune.methods=[drtune, ce, linear_probe, l2sp, bss]"])
     define = pickle.loads(pickle.dumps(MethodSpace(p)))  # Ray saves the searcher's state
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
-        seed=0, multivariate=True, group=True, n_startup_trials=5))
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, group=True, n_startup_trials=5),
+    )
     seen = {}
     for i in range(40):
         trial = study.ask()
@@ -483,7 +529,9 @@ def test_random_points_draw_only_the_methods_names_inside_their_ranges() -> None
                 bounds = getattr(p.tune, name)
                 assert bounds.low <= min(values) and max(values) <= bounds.high
                 logs = sorted(math.log(v) for v in values)  # log-uniform: the median sits mid-range in log space
-                assert abs(logs[100] - (math.log(bounds.low) + math.log(bounds.high)) / 2) < 0.15 * math.log(bounds.high / bounds.low)
+                assert abs(logs[100] - (math.log(bounds.low) + math.log(bounds.high)) / 2) < 0.15 * math.log(
+                    bounds.high / bounds.low
+                )
 
 
 def test_a_search_stopped_before_all_its_trials_ended_is_not_taken_as_a_result() -> None:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
+from pipeline.champion import decide
 from pipeline.config import load
 from pipeline.early_stopping import MethodASHA, scheduler
-from pipeline.champion import decide
 from pipeline.leaderboard import leaderboard, lift
 from pipeline.search import cross_validated, trial_candidates
 from pipeline.selection import (
@@ -26,10 +26,16 @@ from pipeline.selection import (
 )
 
 
-def cand(id: str, top1: float, method: str = "drtune", loss: float = 1.0, n: int = 120, status: str = "completed",
-         baseline: bool = False) -> Candidate:
-    return Candidate(id=id, method=method, val_top1=top1, val_loss=loss, n_val=n, status=status, baseline=baseline,
-                     config={"method": method})
+def cand(
+    id: str,
+    top1: float,
+    method: str = "drtune",
+    loss: float = 1.0,
+    n: int = 120,
+    status: str = "completed",
+    baseline: bool = False,
+) -> Candidate:
+    return Candidate(id, method, top1, loss, n, status=status, baseline=baseline, config={"method": method})
 
 
 def base(top1: float, n: int = 120, loss: float = 1.0) -> Candidate:
@@ -48,8 +54,13 @@ def test_the_interval_is_agresti_caffo_and_its_width_follows_the_images() -> Non
 
 
 def test_a_clear_best_wins_and_stopped_or_failed_trials_never_do() -> None:
-    cands = [cand("a", 0.60), cand("b", 0.99, status="stopped"), cand("c", 0.95), cand("d", float("nan"), status="failed"),
-             base(0.62)]
+    cands = [
+        cand("a", 0.60),
+        cand("b", 0.99, status="stopped"),
+        cand("c", 0.95),
+        cand("d", float("nan"), status="failed"),
+        base(0.62),
+    ]
     chosen = pick(cands)
     assert chosen.chosen.id == "c" and chosen.rule == "clear" and chosen.tied == ["c"]
     assert chosen.comparison.other == BASELINE and not chosen.comparison.within_noise
@@ -110,7 +121,7 @@ def test_mcnemar_on_a_crafted_prediction_set() -> None:
     baseline = [True] * 150 + [True] * 20 + [False] * 5 + [False] * 25
     t = paired_test(challenger, baseline)
     assert (t.n, t.only_a, t.only_b) == (200, 5, 20)
-    exact = 2 * sum(math.comb(25, k) for k in range(6)) / 2 ** 25
+    exact = 2 * sum(math.comb(25, k) for k in range(6)) / 2**25
     assert t.p_value == pytest.approx(exact) and t.p_value == pytest.approx(0.004077, abs=1e-6)
     assert t.difference == pytest.approx(-15 / 200)
     low, high = t.interval()
@@ -123,7 +134,10 @@ def test_mcnemar_on_a_crafted_prediction_set() -> None:
     assert close.p_value == 1.0 and not decide(0.9, None, "no champion yet", vs_baseline=close)[0]
     # the challenger that is the baseline's own model (same predictions) passes the gate
     same = paired_test(challenger, challenger)
-    assert same.p_value == 1.0 and decide(0.775, None, "no champion yet", vs_baseline=same) == (True, "promoted: no champion yet")
+    assert same.p_value == 1.0 and decide(0.775, None, "no champion yet", vs_baseline=same) == (
+        True,
+        "promoted: no champion yet",
+    )
     better = paired_test(baseline, challenger)
     assert decide(0.85, 0.80, "re-scored", vs_baseline=better)[0]
     with pytest.raises(ValueError):
@@ -138,15 +152,20 @@ def test_per_method_rungs_never_stop_a_slow_starters_starting_point() -> None:
     """Rungs at epochs 1 and 2 (grace 1, reduction 2, 4 epochs). Two fast linear-probe trials reach 0.9 at
     epoch 1; DR-Tune's starting point is at 0.3 there. One shared ASHA stops it; per-method rungs do not,
     and a weaker DR-Tune trial is still stopped by its own method's rung."""
-    p = load(None, ["tune.methods=[drtune, linear_probe]", "train.epochs=4", "tune.grace_period=1",
-                    "tune.reduction_factor=2"])
+    p = load(
+        None,
+        ["tune.methods=[drtune, linear_probe]", "train.epochs=4", "tune.grace_period=1", "tune.reduction_factor=2"],
+    )
     s = scheduler(p)
     assert isinstance(s, MethodASHA)
     s.set_search_properties("val_top1", "max")
     anchor = next(a for a in s._anchors if a["method"] == "drtune")
-    trials = [_trial("lp1", {"method": "linear_probe", "linear_probe.lr_head": 0.2}),
-              _trial("lp2", {"method": "linear_probe", "linear_probe.lr_head": 0.05}),
-              _trial("dr0", dict(anchor)), _trial("dr1", {**anchor, "drtune.lam": 7.0})]
+    trials = [
+        _trial("lp1", {"method": "linear_probe", "linear_probe.lr_head": 0.2}),
+        _trial("lp2", {"method": "linear_probe", "linear_probe.lr_head": 0.05}),
+        _trial("dr0", dict(anchor)),
+        _trial("dr1", {**anchor, "drtune.lam": 7.0}),
+    ]
     for t in trials:
         s.on_trial_add(None, t)
 
@@ -172,18 +191,37 @@ def test_per_method_rungs_never_stop_a_slow_starters_starting_point() -> None:
 
 
 def _result(trial_id: str, top1: float, epoch: int, loss: float = 1.0, error=None, method: str | None = None):
-    metrics = {"val_top1": top1, "val_loss": loss, "epoch": epoch, "trial_id": trial_id, "checkpoint_path": f"/ck/{trial_id}"}
-    return SimpleNamespace(error=error, metrics=metrics, config={"lam": 1.0, **({"method": method} if method else {})},
-                           path=f"/runs/{trial_id}")
+    metrics = {
+        "val_top1": top1,
+        "val_loss": loss,
+        "epoch": epoch,
+        "trial_id": trial_id,
+        "checkpoint_path": f"/ck/{trial_id}",
+    }
+    return SimpleNamespace(
+        error=error,
+        metrics=metrics,
+        config={"lam": 1.0, **({"method": method} if method else {})},
+        path=f"/runs/{trial_id}",
+    )
 
 
 def test_trials_become_candidates_with_their_status() -> None:
-    results = [_result("a", 0.70, 10), _result("b", 0.95, 3), _result("c", 0.99, 10, error=RuntimeError("x")),
-               _result("d", 0.70, 10, loss=0.5, method="l2sp"), _result("e", float("nan"), 2)]
+    results = [
+        _result("a", 0.70, 10),
+        _result("b", 0.95, 3),
+        _result("c", 0.99, 10, error=RuntimeError("x")),
+        _result("d", 0.70, 10, loss=0.5, method="l2sp"),
+        _result("e", float("nan"), 2),
+    ]
     cands = trial_candidates(results, max_epochs=10, n_val=40, method="drtune")
-    assert [(c.id, c.method, c.status) for c in cands] == [("a", "drtune", "completed"), ("b", "drtune", "stopped"),
-                                                            ("c", "drtune", "failed"), ("d", "l2sp", "completed"),
-                                                            ("e", "drtune", "failed")]
+    assert [(c.id, c.method, c.status) for c in cands] == [
+        ("a", "drtune", "completed"),
+        ("b", "drtune", "stopped"),
+        ("c", "drtune", "failed"),
+        ("d", "l2sp", "completed"),
+        ("e", "drtune", "failed"),
+    ]
     assert cands[3].ref.path == "/ck/d" and cands[1].ref is None and cands[0].n_val == 40
     assert [c.id for c in rank(cands)] == ["d", "a"]  # tie on top-1 → lower loss
 
@@ -207,8 +245,12 @@ def test_refits_pool_into_the_finalists_scores_and_a_fold_they_diverge_on_scores
     # per image: each fold's results appended in fold order; a fold it diverged on is every image wrong
     paired = [c.with_right((True, False)) for c in chosen]
     images = {(0, 1): (True, True), (0, 2): (False, False), (1, 1): (True, False), (1, 2): (False, True)}
-    scored = cross_validated([replace(c, n_val=2) for c in paired], refits[:3] + [refit(1, 2, float("nan"), True, 2)],
-                             10, lambda r: images[r.config["finalist"], r.config["fold"]])
+    scored = cross_validated(
+        [replace(c, n_val=2) for c in paired],
+        refits[:3] + [refit(1, 2, float("nan"), True, 2)],
+        10,
+        lambda r: images[r.config["finalist"], r.config["fold"]],
+    )
     assert scored[0].right == (True, False, True, True, False, False)
     assert scored[1].right == (True, False, True, False, False, False)
 
@@ -236,8 +278,15 @@ def test_the_baseline_candidate_must_share_the_searchs_data_and_schedule(tmp_pat
     assert baseline_candidate(tmp_path, p, "abc", 120) is None  # the baseline stage has not run here
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "baseline.safetensors").write_bytes(b"weights")
-    record = {"val_top1": 0.7, "val_loss": 0.9, "epochs": 10, "data_sha256": "abc", "mlflow_run_id": "r",
-              "lr_backbone": 0.01, "lr_head": 0.1}
+    record = {
+        "val_top1": 0.7,
+        "val_loss": 0.9,
+        "epochs": 10,
+        "data_sha256": "abc",
+        "mlflow_run_id": "r",
+        "lr_backbone": 0.01,
+        "lr_head": 0.1,
+    }
     (tmp_path / "models" / "baseline.json").write_text(json.dumps(record))
     c = baseline_candidate(tmp_path, p, "abc", 120)
     assert c.baseline and c.id == BASELINE and c.method == "ce" and c.n_val == 120 and c.val_top1 == 0.7
@@ -263,8 +312,11 @@ def test_the_tune_stage_re_validates_only_when_asked_and_only_the_tied() -> None
     assert chosen.chosen.id == "b" and chosen.rule == "revalidated"
     chosen, scored = choose(load(None, ["tune.revalidate=never"]), cands, revalidate)
     assert len(calls) == 1 and scored == [] and chosen.chosen.id == BASELINE and chosen.rule == "conservative"
-    chosen, _ = choose(load(None, ["tune.revalidate=always", "tune.finalists=2"]), [cand("a", 0.9, n=5000),
-                                                                                 cand("b", 0.3, n=5000)], revalidate)
+    chosen, _ = choose(
+        load(None, ["tune.revalidate=always", "tune.finalists=2"]),
+        [cand("a", 0.9, n=5000), cand("b", 0.3, n=5000)],
+        revalidate,
+    )
     assert calls[-1] == ["a", "b"]  # always: the top two, tied or not
     chosen, scored = choose(load(None, []), [cand("a", 0.9, n=5000), cand("b", 0.3, n=5000)], revalidate)
     assert len(calls) == 2 and scored == [] and chosen.rule == "clear"  # auto: a clear best needs none
@@ -278,7 +330,7 @@ def test_a_paired_comparison_separates_what_the_unpaired_interval_cannot() -> No
     a, b = cand("a", 100 / 120).with_right(a_right), cand("b", 88 / 120).with_right([True] * 88 + [False] * 32)
     assert compare(cand("a", 100 / 120), cand("b", 88 / 120)).within_noise  # unpaired
     paired = compare(a, b)
-    assert paired.p_value == pytest.approx(2 * 0.5 ** 12) and not paired.within_noise
+    assert paired.p_value == pytest.approx(2 * 0.5**12) and not paired.within_noise
     assert paired.gap_images == 12 and paired.gap == pytest.approx(0.1) and "paired" in paired.words()
     assert pick([a, b, base(0.70).with_right([True] * 84 + [False] * 36)]).rule == "clear"
     noisy = compare(a, cand("b", 88 / 120).with_right([False] * 32 + [True] * 88))

@@ -75,8 +75,16 @@ def test_dr_loss_equals_concatenated_cross_entropy_scaled() -> None:
 def test_reference_preset_takes_the_authors_step(tiny_encoder) -> None:
     """Two SGD-Nesterov steps of our Eq. 14 with the reference preset equal the authors' concatenated-CE steps."""
     k, b = 24, 4
-    config = load_config(None, ["drtune.preset=reference", f"drtune.queue_size={k}", f"train.batch_size={b}",
-                                "train.lr_backbone=0.05", "train.weight_decay=0.001"])
+    config = load_config(
+        None,
+        [
+            "drtune.preset=reference",
+            f"drtune.queue_size={k}",
+            f"train.batch_size={b}",
+            "train.lr_backbone=0.05",
+            "train.weight_decay=0.001",
+        ],
+    )
     resolved = config.resolved()
     assert resolved.drtune.lam == pytest.approx(k / b)
     assert resolved.resolved() == resolved  # resolving is idempotent: the preset is applied once
@@ -86,9 +94,16 @@ def test_reference_preset_takes_the_authors_step(tiny_encoder) -> None:
     opt, _ = build_optimizer(task, resolved)
     # The authors: backbone lr r, head lr r (1 + K/B), weight decay wd, loss = concatenated CE.
     r, wd = 0.05, 0.001
-    ref_opt = torch.optim.SGD([{"params": ref_task.model.encoder.parameters(), "lr": r},
-                               {"params": ref_task.model.head.parameters(), "lr": r * (1 + k / b)}],
-                              lr=r, momentum=0.9, nesterov=True, weight_decay=wd)
+    ref_opt = torch.optim.SGD(
+        [
+            {"params": ref_task.model.encoder.parameters(), "lr": r},
+            {"params": ref_task.model.head.parameters(), "lr": r * (1 + k / b)},
+        ],
+        lr=r,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=wd,
+    )
     x, y = next(iter(_loader()))
     for _ in range(2):
         task.train()
@@ -105,7 +120,9 @@ def test_reference_preset_takes_the_authors_step(tiny_encoder) -> None:
         ref_task.steps += 1
     for (name, p), q in zip(task.model.named_parameters(), ref_task.model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name
-    moved = sum((p - q).abs().sum() for p, q in zip(task.model.parameters(), task.frozen.parameters(), strict=True))
+    moved = sum(
+        (p - q).abs().sum() for p, q in zip(task.model.encoder.parameters(), task.frozen.parameters(), strict=True)
+    )
     assert moved > 1e-3  # the step did something
 
 
@@ -148,7 +165,7 @@ def test_step_enqueues_after_the_update(tiny_encoder) -> None:
     expected = before.spec.loss(before, features, logits, y)[0].item()
     assert task.train_step(_frozen_sgd(task), x, y)["loss"] == pytest.approx(expected, rel=1e-6)
     assert int(task.bank.ptr) == (ptr + 4) % 8
-    assert task.bank.labels[ptr: ptr + 4].tolist() == y.tolist()
+    assert task.bank.labels[ptr : ptr + 4].tolist() == y.tolist()
 
 
 def test_linear_probe_trains_only_the_head(tiny_encoder) -> None:
@@ -204,7 +221,9 @@ def test_cached_features_replace_the_frozen_forward_pass(tiny_encoder) -> None:
         assert torch.allclose(task.feature_cache, task.frozen(x), atol=1e-6)
     calls = []
     task.frozen.register_forward_hook(lambda *_: calls.append(1))
-    shuffled = DataLoader(TensorDataset(x, y, torch.arange(10)), batch_size=4, shuffle=True, drop_last=True, generator=gen)
+    shuffled = DataLoader(
+        TensorDataset(x, y, torch.arange(10)), batch_size=4, shuffle=True, drop_last=True, generator=gen
+    )
     task.warm_up(shuffled, torch.device("cpu"))
     index = torch.tensor([7, 2, 5, 0])
     augmented = x[index] + 0.1 * torch.randn(4, 3, 8, 8, generator=gen)
@@ -217,11 +236,19 @@ def test_cached_features_replace_the_frozen_forward_pass(tiny_encoder) -> None:
         task.train_step(_frozen_sgd(task), augmented, y[index])
 
 
-SCHEDULES = [dict(rotation_every=1), dict(rotation_every=10), dict(rotation_every=3, rotation_between="reuse"),
-             dict(rotation_every=0), dict(sc=False), dict(pretrained_features="cached")]
+SCHEDULES = [
+    dict(rotation_every=1),
+    dict(rotation_every=10),
+    dict(rotation_every=3, rotation_between="reuse"),
+    dict(rotation_every=0),
+    dict(sc=False),
+    dict(pretrained_features="cached"),
+]
 
 
-@pytest.mark.parametrize("method,kw", [("drtune", s) for s in SCHEDULES] + [(m, {}) for m in ("ce", "linear_probe", "l2sp", "bss")])
+@pytest.mark.parametrize(
+    "method,kw", [("drtune", s) for s in SCHEDULES] + [(m, {}) for m in ("ce", "linear_probe", "l2sp", "bss")]
+)
 @pytest.mark.parametrize("autocast_by", ["task", "caller"])
 def test_bf16_step_is_finite_and_close_to_float32(tiny_encoder, method, kw, autocast_by) -> None:
     """A bf16 step (autocast on the CPU has the CUDA dtype rules: no bf16 SVD, det or QR) runs for every

@@ -16,9 +16,18 @@ from drtune.config import ConfigError, load_config
 from drtune.sources import few_label_splits, load_source
 from drtune.train import fit
 
-QUICK = ["data.dataset=digits", "data.labels_per_class=40", "model.name=test_efficientnet", "model.pretrained=none",
-         "train.image_size=16", "train.batch_size=16", "train.epochs=3", "drtune.queue_size=64",
-         "drtune.rotation_every=2", "train.progress=false"]
+QUICK = [
+    "data.dataset=digits",
+    "data.labels_per_class=40",
+    "model.name=test_efficientnet",
+    "model.pretrained=none",
+    "train.image_size=16",
+    "train.batch_size=16",
+    "train.epochs=3",
+    "drtune.queue_size=64",
+    "drtune.rotation_every=2",
+    "train.progress=false",
+]
 
 
 def _data(seed: int = 0):
@@ -68,7 +77,9 @@ def test_checkpoints_every_n_epochs_and_resumes_from_the_last_one_written(tmp_pa
     assert [m["epoch"] for m in resumed] == [1, 2, 3, 4]
     for key in ("train_loss", "val_loss", "val_top1"):
         assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-6, abs=1e-7), key
-    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 3  # the last epoch is always written
+    assert (
+        torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 3
+    )  # the last epoch is always written
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -78,9 +89,18 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     train, val, classes = _data()
     result = fit(params, train, val, classes, out, resume=False)
     bank = result.task.bank
-    torch.save({"pre": bank.pre, "down": bank.down, "labels": bank.labels, "ptr": bank.ptr, "count": bank.count,
-                "head": result.task.model.head.weight.detach(), "val": result.history[-1]["val_top1"]},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "pre": bank.pre,
+            "down": bank.down,
+            "labels": bank.labels,
+            "ptr": bank.ptr,
+            "count": bank.count,
+            "head": result.task.model.head.weight.detach(),
+            "val": result.history[-1]["val_top1"],
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -104,9 +124,16 @@ def test_nan_loss_fails_with_a_clear_error(tmp_path) -> None:
         fit(params, train, val, classes, tmp_path, resume=False)
 
 
-@pytest.mark.parametrize("override,field", [("train.epochs=0", "train.epochs"), ("drtune.lam=-1", "drtune.lam"),
-                                            ("train.method=sgd", "train.method"), ("train.lr_head=0", "train.lr_head"),
-                                            ("drtune.bogus=1", "drtune.bogus")])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("drtune.lam=-1", "drtune.lam"),
+        ("train.method=sgd", "train.method"),
+        ("train.lr_head=0", "train.lr_head"),
+        ("drtune.bogus=1", "drtune.bogus"),
+    ],
+)
 def test_config_errors_name_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [override])
@@ -119,8 +146,21 @@ def test_both_label_budgets_is_an_error() -> None:
 
 def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", "train.epochs=1",
-                     "--set", "drtune.preset=reference", "--output", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "fit",
+                *sum((["--set", o] for o in QUICK), []),
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "drtune.preset=reference",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 1 and 0 <= metrics["test"]["top1"] <= 1
     resolved = (out / "config.yaml").read_text()
@@ -139,7 +179,9 @@ def test_cli_predicts_image_files_and_exports_onnx_that_onnxruntime_agrees_with(
     from drtune.inference import load_predictor, save_inference_checkpoint
 
     out = tmp_path / "run"
-    assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", "train.epochs=1", "--output", str(out)]) == 0
+    assert (
+        cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", "train.epochs=1", "--output", str(out)]) == 0
+    )
     train, _, classes = _data()
     folder = tmp_path / "images" / "nested"
     folder.mkdir(parents=True)
@@ -218,11 +260,14 @@ def test_a_finished_run_resumed_reports_its_last_epoch_again(tmp_path) -> None:
     assert again[0][1] == tmp_path / "last.pt" and len(result.history) == 2
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.name=nosuchmodel_xyz", "model.name = 'nosuchmodel_xyz': timm has no such model"),
-    ("model.pretrained=bundled", "model.pretrained = 'bundled': .*tf_efficientnet_lite0 only"),
-    ("model.pretrained=/nonexistent/w.pth", "model.pretrained = '/nonexistent/w.pth': .*does not exist"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.name=nosuchmodel_xyz", "model.name = 'nosuchmodel_xyz': timm has no such model"),
+        ("model.pretrained=bundled", "model.pretrained = 'bundled': .*tf_efficientnet_lite0 only"),
+        ("model.pretrained=/nonexistent/w.pth", "model.pretrained = '/nonexistent/w.pth': .*does not exist"),
+    ],
+)
 def test_cli_rejects_bad_model_settings_in_one_line_before_loading_data(tmp_path, capsys, override, message) -> None:
     out = tmp_path / "run"
     assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", override, "--output", str(out)]) == 2
@@ -235,8 +280,19 @@ def test_cli_rejects_bad_model_settings_in_one_line_before_loading_data(tmp_path
 def test_garbage_checkpoint_and_truncated_resume_are_one_line_errors(tmp_path, capsys) -> None:
     garbage = tmp_path / "w.pth"
     garbage.write_bytes(b"not a checkpoint at all")
-    assert cli_main(["fit", *sum((["--set", o] for o in QUICK), []), "--set", f"model.pretrained={garbage}",
-                     "--output", str(tmp_path / "a")]) == 2
+    assert (
+        cli_main(
+            [
+                "fit",
+                *sum((["--set", o] for o in QUICK), []),
+                "--set",
+                f"model.pretrained={garbage}",
+                "--output",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 2
+    )
     assert "weights_only=True" in capsys.readouterr().err
     out = tmp_path / "b"
     args = ["fit", *sum((["--set", o] for o in QUICK), []), "--set", "train.epochs=1", "--output", str(out)]
