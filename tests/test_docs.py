@@ -120,3 +120,11 @@ def test_the_path_rule_finds_paths_and_skips_urls_and_placeholders() -> None:
     }
     assert _is_output("runs/quick/mlflow.db") and _is_output("mlflow.db") and not _is_output("metrics/test.json")
     assert _slug("`make run`: the default pipeline") == "make-run-the-default-pipeline"
+
+
+def test_the_module_layout_lists_every_module_and_no_other() -> None:
+    """docs/design.md's layout is the tree: a module added, moved or deleted must show there."""
+    layout = _text(REPO / "docs" / "design.md").split("## Module layout", 1)[1]
+    listed = set(re.findall(r"^((?:drtune|pipeline)/\w+\.py)\s", layout, re.M))
+    tree = {str(p.relative_to(REPO)) for pkg in ("drtune", "pipeline") for p in (REPO / pkg).glob("*.py")}
+    assert listed == tree - {"drtune/__init__.py", "pipeline/__init__.py"}, (tree - listed, listed - tree)

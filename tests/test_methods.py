@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,31 +69,46 @@ def test_a_registered_method_is_searched_over_its_own_knob_and_trains_with_its_l
     )
 
 
+# A fresh interpreter (the search starts Ray and points MLflow at its own store, which must not leak into
+# other tests) in which the method exists only as this script defines it: never importable by a worker.
+SEARCH = """
+import sys
+import torch.nn.functional as F
+from drtune import methods
+from drtune.prepared import write_prepared
+from pipeline import tune
+from pipeline.config import load
+
+def head_decay_loss(task, features, logits, y):
+    ce = F.cross_entropy(logits, y)
+    reg = 0.5 * task.config.baselines.l2sp_beta * (task.model.head.weight ** 2).sum()
+    return ce + reg, ce, reg
+
+methods.register(methods.MethodSpec("head_decay", "head decay", "CE-tuning with a decayed head", head_decay_loss,
+                                    knobs=(methods.Knob("head_decay", "baselines.l2sp_beta", 1e-3, 1e-1),)))
+root = sys.argv[1]
+p = load(sys.argv[2], ["tune.methods=[ce, head_decay]", "tune.num_samples=2", "train.epochs=1", "tune.grace_period=1",
+                       "tune.revalidate=never", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"])
+data = p.data.model_copy()
+data.prepared_dir = f"{root}/{p.data.prepared_dir}"
+write_prepared(data)
+board = tune.run(p, __import__("pathlib").Path(root))["leaderboard"]
+print("BOARD", board["head_decay"]["completed"], board["ce"]["completed"], board["head_decay"]["best_val_top1"])
+"""
+
+
 @pytest.mark.slow
-def test_a_quick_search_over_a_method_registered_only_in_this_process(head_decay, tmp_path, monkeypatch) -> None:
-    """The spec travels to Ray's trial and training workers by value: they never import this test module."""
-    import ray.cloudpickle
-
-    from drtune.prepared import write_prepared
-    from pipeline import tune as tune_stage
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    p = load(
-        REPO / "configs" / "quick.yaml",
-        [
-            "tune.methods=[ce, head_decay]",
-            "tune.num_samples=2",
-            "train.epochs=1",
-            "tune.grace_period=1",
-            "tune.revalidate=never",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        ],
+def test_a_quick_search_over_a_method_registered_only_in_the_driver(tmp_path) -> None:
+    """The spec travels to Ray's trial and training workers by value with the trial (drtune.methods.adopt)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [sys.executable, "-c", SEARCH, str(tmp_path), str(REPO / "configs" / "quick.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    data = p.data.model_copy()
-    data.prepared_dir = str(tmp_path / p.data.prepared_dir)
-    write_prepared(data)
-    summary = tune_stage.run(p, tmp_path)
-    board = summary["leaderboard"]
-    assert board["head_decay"]["completed"] == 1 and board["ce"]["completed"] == 1, board
-    assert 0 < board["head_decay"]["best_val_top1"] <= 1
+    assert done.returncode == 0, done.stderr[-3000:]
+    completed_mine, completed_ce, best = done.stdout.split("BOARD ")[1].split()
+    assert (completed_mine, completed_ce) == ("1", "1") and 0 < float(best) <= 1
