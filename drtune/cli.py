@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from drtune.backbones import data_config
 from drtune.config import ConfigError, load_config
-from drtune.data import build_loader
+from drtune.data import build_loader, check_image_size
 from drtune.evaluation import evaluate
 from drtune.export import export_onnx
 from drtune.inference import Predictor, load_predictor
@@ -131,8 +131,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in files:
         try:
             with Image.open(path) as img:
+                check_image_size(*img.size)  # from the header, before decoding a pixel
                 images.append(np.asarray(img.convert("RGB")))
-        except (OSError, ValueError) as err:
+        except ValueError as err:
+            bad.append(f"{path} ({err})")
+        except (OSError, Image.DecompressionBombError) as err:
             bad.append(f"{path} ({type(err).__name__})")
     if bad:
         raise ValueError(f"{len(bad)} file(s) are not readable images: " + "; ".join(bad))

@@ -27,6 +27,22 @@ from torchvision.transforms import v2 as T
 TRAIN_CROP_SCALE = (0.4, 1.0)
 TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
 
+# Every image is resized by its shorter side, so a long thin one grows by its aspect ratio: 1 × 200,000 px
+# at 224 px becomes 224 × 44.8 M. Panoramas stay under 8:1; beyond MAX_ASPECT the centre crop keeps
+# under 1/20 of the image anyway. MAX_PIXELS is Pillow's own decompression-bomb limit (2 × 89.5 M).
+MAX_ASPECT = 20
+MAX_PIXELS = 178_956_970
+
+
+def check_image_size(width: int, height: int) -> None:
+    """A ``ValueError`` saying why, for an image too large or too elongated to resize safely."""
+    if width < 1 or height < 1:
+        raise ValueError(f"{width} × {height} px is empty")
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{width} × {height} px is over {MAX_PIXELS:,} pixels (a decompression bomb?)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ValueError(f"{width} × {height} px is more elongated than {MAX_ASPECT}:1; crop it first")
+
 
 @dataclass
 class ArraySplit:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from drtune.backbones import create_backbone, data_config
-from drtune.data import ArraySplit, build_loader, build_transform
+from drtune.data import ArraySplit, build_loader, build_transform, check_image_size
 from drtune.evaluation import evaluate
 from drtune.model_file import ModelFile, ModelFileError, read_model, save_model
 from drtune.task import Classifier
@@ -75,6 +75,10 @@ def to_chw(images: np.ndarray | list[np.ndarray]) -> list[torch.Tensor]:
             a = a[..., None]
         if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
             raise ValueError(f"image {i}: expected H × W × C (C = 1, 3 or 4) integers 0–255, got shape {a.shape}")
+        try:
+            check_image_size(a.shape[1], a.shape[0])
+        except ValueError as err:
+            raise ValueError(f"image {i}: {err}") from None
         t = torch.from_numpy(np.ascontiguousarray(np.clip(a[..., :3], 0, 255).astype(np.uint8))).permute(2, 0, 1)
         out.append(t.expand(3, -1, -1) if t.shape[0] == 1 else t)
     return out

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from drtune.data import ArraySplit
+from drtune.data import ArraySplit, check_image_size
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
 
 def square_rgb(img: Image.Image, size: int) -> np.ndarray:
     """Any PIL image → RGB uint8, shorter side resized to ``size``, centre crop ``size`` × ``size``."""
+    check_image_size(*img.size)
     rgb = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
     w, h = rgb.size
     scale = size / min(w, h)

@@ -76,3 +76,13 @@ def dataset_entity(dataset):
     ``mlflow.log_input`` converts a dataset, and it needs an active run in this process; the dataset's
     conversion, ``_to_mlflow_entity``, is private."""
     return dataset._to_mlflow_entity()
+
+
+# --- Ray Tune: the scheduler a restored Tuner runs with --------------------------------------------
+
+
+def tuner_scheduler(tuner):
+    """The trial scheduler ``tuner`` will run with. ``Tuner.restore`` re-creates it from ``tuner.pkl`` as it
+    was when the search was created (Tune never saves a scheduler's state), and ``Tuner`` has no public
+    accessor; :func:`pipeline.early_stopping.replay_rungs` refills it."""
+    return tuner._local_tuner._tune_config.scheduler

@@ -66,6 +66,12 @@ class TuneConfig(Section):
         description="extra held-out folds per finalist, each the validation "
         "split's size, drawn from the training split (at most 1/data.val_fraction − 1)",
     )
+    allow_partial: bool = Field(
+        False,
+        description="false: a search in which any trial failed with an error (a divergence is a result, not an "
+        "error) writes nothing and exits non-zero, so the next dvc repro retries those trials; true: pick among "
+        "the trials that finished",
+    )
     lam: Range = Field(default_factory=lambda: _default("lam"), description="λ, log-uniform")
     queue_sizes: list[int] = Field(
         [256, 512, 1024], min_length=1, description="K choices, multiples of the global batch"

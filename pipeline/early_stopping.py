@@ -3,11 +3,17 @@
 ASHA (time unit: epochs) stops a trial whose score at a rung is in the bottom of those that reached it.
 Across methods a shared rung would stop a method that starts slowly by its speed, not by where it ends:
 :class:`MethodASHA` gives each method its own rungs and runs each method's starting point to the end.
+
+Tune never saves a scheduler: a restored search gets the scheduler as it was created, with empty
+rungs, and a resumed trial would then run past a rung that had stopped it and record a later
+epoch's score there. :func:`replay_rungs` refills the rungs from the stored trials' per-epoch
+scores, so a resumed search stops the same trials as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -94,3 +100,23 @@ def scheduler(config: PipelineConfig):
     return ASHAScheduler(
         time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
     )
+
+
+def replay_rungs(scheduler, results, metric: str) -> int:
+    """Feed every stored trial's per-epoch ``metric`` (``results``: a restored search's ResultGrid) into the
+    rungs of ``scheduler``, in epoch order, as the uninterrupted search fed them; returns how many trials."""
+    if not isinstance(scheduler, ASHAScheduler | MethodASHA):
+        return 0
+    scheduler.set_search_properties(metric, "max")
+    fed = 0
+    for result in results:
+        frame, trial_id = result.metrics_dataframe, (result.metrics or {}).get("trial_id")
+        if frame is None or not trial_id or "epoch" not in frame or metric not in frame:
+            continue
+        trial = SimpleNamespace(trial_id=trial_id, config=result.config)
+        scheduler.on_trial_add(None, trial)
+        for epoch, score in frame.sort_values("epoch")[["epoch", metric]].itertuples(index=False):
+            if math.isfinite(score):
+                scheduler.on_trial_result(None, trial, {"epoch": epoch, metric: score})
+        fed += 1
+    return fed

@@ -39,9 +39,10 @@ from ray.train import Checkpoint
 from ray.tune.search.optuna import OptunaSearch
 
 from drtune import methods
+from pipeline import compat
 from pipeline.cluster import trial_resources
 from pipeline.config import PipelineConfig
-from pipeline.early_stopping import scheduler
+from pipeline.early_stopping import replay_rungs, scheduler
 from pipeline.experiment_state import restore_tuner
 from pipeline.selection import Candidate
 from pipeline.space import across_methods, ranges, starting_points, trial_config
@@ -51,18 +52,57 @@ METRIC = "val_top1"
 
 
 class PruningOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells ASHA-stopped trials as PRUNED and errored trials as FAIL."""
+    """OptunaSearch that tells ASHA-stopped trials as PRUNED and errored trials as FAIL, learns from a
+    failed trial that a rerun retried, and limits the trials at once itself.
+
+    A trial that failed is told FAIL; when a rerun retries it and it then finishes, Ray hands the
+    searcher its completion again, which both Ray's ``ConcurrencyLimiter`` (the trial is no longer
+    live) and ``OptunaSearch`` (it was told) drop. Here that completion becomes a new COMPLETE (or
+    PRUNED) record of the same parameters in the study, so the trials sampled after it learn from it;
+    and the searcher counts its own live trials (:meth:`set_max_concurrency`) instead of sitting
+    behind a ``ConcurrencyLimiter``."""
 
     def __init__(self, *args, max_epochs: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
+        self.max_concurrent = 0
+        self.live: set[str] = set()
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self.max_concurrent = max_concurrent
+        return True
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self.max_concurrent and len(self.live) >= self.max_concurrent:
+            return None  # Tune asks again when a trial ends
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            self.live.add(trial_id)
+        return config
+
+    def _state(self, result: dict | None, error: bool) -> tuple[dict | None, bool]:
+        """(the result to tell, error): FAIL for an error or no finite score, PRUNED (no result, no error)
+        for a trial ASHA stopped before the last epoch, else COMPLETE with its score."""
+        if error or result is None or not math.isfinite(result.get(METRIC, float("nan"))):
+            return None, True
+        return (None, False) if result.get("epoch", 0) < self.max_epochs else (result, False)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if error or result is None or not math.isfinite(result.get(METRIC, float("nan"))):
-            return super().on_trial_complete(trial_id, None, error=True)
-        if result.get("epoch", 0) < self.max_epochs:
-            return super().on_trial_complete(trial_id, None, error=False)  # no value, no error → PRUNED
-        return super().on_trial_complete(trial_id, result, error=False)
+        self.live.discard(trial_id)
+        result, error = self._state(result, error)
+        if trial_id not in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error=error)
+        if not error:  # a retried trial that was told FAIL has finished: record what it reached
+            told = self._ot_trials[trial_id]
+            self._ot_study.add_trial(
+                optuna.trial.create_trial(
+                    params=told.params,
+                    distributions=told.distributions,
+                    value=None if result is None else result[METRIC],
+                    state=optuna.trial.TrialState.PRUNED if result is None else optuna.trial.TrialState.COMPLETE,
+                )
+            )
+        return None
 
 
 def search_space(config: PipelineConfig) -> dict:
@@ -116,8 +156,12 @@ def _tuner(
     resources, at most as many trials at once as the cluster fits, no Tune-level retries."""
     driver, concurrency = trial_resources(config)
     trainable = tune.with_resources(driver_fn, driver)
+    if "search_alg" in tune_config and concurrency:  # the searcher limits itself (see PruningOptunaSearch)
+        tune_config["search_alg"].set_max_concurrency(concurrency)
+        concurrency = None
     restored = restore_tuner(f"{storage}/{name}", trainable)
     if restored is not None:
+        replay_rungs(compat.tuner_scheduler(restored), restored.get_results(), METRIC)
         return restored
     return tune.Tuner(
         trainable,

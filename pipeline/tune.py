@@ -141,6 +141,13 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         candidates = trial_candidates(
             results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage)
         )
+        errored = [c.id for c, r in zip(candidates, results, strict=True) if r.error is not None]
+        if errored and not p.tune.allow_partial:
+            raise RuntimeError(
+                f"{len(errored)} of {len(results)} trials failed with an error ({', '.join(errored)}; the errors are in "
+                "their MLflow runs), so the search is partial and nothing is written: run the stage again (dvc repro) "
+                "to retry them from their last checkpoints, or set tune.allow_partial: true to pick among the others"
+            )
         candidates += [baseline] if baseline else []
         if not rank(candidates):
             raise RuntimeError(

@@ -85,6 +85,16 @@ def test_corrupt_image_fails_listing_it_or_is_skipped(tmp_path) -> None:
     assert stats["skipped_bad_files"] == 1
 
 
+def test_an_elongated_image_is_a_bad_file_not_a_memory_bomb(tmp_path) -> None:
+    """2 × 3,000 px would be resized by its shorter side to 16 × 24,000 (at 224 px: 224 × 336,000)."""
+    from PIL import Image
+
+    root = _folder(tmp_path / "imgs")
+    Image.fromarray(np.zeros((2, 3000, 3), np.uint8)).save(root / "owl" / "long.png")
+    with pytest.raises(BadImagesError, match="long.png"):
+        load_source(f"imagefolder:{root}", image_size=16)
+
+
 def test_empty_class_and_single_class_are_errors(tmp_path) -> None:
     root = _folder(tmp_path / "imgs")
     (root / "empty").mkdir()

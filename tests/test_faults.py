@@ -167,7 +167,7 @@ def phases(tmp_path_factory) -> dict:
             "code": code,
             "text": text,
             "seconds": time.time() - started,
-            **(_outputs(root) if code == 0 else {}),
+            "wrote_outputs": (root / "models" / "best.json").exists() or (root / "metrics" / "tune.json").exists(),
         }
         (markers / "disk_freed").touch()
         started = time.time()
@@ -231,10 +231,13 @@ def test_interrupt_between_the_train_checkpoint_and_tunes_record_loses_no_trial(
     assert f"trial {first} completed after {EPOCHS} epochs" in faulted["text"]
 
 
-def test_a_lost_worker_is_restarted_from_its_checkpoint_and_a_full_disk_fails_the_trial(phases) -> None:
+def test_a_full_disk_fails_the_trial_and_the_partial_search_fails_the_stage_writing_nothing(phases) -> None:
+    """A trial that failed with an error makes the search partial: the stage exits non-zero and writes no
+    outputs, so DVC does not record it as done and the next ``dvc repro`` retries the trial (``recovered``)."""
     faulted = phases["faulted"]
-    assert faulted["code"] == 0, faulted["text"][-3000:]
-    assert faulted["tune"]["completed"] == 1 and faulted["tune"]["failed"] == 1
+    assert faulted["code"] == 2, faulted["text"][-3000:]
+    assert "1 of 2 trials failed with an error" in faulted["text"] and "run the stage again" in faulted["text"]
+    assert not faulted["wrote_outputs"]
     assert "does not answer" in faulted["text"] and "answers again" in faulted["text"]
 
 

@@ -224,6 +224,10 @@ def test_pyfunc_accepts_uint8_hwc_of_any_size_and_float_nchw(tiny_encoder) -> No
         to_chw(np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match=r"values in \[0, 1\], got 0 … 255"):  # 0–255 floats are not clipped to white
         to_chw(batch.transpose(0, 3, 1, 2).astype(np.float32))
+    # 1 × 2,000 px would be resized by its shorter side to 64 × 128,000: refused with the reason (HTTP 400)
+    with pytest.raises(MlflowException, match=r"image 0: 2000 × 1 px is more elongated than 20:1") as refused:
+        model.predict(None, np.zeros((1, 1, 2000, 3), np.uint8))
+    assert refused.value.get_http_status_code() == 400
 
 
 @pytest.mark.parametrize(
@@ -553,3 +557,27 @@ def test_every_benchmark_script_imports(script, monkeypatch) -> None:
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
+
+
+def test_a_retried_trial_that_completes_after_its_failure_is_learnt_by_optuna() -> None:
+    """Told FAIL when it errored; when a rerun retries it and it finishes at val 0.8, the study gains a COMPLETE
+    0.8 trial with the same parameters (Ray's own path drops that second completion)."""
+    s = _searcher(max_epochs=4)
+    config = s.suggest("t1")
+    s.on_trial_complete("t1", None, error=True)
+    s.on_trial_complete("t1", {"val_top1": 0.8, "epoch": 4})
+    trials = s._ot_study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].value == 0.8 and trials[1].params == {"x": config["x"]}
+    s.suggest("t2")
+    s.on_trial_complete("t2", None, error=True)
+    s.on_trial_complete("t2", {"val_top1": 0.5, "epoch": 2})  # retried, then stopped by ASHA: PRUNED
+    assert [t.state.name for t in s._ot_study.get_trials(deepcopy=False)][-1] == "PRUNED"
+
+
+def test_the_searcher_limits_the_trials_at_once_itself() -> None:
+    s = _searcher()
+    assert s.set_max_concurrency(1)
+    assert s.suggest("t1") is not None and s.suggest("t2") is None  # one live trial: ask later
+    s.on_trial_complete("t1", {"val_top1": 0.5, "epoch": 4})
+    assert s.suggest("t2") is not None

@@ -339,3 +339,44 @@ def test_a_paired_comparison_separates_what_the_unpaired_interval_cannot() -> No
     again = a.revalidated([0.5], [(True, False)])
     assert again.right == tuple(a_right) + (True, False) and again.folds == 2
     assert cand("x", 0.5).revalidated([0.5], [(True,)]).right is None  # no per-image validation results: none after
+
+
+def test_a_restored_search_stops_the_weak_trial_its_uninterrupted_self_stops() -> None:
+    """Grace 1, reduction factor 2: three trials score 3, 2 and 1 at every epoch, then a weak fourth scores 0.01
+    at epoch 1. Uninterrupted, ASHA stops it there; restored (a fresh scheduler, as Tuner.restore gives), the rungs
+    are empty and it runs on, unless the stored trials' histories are replayed into them."""
+    import pandas as pd
+
+    from pipeline.early_stopping import replay_rungs
+
+    p = load("configs/quick.yaml", ["train.epochs=4", "tune.grace_period=1", "tune.reduction_factor=2"])
+    stored = [
+        SimpleNamespace(
+            metrics={"trial_id": f"t{i}"},
+            config={"lr_head": 0.01 * (i + 1)},
+            metrics_dataframe=pd.DataFrame({"epoch": [1, 2, 3, 4], "val_top1": [score] * 4}),
+        )
+        for i, score in enumerate((3.0, 2.0, 1.0))
+    ]
+    weak = SimpleNamespace(trial_id="t3", config={"lr_head": 0.04})
+
+    def first_epoch_of_the_weak_trial(asha) -> str:
+        asha.on_trial_add(None, weak)
+        return asha.on_trial_result(None, weak, {"epoch": 1, "val_top1": 0.01})
+
+    uninterrupted = scheduler(p)
+    uninterrupted.set_search_properties("val_top1", "max")
+    for r in stored:
+        trial = SimpleNamespace(trial_id=r.metrics["trial_id"], config=r.config)
+        uninterrupted.on_trial_add(None, trial)
+        for epoch, score in r.metrics_dataframe.itertuples(index=False):
+            uninterrupted.on_trial_result(None, trial, {"epoch": epoch, "val_top1": score})
+    assert first_epoch_of_the_weak_trial(uninterrupted) == "STOP"
+
+    restored = scheduler(p)
+    restored.set_search_properties("val_top1", "max")
+    assert first_epoch_of_the_weak_trial(restored) == "CONTINUE"  # what Tuner.restore alone does
+    replayed = scheduler(p)
+    assert replay_rungs(replayed, stored, "val_top1") == 3
+    assert first_epoch_of_the_weak_trial(replayed) == "STOP"
+    assert [dict(r) for _, r in replayed._brackets[0]._rungs] == [dict(r) for _, r in uninterrupted._brackets[0]._rungs]

@@ -208,6 +208,10 @@ def test_cli_predicts_image_files_and_exports_onnx_that_onnxruntime_agrees_with(
     assert cli_main(["predict", str(tmp_path / "images"), str(folder)]) == 2  # a folder that holds no model
     assert "holds no model.safetensors" in capsys.readouterr().err
 
+    Image.fromarray(np.zeros((2, 3000, 3), np.uint8)).save(folder / "long.png")  # 2 × 3,000: a decompression trap
+    assert cli_main(["predict", str(out), str(folder / "long.png")]) == 2
+    assert "long.png (3000 × 2 px is more elongated than 20:1" in capsys.readouterr().err
+    (folder / "long.png").unlink()
     (folder / "3.png").write_bytes(b"not a png")
     assert cli_main(["predict", str(out), str(folder), "--output", str(tmp_path / "q.csv")]) == 2
     assert "3.png" in capsys.readouterr().err and not (tmp_path / "q.csv").exists()
