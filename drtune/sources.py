@@ -166,6 +166,15 @@ def _read_image(path: Path, size: int) -> np.ndarray:
         return square_rgb(img, size)
 
 
+def _not_utf8(name: str) -> bool:
+    """Whether a file name holds bytes that are not UTF-8 (Python decodes them to lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _scan_classes(folder: Path, empty: list[Path], ignored: list[str]) -> list[tuple[str, list[Path]]]:
     """Class folders as torchvision finds them, with their image files; empty classes and
     non-image files are collected, not raised, so one run reports them all."""
@@ -175,6 +184,10 @@ def _scan_classes(folder: Path, empty: list[Path], ignored: list[str]) -> list[t
         names = []
     if len(names) < 2:
         raise ValueError(f"{folder} has {len(names)} class folder(s); image classification needs at least two")
+    unusable = [n for n in names if _not_utf8(n) or not n.isprintable()]
+    if unusable:  # a class name becomes a label in MLflow, JSON and CSV: printable UTF-8 text
+        shown = ", ".join(ascii(n) for n in unusable)
+        raise ValueError(f"{folder}: class folder names must be printable UTF-8 text; rename {shown}")
     ignored += [str(f) for f in sorted(folder.iterdir()) if f.is_file()]
     out = []
     for name in names:

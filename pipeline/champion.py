@@ -21,6 +21,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.mlflow_store import literal
 from pipeline.selection import PairedTest
 
 CHECKSUM_TAG = "checkpoint_sha256"
@@ -63,12 +64,13 @@ def champion_score(
 
 
 def registered_version(client: MlflowClient, name: str, checksum: str):
-    """The version of ``name`` registered from the inference checkpoint with this SHA-256, if any."""
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
-    return next((v for v in versions if v.tags.get(CHECKSUM_TAG) == checksum), None)
+    """The READY version of ``name`` registered from the model file with this SHA-256, if any.
+
+    A version whose registration failed or is still pending is not one (the caller registers the file
+    again); a registry that cannot be asked is an error, never "not registered yet" (which would
+    register the same model twice)."""
+    versions = client.search_model_versions(f"name = {literal(name)}")
+    return next((v for v in versions if v.tags.get(CHECKSUM_TAG) == checksum and v.status == "READY"), None)
 
 
 def decide(

@@ -193,11 +193,32 @@ def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
         client.log_batch(run_id, metrics=metrics[i : i + 500])
 
 
+def run_exists(client: MlflowClient, run_id: str) -> bool:
+    """Whether this store holds run ``run_id`` (a store that cannot be asked raises, as everywhere)."""
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow filter. MLflow's filters have no escape: a value is quoted
+    with whichever of ' and " it does not contain (a path like /home/o'brien/runs needs the double quotes)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both quote characters, which an MLflow filter cannot match; rename it")
+
+
 def parent_run(client: MlflowClient, experiment: str, ray_experiment: str, tags: dict[str, str], run_name: str) -> str:
     """The parent run of the search stored at ``ray_experiment``: found again on resume, else created."""
     found = client.search_runs(
         [experiment],
-        filter_string=f"tags.`{EXPERIMENT_TAG}` = '{ray_experiment}'",
+        filter_string=f"tags.`{EXPERIMENT_TAG}` = {literal(ray_experiment)}",
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
@@ -211,7 +232,7 @@ def parent_run(client: MlflowClient, experiment: str, ray_experiment: str, tags:
 def discard_parent(client: MlflowClient, experiment: str, ray_experiment: str) -> None:
     """Detach the parent run of a search that ``--fresh`` discards: it keeps its children and history but is
     no longer found for ``ray_experiment`` (its tag gains a "discarded" note), and nothing under it stays RUNNING."""
-    for run in client.search_runs([experiment], filter_string=f"tags.`{EXPERIMENT_TAG}` = '{ray_experiment}'"):
+    for run in client.search_runs([experiment], filter_string=f"tags.`{EXPERIMENT_TAG}` = {literal(ray_experiment)}"):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         client.set_tag(run.info.run_id, EXPERIMENT_TAG, f"{ray_experiment} (discarded {stamp})")
         client.set_tag(run.info.run_id, "outcome", f"discarded by --fresh at {stamp}")

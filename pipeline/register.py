@@ -44,7 +44,7 @@ from pipeline import faults, plots
 from pipeline.champion import CHECKSUM_TAG, champion_score, claim, decide, registered_version
 from pipeline.config import PipelineConfig
 from pipeline.leaderboard import test_numbers, tested
-from pipeline.mlflow_store import connect, tracking_errors
+from pipeline.mlflow_store import connect, run_exists, tracking_errors
 from pipeline.model_card import hyperparameters, model_description
 from pipeline.selection import BASELINE, paired_test
 from pipeline.stage import stage_main, write_csv
@@ -72,6 +72,11 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     plots_dir.mkdir(parents=True, exist_ok=True)
 
     best = read_model(root / "models" / "best.safetensors")  # read once: its bytes are hashed, loaded and logged
+    if best.sha256 != tune_summary.get("best_sha256"):
+        raise RuntimeError(
+            "models/best.safetensors is not the model models/best.json describes (an interrupted or mixed-up tune "
+            "stage?): run the tune stage again (dvc repro)"
+        )
     predictor = load_predictor(best)
     scores = predictor.score(test)
     lift = scores["top1"] - baseline["test_top1"]
@@ -96,6 +101,12 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     )
 
     parent = tune_summary["mlflow_parent_run_id"]
+    if not run_exists(client, parent):
+        raise RuntimeError(
+            f"the search's MLflow run {parent} (models/best.json) is not in the tracking store at {p.tracking_uri()}: "
+            "the search was tracked in another store (MLFLOW_TRACKING_URI changed?). Point MLFLOW_TRACKING_URI back "
+            "to it, or run the search again into this store: DRTUNE_FRESH=1 dvc repro -f -s tune, then dvc repro"
+        )
     with mlflow.start_run(run_id=parent), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics(
             {

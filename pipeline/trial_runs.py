@@ -20,7 +20,15 @@ from mlflow.entities import DatasetInput, Metric
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from pipeline.mlflow_store import METRIC_KEYS, PARENT_TAG, TRIAL_TAG, TrackingUnavailableError, log_params, unreachable
+from pipeline.mlflow_store import (
+    METRIC_KEYS,
+    PARENT_TAG,
+    TRIAL_TAG,
+    TrackingUnavailableError,
+    literal,
+    log_params,
+    unreachable,
+)
 
 _LIVE: TrialRuns | None = None  # the stage's TrialRuns; a restored Tuner's pickled copy resolves to it
 
@@ -95,7 +103,7 @@ class TrialRuns(Callback):
             found = self.client.search_runs(
                 [self.experiment],
                 max_results=1,
-                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+                filter_string=f"tags.`{PARENT_TAG}` = {literal(self.parent_id)} and tags.`{TRIAL_TAG}` = {literal(trial_id)}",
             )
             run_id = (
                 found[0].info.run_id

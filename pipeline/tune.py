@@ -30,6 +30,7 @@ Outputs:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -250,6 +251,7 @@ def write_outputs(
     (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board), indent=2))
     finalist_rows = [{"trial": c.id, "val_top1": c.val_top1, "cv_top1": c.cv_top1, "folds": c.folds} for c in scored]
     return metrics, {
+        "best_sha256": hashlib.sha256((models / "best.safetensors").read_bytes()).hexdigest(),  # the file it describes
         "best_trial": best.id,
         "best_method": best.method,
         "best_is_baseline": best.baseline,

@@ -68,3 +68,42 @@ def test_an_unchanged_champion_is_taken_with_the_decision_already_recorded() -> 
     registry = Registry("1", {"1": 0.80})
     assert claim(registry, "m", "2", "1", registry.rescore, judge_for(0.90)) == (True, None)
     assert registry.champion == "2"
+
+
+def test_only_a_ready_version_counts_as_registered_and_registry_errors_propagate() -> None:
+    import pytest
+
+    from pipeline.champion import CHECKSUM_TAG, registered_version
+
+    versions = [
+        SimpleNamespace(version="1", status="FAILED_REGISTRATION", tags={CHECKSUM_TAG: "abc"}),
+        SimpleNamespace(version="2", status="READY", tags={CHECKSUM_TAG: "other"}),
+    ]
+    client = SimpleNamespace(search_model_versions=lambda query: versions)
+    assert registered_version(client, "m", "abc") is None  # its registration failed: register the file again
+    versions.append(SimpleNamespace(version="3", status="READY", tags={CHECKSUM_TAG: "abc"}))
+    assert registered_version(client, "m", "abc").version == "3"
+
+    def away(query):
+        raise MlflowException("the registry does not answer")
+
+    with pytest.raises(MlflowException):  # never taken for "not registered yet", which would register twice
+        registered_version(SimpleNamespace(search_model_versions=away), "m", "abc")
+
+
+def test_a_search_stored_under_a_path_with_a_quote_finds_its_parent_run_again(tmp_path) -> None:
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.mlflow_store import experiment_id, literal, parent_run, run_exists
+
+    assert literal("runs/a") == "'runs/a'" and literal("/home/o'brien/runs") == '"/home/o\'brien/runs"'
+    with pytest.raises(ValueError, match="both quote characters"):
+        literal("a'b\"c")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # not connect(): no global URI for later tests
+    experiment = experiment_id(client, "quotes")
+    path = "/home/o'brien/runs/search-1"
+    first = parent_run(client, experiment, path, tags={}, run_name="search-1")
+    assert parent_run(client, experiment, path, tags={}, run_name="search-1") == first
+    # register asks before it writes: a best.json from a search tracked in another store is named, not a traceback
+    assert run_exists(client, first) and not run_exists(client, "f" * 32)

@@ -95,6 +95,16 @@ def test_an_elongated_image_is_a_bad_file_not_a_memory_bomb(tmp_path) -> None:
         load_source(f"imagefolder:{root}", image_size=16)
 
 
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_at_prepare(tmp_path) -> None:
+    """Its name would become a label that MLflow, JSON and CSV cannot carry: refused before any training."""
+    import os
+
+    root = _folder(tmp_path / "imgs")
+    os.rename(root / "owl", os.path.join(os.fsencode(root), b"ow\xffl"))
+    with pytest.raises(ValueError, match=r"printable UTF-8 text; rename 'ow\\udcffl'"):
+        load_source(f"imagefolder:{root}")
+
+
 def test_empty_class_and_single_class_are_errors(tmp_path) -> None:
     root = _folder(tmp_path / "imgs")
     (root / "empty").mkdir()

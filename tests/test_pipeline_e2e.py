@@ -246,6 +246,12 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
         best.classes,
         best.history,
     )
+    record_path = project / "models" / "best.json"
+    record = json.loads(record_path.read_text())
+    refused = subprocess.run(register, cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "is not the model models/best.json describes" in refused.stderr
+    record["best_sha256"] = read_model(project / "models" / "best.safetensors").sha256  # as tune would write it
+    record_path.write_text(json.dumps(record))
     again = subprocess.run(register, cwd=project, env=_env(project), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert str(client.get_model_version_by_alias("drtune-digits", "challenger").version) == "2"
