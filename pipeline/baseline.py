@@ -25,7 +25,7 @@ from drtune.inference import load_predictor, save_inference_checkpoint
 from drtune.model_file import read_model
 from drtune.preflight import preflight
 from drtune.prepared import load_prepared
-from pipeline.cluster import local_storage, start_ray, storage_uri
+from pipeline.cluster import join_uri, local_storage, start_ray, storage_uri
 from pipeline.config import PipelineConfig
 from pipeline.mlflow_store import (
     connect,
@@ -75,7 +75,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         log_params(client, run_id, flat(ce.model_dump(mode="json", include={"data", "model", "train"})))
         client.log_inputs(run_id, datasets=dataset_inputs(data, p.data.prepared_dir))
         start = time.time()
-        result = run_training(ce, p, share_data(data), f"{storage_uri(p, root)}/baseline", name, [])
+        result = run_training(ce, p, share_data(data), join_uri(storage_uri(p, root), "baseline"), name, [])
         if result.metrics.get("diverged"):
             raise RuntimeError(
                 f"the CE baseline diverged ({result.metrics['error']}): lower train.lr_backbone "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs
 import ray
@@ -29,6 +30,16 @@ def storage_uri(config: PipelineConfig, root: Path = Path(".")) -> str:
     """``ray.storage_path`` as Ray should see it: a URI unchanged, a local path made absolute under ``root``."""
     path = config.ray.storage_path
     return path if "://" in path else str((root / path).resolve())
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """``uri`` with ``parts`` appended to its path, its query kept: pyarrow's own form of a custom S3 endpoint,
+    ``s3://bucket/runs?endpoint_override=host:9000&scheme=http``, joined with ``baseline`` is
+    ``s3://bucket/runs/baseline?endpoint_override=host:9000&scheme=http``."""
+    if "://" not in uri:
+        return "/".join([uri.rstrip("/"), *parts])
+    split = urlsplit(uri)
+    return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
 
 
 def filesystem_and_path(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -69,9 +80,27 @@ def _live_local_head() -> str | None:
     return None
 
 
+def ray_address(config: PipelineConfig) -> str | None:
+    """The cluster to join: ``ray.address`` or RAY_ADDRESS (set inside ``ray job submit``); ``auto`` is the
+    ``ray start`` head running on this machine. None: start a private Ray, even when a head runs here (a
+    head nobody named is someone else's: sharing it, each search would size itself for the whole of it)."""
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address == "auto":
+        address = _live_local_head()
+        if address is None:
+            raise ConfigError("ray.address = auto: no Ray head runs on this machine (start one with ray start --head)")
+    return address
+
+
+def private_cpus(config: PipelineConfig) -> int:
+    """CPUs of a private Ray: ``ray.num_cpus``, else those this process may run on (its CPU affinity, which a
+    container or ``taskset`` narrows), never every core of a machine shared with other runs."""
+    return config.ray.num_cpus or len(os.sched_getaffinity(0))
+
+
 def start_ray(config: PipelineConfig) -> None:
-    """Join ``ray.address``, RAY_ADDRESS (set inside ``ray job submit``) or a running local head;
-    otherwise start a private local instance with ``ray.num_cpus`` and the trial-driver resource."""
+    """Join the cluster :func:`ray_address` names; otherwise start a private local instance with
+    :func:`private_cpus` and the trial-driver resource."""
     if ray.is_initialized():
         return
     env = {
@@ -80,12 +109,13 @@ def start_ray(config: PipelineConfig) -> None:
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(config.ray.start_timeout_s),
         }
     }
-    address = config.ray.address or os.environ.get("RAY_ADDRESS") or _live_local_head()
+    address = ray_address(config)
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         ray.init(
-            num_cpus=config.ray.num_cpus,
+            address="local",  # never an existing head (ray.init() alone would join the one `ray start` recorded)
+            num_cpus=private_cpus(config),
             resources={DRIVER_RESOURCE: 10_000},
             runtime_env=env,
             log_to_driver=False,

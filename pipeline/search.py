@@ -40,7 +40,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from drtune import methods
 from pipeline import compat
-from pipeline.cluster import trial_resources
+from pipeline.cluster import join_uri, trial_resources
 from pipeline.config import PipelineConfig
 from pipeline.early_stopping import replay_rungs, scheduler
 from pipeline.experiment_state import restore_tuner
@@ -159,7 +159,7 @@ def _tuner(
     if "search_alg" in tune_config and concurrency:  # the searcher limits itself (see PruningOptunaSearch)
         tune_config["search_alg"].set_max_concurrency(concurrency)
         concurrency = None
-    restored = restore_tuner(f"{storage}/{name}", trainable)
+    restored = restore_tuner(join_uri(storage, name), trainable)
     if restored is not None:
         replay_rungs(compat.tuner_scheduler(restored), restored.get_results(), METRIC)
         return restored
@@ -199,7 +199,7 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
             trial_driver,
             base=config,
             data=data,
-            storage=f"{storage}/train",
+            storage=join_uri(storage, "train"),
             specs=[methods.get(m) for m in config.search_methods()],
         ),
         storage,
@@ -278,7 +278,7 @@ def build_finalist_tuner(
         base=config,
         finalists=[c.config for c in finalists],
         data=data,
-        storage=f"{storage}/train",
+        storage=join_uri(storage, "train"),
         specs=[methods.get(m) for m in config.search_methods()],
     )
     space = {

@@ -49,7 +49,7 @@ from drtune.preflight import preflight
 from drtune.prepared import load_prepared
 from pipeline import plots
 from pipeline.choosing import baseline_candidate, choose, near_the_top, revalidation, write_models
-from pipeline.cluster import local_storage, start_ray, storage_filesystem, storage_uri
+from pipeline.cluster import join_uri, local_storage, start_ray, storage_filesystem, storage_uri
 from pipeline.config import PipelineConfig
 from pipeline.experiment_state import FRESH_HINT, discard_experiment
 from pipeline.leaderboard import leaderboard, validation_numbers
@@ -99,11 +99,11 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     start_ray(p)
     storage = storage_uri(p, root)
     ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
-    experiment_path = f"{storage}/{ray_run}"
+    experiment_path = join_uri(storage, ray_run)
     mlflow_experiment = experiment_id(client, p.mlflow_experiment())
     if fresh:
         discard_parent(client, mlflow_experiment, experiment_path)
-        if discard_experiment(f"{experiment_path}-finalists") | discard_experiment(experiment_path):
+        if discard_experiment(join_uri(storage, f"{ray_run}-finalists")) | discard_experiment(experiment_path):
             print(f"starting afresh: deleted the search stored at {experiment_path}", flush=True)
     elif tune.Tuner.can_restore(experiment_path):
         print(
