@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.selection import Candidate, paired_test, rank
+from pipeline.selection import Candidate, rank
+from pipeline.significance import paired_test
 
 DATASETS = {"fashion-mnist": [], "digits": ["data.dataset=digits"]}
 SEARCHES = {"default": [], "methods": ["tune.methods=[drtune, ce, l2sp, linear_probe, bss]"]}

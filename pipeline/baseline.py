@@ -27,16 +27,8 @@ from drtune.preflight import preflight
 from drtune.prepared import load_prepared
 from pipeline.cluster import join_uri, local_storage, start_ray, storage_uri
 from pipeline.config import PipelineConfig
-from pipeline.mlflow_store import (
-    connect,
-    dataset_inputs,
-    experiment_id,
-    git_commit,
-    log_history,
-    log_params,
-    run_outcome,
-    tracking_errors,
-)
+from pipeline.mlflow_connect import connect, tracking_errors
+from pipeline.mlflow_store import dataset_inputs, experiment_id, git_commit, log_history, log_params, run_outcome
 from pipeline.stage import flat, stage_main
 from pipeline.training import read_checkpoint, run_name, run_training, share_data
 

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.mlflow_store import literal
-from pipeline.selection import PairedTest
+from pipeline.significance import PairedTest
 
 CHECKSUM_TAG = "checkpoint_sha256"
 

@@ -114,9 +114,13 @@ class TuneConfig(Section):
 
 class RayConfig(Section):
     address: str | None = Field(
-        None, description="null: a local Ray (or RAY_ADDRESS / the job's cluster); auto; ray://…"
+        None,
+        description="null: RAY_ADDRESS (a submitted job's cluster), else a private local Ray, never a head nobody "
+        "named; auto: the `ray start` head on this machine; host:port or ray://…",
     )
-    num_cpus: int | None = Field(None, ge=1, le=100_000, description="local Ray only: CPUs to use (null = all)")
+    num_cpus: int | None = Field(
+        None, ge=1, le=100_000, description="private Ray only: CPUs to use (null = this process's CPU affinity)"
+    )
     workers_per_trial: int = Field(1, ge=1, le=4096, description="Ray Train data-parallel workers per trial")
     cpus_per_worker: float = Field(2.0, gt=0, le=1024, description="CPUs per Train worker (torch threads follow it)")
     gpus_per_worker: float = Field(0.0, ge=0, le=64, description="GPUs per Train worker; > 0 uses nccl and CUDA")

@@ -8,7 +8,7 @@ how to load and serve it. :mod:`pipeline.register` writes it as the version's de
 from __future__ import annotations
 
 from drtune import methods
-from pipeline.selection import PairedTest
+from pipeline.significance import PairedTest
 
 # What every version states besides its method's knobs (resolved: the numbers that trained it).
 COMMON = ("train.lr_head", "train.weight_decay", "train.epochs", "train.batch_size", "train.optimizer")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.tune import Callback
 
-from pipeline.search import METRIC
+from pipeline.searcher import METRIC
 
 
 class Progress(Callback):

@@ -11,7 +11,7 @@
 3. ``champion`` moves to the new version only if it is no worse than plain fine-tuning on test and
    beats the current champion on this same test split. Plain fine-tuning is the CE baseline's model
    (``models/baseline.safetensors``), compared image by image (McNemar's exact test,
-   :func:`pipeline.selection.paired_test`): a challenger that gets fewer test images right than the
+   :func:`pipeline.significance.paired_test`): a challenger that gets fewer test images right than the
    baseline is registered but not promoted, whatever the champion. The champion is re-scored here
    rather than trusting a number from another split. The accuracies, the paired test and the
    decision are logged, and written to ``metrics/test.json``.
@@ -34,30 +34,20 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from drtune import mlflow_model
-from drtune.export import export_onnx
 from drtune.inference import load_predictor
-from drtune.mlflow_model import SIGNATURE, model_metadata
 from drtune.model_file import read_model
 from drtune.prepared import load_prepared
 from pipeline import faults, plots
-from pipeline.champion import CHECKSUM_TAG, champion_score, claim, decide, registered_version
+from pipeline.champion import champion_score, claim, decide
 from pipeline.config import PipelineConfig
 from pipeline.leaderboard import test_numbers, tested
-from pipeline.mlflow_store import connect, run_exists, tracking_errors
+from pipeline.mlflow_connect import connect, tracking_errors
+from pipeline.mlflow_store import run_exists
 from pipeline.model_card import hyperparameters, model_description
-from pipeline.selection import BASELINE, paired_test
+from pipeline.model_version import model_version
+from pipeline.selection import BASELINE
+from pipeline.significance import paired_test
 from pipeline.stage import stage_main, write_csv
-
-# Models-from-code: the pyfunc is this file, run by MLflow at load time, with drtune as its only code.
-MODEL_CODE = mlflow_model.__file__
-CODE_PATHS = [str(Path(mlflow_model.__file__).parent)]
-
-
-def example_batch(split, n: int) -> np.ndarray:
-    """The first ``n`` images of ``split`` as the model takes them: uint8 N × H × W × 3."""
-    images = split.images[:n]
-    return images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
 
 
 @tracking_errors()
@@ -131,27 +121,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         for picture in ("confusion_matrix.png", "learning_curve.png", "landscape.png"):
             if (plots_dir / picture).is_file():
                 mlflow.log_artifact(str(plots_dir / picture), artifact_path="plots")
-        weights = Path(tmp) / "model.safetensors"
-        weights.write_bytes(best.data)
-        example = example_batch(test, 2)
-        checksum = best.sha256
-        registered = registered_version(client, name, checksum)
-        onnx_check = None  # a version registered before carries its checked export already
-        if registered is None:
-            onnx_check = export_onnx(predictor, Path(tmp) / "model.onnx", example_batch(test, 16))
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=MODEL_CODE,
-                artifacts={"checkpoint": str(weights), "onnx": str(Path(tmp) / "model.onnx")},
-                signature=SIGNATURE,
-                input_example=example,
-                code_paths=CODE_PATHS,
-                pip_requirements=_requirements(),
-                metadata=model_metadata(classes, predictor.image_size, predictor.data_cfg) | {"onnx_check": onnx_check},
-            )
-            # The checksum is a tag of the version from its creation on: an interrupted registration is
-            # finished by the next run, not registered twice.
-            registered = mlflow.register_model(info.model_uri, name, tags={CHECKSUM_TAG: checksum})
+        registered, onnx_check = model_version(client, name, best, predictor, test, Path(tmp))
         version = str(registered.version)
         faults.interrupt("interrupt_registration")
         client.set_registered_model_alias(name, "challenger", version)
@@ -240,26 +210,6 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     (root / "metrics" / "test.json").write_text(json.dumps(metrics, indent=2))  # numbers only: a DVC metrics file
     (root / "models" / "registered.json").write_text(json.dumps(registered, indent=2))
     return metrics | registered
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [
-        f"{pkg}=={version(pkg)}"
-        for pkg in (
-            "torch",
-            "torchvision",
-            "timm",
-            "numpy",
-            "pandas",
-            "mlflow",
-            "pydantic",
-            "pyyaml",
-            "onnx",
-            "onnxruntime",
-        )
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ interval), which is wider, so it calls a tie more often, never less::
 4. *Conservative rule*, when they are still tied or re-validation is off: plain fine-tuning (the
    CE baseline) wins if it is among the tied; otherwise the top score stands.
 
-**The gate** (:func:`paired_test`): on the test split, once, the challenger against the CE baseline
+**The gate** (:func:`pipeline.significance.paired_test`): on the test split, once, the challenger against the CE baseline
 image by image (McNemar's exact test). Test images never choose among candidates; they only decide
 whether the chosen one may become champion.
 """
@@ -43,9 +43,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from scipy.stats import binomtest
+from pipeline.significance import Comparison, agresti_caffo, paired_test
 
-Z95 = 1.959964  # two-sided 95 % normal quantile
 BASELINE = "baseline"  # the CE baseline's candidate id
 
 
@@ -95,43 +94,6 @@ class Candidate:
         return replace(self, right=tuple(bool(x) for x in right))
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """The better of two candidates against the other: the gap, in points and in images, its 95 % interval
-    and, when paired, McNemar's p-value (which then decides whether the gap is noise)."""
-
-    best: str
-    other: str
-    gap: float
-    gap_images: float
-    low: float
-    high: float
-    p_value: float | None = None  # paired comparisons only
-
-    @property
-    def within_noise(self) -> bool:
-        return self.p_value >= 0.05 if self.p_value is not None else self.low <= 0.0
-
-    def words(self) -> str:
-        how = f"paired, McNemar p = {self.p_value:.2g}" if self.p_value is not None else "unpaired"
-        return (
-            f"{self.best} − {self.other}: {self.gap:+.4f} ({self.gap_images:+.1f} images), 95 % interval "
-            f"[{self.low:+.4f}, {self.high:+.4f}], {how}" + (", within the noise" if self.within_noise else "")
-        )
-
-    def record(self) -> dict:
-        return {
-            "best": self.best,
-            "other": self.other,
-            "gap": self.gap,
-            "gap_images": self.gap_images,
-            "interval": [self.low, self.high],
-            "paired": self.p_value is not None,
-            "mcnemar_p": self.p_value,
-            "within_noise": self.within_noise,
-        }
-
-
 def compare(a: Candidate, b: Candidate) -> Comparison:
     """``a`` against ``b``: paired on their per-image results when both have them for the same images,
     else on their scores (Agresti–Caffo); see the module docstring."""
@@ -140,13 +102,9 @@ def compare(a: Candidate, b: Candidate) -> Comparison:
         low, high = t.interval()
         return Comparison(a.id, b.id, t.difference, float(t.only_a - t.only_b), low, high, t.p_value)
 
-    def adjusted(c: Candidate) -> tuple[float, int]:
-        return (c.score * c.n + 1) / (c.n + 2), c.n + 2
-
-    (pa, na), (pb, nb) = adjusted(a), adjusted(b)
-    half = Z95 * math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb)
     gap = a.score - b.score
-    return Comparison(a.id, b.id, gap, gap * min(a.n, b.n), gap - half, gap + half)
+    low, high = agresti_caffo(a.score, a.n, b.score, b.n)
+    return Comparison(a.id, b.id, gap, gap * min(a.n, b.n), low, high)
 
 
 def rank(candidates: list[Candidate]) -> list[Candidate]:
@@ -229,46 +187,3 @@ def pick(candidates: list[Candidate]) -> Pick:
         )
     rest = [c for c in scoped if c is not chosen] + [c for c in everyone if c not in scoped]
     return Pick(chosen, rule, reason, comparison, [c.id for c in tied], [chosen, *rest])
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """Two models on the same test images: how many each alone got right, and McNemar's exact p-value."""
-
-    n: int
-    only_a: int  # images a got right and b wrong
-    only_b: int
-    p_value: float
-
-    @property
-    def difference(self) -> float:
-        """a's top-1 minus b's."""
-        return (self.only_a - self.only_b) / self.n
-
-    def interval(self) -> tuple[float, float]:
-        """95 % interval of :attr:`difference` (paired, normal approximation)."""
-        d = self.difference
-        half = Z95 * math.sqrt(max(self.only_a + self.only_b - self.n * d * d, 0.0)) / self.n
-        return d - half, d + half
-
-    def record(self) -> dict:
-        low, high = self.interval()
-        return {
-            "n": self.n,
-            "only_challenger_right": self.only_a,
-            "only_baseline_right": self.only_b,
-            "difference": self.difference,
-            "interval": [low, high],
-            "mcnemar_p": self.p_value,
-        }
-
-
-def paired_test(a_right: list[bool], b_right: list[bool]) -> PairedTest:
-    """McNemar's exact test of two models' per-image correctness on the same images: under "equally good"
-    each image only one of them gets right is a fair coin's toss."""
-    if len(a_right) != len(b_right) or not len(a_right):
-        raise ValueError(f"paired test needs the same, non-empty images: {len(a_right)} and {len(b_right)}")
-    only_a = sum(bool(x) and not bool(y) for x, y in zip(a_right, b_right, strict=True))
-    only_b = sum(bool(y) and not bool(x) for x, y in zip(a_right, b_right, strict=True))
-    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    return PairedTest(len(a_right), only_a, only_b, float(p))

@@ -20,15 +20,8 @@ from mlflow.entities import DatasetInput, Metric
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from pipeline.mlflow_store import (
-    METRIC_KEYS,
-    PARENT_TAG,
-    TRIAL_TAG,
-    TrackingUnavailableError,
-    literal,
-    log_params,
-    unreachable,
-)
+from pipeline.mlflow_connect import TrackingUnavailableError, unreachable
+from pipeline.mlflow_store import METRIC_KEYS, PARENT_TAG, TRIAL_TAG, literal, log_params
 
 _LIVE: TrialRuns | None = None  # the stage's TrialRuns; a restored Tuner's pickled copy resolves to it
 

@@ -22,9 +22,10 @@ from drtune.mlflow_model import DRTuneClassifier
 from drtune.task import Classifier
 from pipeline.champion import decide
 from pipeline.config import PipelineConfig, load
-from pipeline.mlflow_store import TrackingUnavailableError, connect
+from pipeline.mlflow_connect import TrackingUnavailableError, connect
 from pipeline.model_card import model_description
-from pipeline.search import PruningOptunaSearch, require_finished, search_space
+from pipeline.search import require_finished
+from pipeline.searcher import PruningOptunaSearch, search_space
 from pipeline.space import field_of, random_point, searched_names, starting_points, trial_config
 
 
@@ -148,7 +149,7 @@ def test_a_server_that_does_not_answer_is_told_from_one_that_refuses_by_type_and
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.mlflow_store import unreachable
+    from pipeline.mlflow_connect import unreachable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -462,7 +463,7 @@ def test_a_search_across_methods_draws_each_methods_own_hyperparameters_only() -
     Config keeps the base λ while its method is set."""
     import pickle
 
-    from pipeline.search import MethodSpace
+    from pipeline.searcher import MethodSpace
 
     p = load(None, ["tune.methods=[drtune, ce, linear_probe, l2sp, bss]"])
     define = pickle.loads(pickle.dumps(MethodSpace(p)))  # Ray saves the searcher's state
@@ -581,3 +582,29 @@ def test_the_searcher_limits_the_trials_at_once_itself() -> None:
     assert s.suggest("t1") is not None and s.suggest("t2") is None  # one live trial: ask later
     s.on_trial_complete("t1", {"val_top1": 0.5, "epoch": 4})
     assert s.suggest("t2") is not None
+
+
+def test_storage_uris_are_joined_on_their_path_keeping_their_query() -> None:
+    from pipeline.cluster import join_uri
+
+    custom = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert join_uri(custom, "baseline") == "s3://bucket/runs/baseline?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert join_uri("s3://bucket/runs/", "search-1", "train") == "s3://bucket/runs/search-1/train"
+    assert join_uri("/data/runs/", "baseline") == "/data/runs/baseline"
+
+
+def test_a_head_nobody_named_is_not_joined_and_a_private_ray_takes_this_process_cpus(monkeypatch) -> None:
+    from pipeline import cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster, "_live_local_head", lambda: "10.0.0.1:6379")  # someone's `ray start` on this machine
+    assert cluster.ray_address(load(None)) is None  # a private Ray, not someone else's cluster
+    assert cluster.ray_address(load(None, ["ray.address=auto"])) == "10.0.0.1:6379"  # asked for: joined
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")  # inside `ray job submit`
+    assert cluster.ray_address(load(None)) == "10.0.0.2:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(cluster, "_live_local_head", lambda: None)
+    with pytest.raises(ConfigError, match="ray.address = auto: no Ray head runs on this machine"):
+        cluster.ray_address(load(None, ["ray.address=auto"]))
+    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert cluster.private_cpus(load(None)) == 3 and cluster.private_cpus(load(None, ["ray.num_cpus=1"])) == 1

@@ -15,15 +15,8 @@ from pipeline.config import load
 from pipeline.early_stopping import MethodASHA, scheduler
 from pipeline.leaderboard import leaderboard, lift
 from pipeline.search import cross_validated, trial_candidates
-from pipeline.selection import (
-    BASELINE,
-    Candidate,
-    compare,
-    finalists,
-    paired_test,
-    pick,
-    rank,
-)
+from pipeline.selection import BASELINE, Candidate, compare, finalists, pick, rank
+from pipeline.significance import paired_test
 
 
 def cand(

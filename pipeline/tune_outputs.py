@@ -1,0 +1,131 @@
+"""The ``tune`` stage's outputs: its files (models, metrics, plots) and the pick on the search's parent run.
+
+:func:`write_outputs` writes everything but ``models/best.json``, which the stage writes last with the
+SHA-256 of the ``models/best.safetensors`` it describes; :func:`log_pick` records the winner, the rule
+that chose it, the finalists and the leaderboard on the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from drtune.model_file import read_metadata
+from pipeline import plots
+from pipeline.choosing import write_models
+from pipeline.config import PipelineConfig
+from pipeline.leaderboard import leaderboard, validation_numbers
+from pipeline.mlflow_store import log_params
+from pipeline.selection import Candidate, Pick
+from pipeline.space import searched_names, unprefixed
+from pipeline.stage import write_csv
+
+
+def write_outputs(
+    p: PipelineConfig,
+    root: Path,
+    candidates: list[Candidate],
+    trials: list[dict],
+    chosen: Pick,
+    scored: list[Candidate],
+    wall_s: float,
+) -> tuple[dict, dict]:
+    """The stage's files (see the module docstring) but ``models/best.json``; returns (the numbers of
+    ``metrics/tune.json``, what identifies the winner). ``trials`` holds each trial's status and epochs run,
+    in ``candidates``' order (the baseline, last, is no trial)."""
+    models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
+    for d in (models, metrics_dir, plots_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    best = chosen.chosen
+    shown = list(dict.fromkeys(p.search_methods() + [c.method for c in candidates if c.baseline]))
+    keys = sorted({name for m in p.search_methods() for name in searched_names(p, m)})
+    rows = [
+        {
+            "trial": c.id,
+            "method": c.method,
+            **{k: unprefixed(c.config).get(k) for k in keys},
+            "val_top1": c.val_top1,
+            **t,
+        }
+        for c, t in zip(candidates[: len(trials)], trials, strict=True)
+    ]
+    board = leaderboard(candidates, chosen, shown)
+    write_models(board, candidates, models / "leaderboard")
+    assert board[best.method]["best_trial"] == best.id, (board, best.id)  # the pick is its method's entry
+    shutil.copy(models / "leaderboard" / f"{best.method}.safetensors", models / "best.safetensors")
+    history = read_metadata(models / "best.safetensors")["history"]  # every epoch, resumes included
+    curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
+    write_csv(metrics_dir / "tune_curve.csv", curve)
+    write_csv(metrics_dir / "landscape.csv", rows)
+    plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best: {best.id}")
+    plots.search_landscape(rows, keys, plots_dir / "landscape.png")
+    record = chosen.record()
+    gap = record["comparison"] or {}
+    count = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped", "failed")}
+    # Numbers go to the DVC metrics file; what identifies the winner goes beside its model.
+    metrics = {
+        "best_val_top1": best.val_top1,
+        "best_val_loss": best.val_loss,
+        "trials": len(rows),
+        "completed": count["completed"],
+        "stopped_early": count["stopped"],
+        "failed": count["failed"],
+        "wall_s": round(wall_s, 1),
+        "best_is_baseline": int(best.baseline),
+        "revalidated": len(scored),
+        **(
+            {"gap_images": gap["gap_images"], "gap_low": gap["interval"][0], "gap_high": gap["interval"][1]}
+            if gap
+            else {}
+        ),
+        "best": unprefixed(best.config),
+        **({"best_cv_top1": best.cv_top1} if best.cv_top1 is not None else {}),
+    }
+    (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
+    (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board), indent=2))
+    finalist_rows = [{"trial": c.id, "val_top1": c.val_top1, "cv_top1": c.cv_top1, "folds": c.folds} for c in scored]
+    return metrics, {
+        "best_sha256": hashlib.sha256((models / "best.safetensors").read_bytes()).hexdigest(),  # the file it describes
+        "best_trial": best.id,
+        "best_method": best.method,
+        "best_is_baseline": best.baseline,
+        "best_config": best.config,
+        "leaderboard": board,
+        "selection": record,
+        "finalists": finalist_rows,
+    }
+
+
+def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> None:
+    """The pick on the search's parent run: the winner, the rule and its reason, the finalists, the leaderboard."""
+    best, selection, board = chosen.chosen, record["selection"], record["leaderboard"]
+    client.log_metric(parent, "best_val_top1", best.val_top1)
+    for tag, value in {
+        "best_trial": best.id,
+        "best_method": best.method,
+        "selection": chosen.rule,
+        "selection_reason": chosen.reason,
+    }.items():
+        client.set_tag(parent, tag, value)
+    if selection["comparison"]:
+        client.log_metric(parent, "selection_gap_images", selection["comparison"]["gap_images"])
+    if best.cv_top1 is not None:
+        client.log_metric(parent, "best_cv_top1", best.cv_top1)
+    if record["finalists"]:
+        client.log_dict(parent, pd.DataFrame(record["finalists"]).to_dict(orient="split"), "finalists.json")
+    client.log_dict(parent, selection, "selection.json")
+    # the table format of MLflow's log_table, written whole (log_table appends on a rerun)
+    client.log_dict(
+        parent,
+        pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
+        "leaderboard_val.json",
+    )
+    for key, value in validation_numbers(board).items():
+        client.log_metric(parent, f"leaderboard.{key}", value)
+    # The parent's own params are the base params.yaml values; the winner's are logged beside them.
+    log_params(client, parent, {f"best.{k}": v for k, v in best.config.items()})
