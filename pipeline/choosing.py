@@ -26,7 +26,7 @@ from drtune.folds import extra_fold
 from drtune.inference import load_predictor, save_inference_checkpoint
 from drtune.prepared import PreparedData
 from pipeline.cluster import join_uri, storage_filesystem
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, redact
 from pipeline.search import build_finalist_tuner, cross_validated, require_finished
 from pipeline.selection import BASELINE, Candidate, Pick, pick, rank, tied_with_best
 from pipeline.selection import finalists as selection_finalists
@@ -129,7 +129,7 @@ def revalidation(
         require_finished(
             refits,
             len(finalists) * p.tune.finalist_folds,
-            f"re-validation interrupted; its state is stored at {join_uri(storage, name + '-finalists')}",
+            f"re-validation interrupted; its state is stored at {redact(join_uri(storage, name + '-finalists'))}",
         )
         held_out = {
             fold: extra_fold(data.train, data.val, fold, p.data.seed)[1] for fold in range(1, p.tune.finalist_folds + 1)

@@ -9,6 +9,8 @@ too: every queue size must be a multiple of the global batch (``train.batch_size
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +31,16 @@ class Range(Section):
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         return self
+
+
+# user:password@ (or key:secret@) inside a URI: s3://KEY:SECRET@bucket/runs, https://user:token@host. Up to the
+# first @, "/" included: an AWS secret may hold an unescaped "/" (hiding too much beats leaking a secret).
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***`` (what is logged, printed or written)."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
 def _default(name: str) -> Range:
@@ -166,6 +178,21 @@ class PipelineConfig(Config):
             )
         if self.tune.grace_period > self.train.epochs:
             raise ValueError(f"tune.grace_period = {self.tune.grace_period} exceeds train.epochs = {self.train.epochs}")
+        return self
+
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> PipelineConfig:
+        for field, uri in (
+            ("ray.storage_path", self.ray.storage_path),
+            ("mlflow.tracking_uri", self.mlflow.tracking_uri),
+        ):
+            if redact(uri) != uri:
+                warnings.warn(
+                    f"{field} holds credentials ({redact(uri)}): they are kept out of logs, MLflow and the outputs, "
+                    "but belong in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)",
+                    stacklevel=2,
+                )
         return self
 
     def search_methods(self) -> list[str]:

@@ -12,6 +12,7 @@ from ray import tune
 
 from pipeline.cluster import filesystem_and_path
 from pipeline.compat import tune_state_files
+from pipeline.config import redact
 
 FRESH_HINT = "start it afresh with `python -m pipeline.tune --fresh` (or `DRTUNE_FRESH=1 dvc repro`)"
 
@@ -31,7 +32,7 @@ def check_experiment_state(path: str) -> None:
                 parse(f.read())
         except Exception as err:  # noqa: BLE001 - any way a file fails to read means the state is unusable
             raise ExperimentStateError(
-                f"the stored search at {path} is damaged: {name} cannot be read ({type(err).__name__}); {FRESH_HINT}"
+                f"the stored search at {redact(path)} is damaged: {name} cannot be read ({type(err).__name__}); {FRESH_HINT}"
             ) from None
 
 
@@ -46,7 +47,7 @@ def restore_tuner(path: str, trainable) -> tune.Tuner | None:
         )
     except Exception as err:  # noqa: BLE001 - Ray raises many types for a state it cannot read
         raise ExperimentStateError(
-            f"the stored search at {path} cannot be restored ({type(err).__name__}: "
+            f"the stored search at {redact(path)} cannot be restored ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); {FRESH_HINT}"
         ) from None
 

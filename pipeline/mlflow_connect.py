@@ -20,6 +20,8 @@ import requests
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import redact
+
 # HTTP statuses that say the server (or the proxy in front of it) cannot answer now: bad gateway,
 # unavailable, gateway timeout. Any other status is the server refusing the request.
 UNAVAILABLE_STATUS = frozenset({502, 503, 504})
@@ -41,7 +43,7 @@ def connect(uri: str, timeout_s: float = 10.0) -> MlflowClient:
             requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
         except requests.RequestException as err:
             raise TrackingUnavailableError(
-                f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it, or unset "
+                f"MLflow tracking server {redact(uri)} is unreachable ({type(err).__name__}); start it, or unset "
                 "MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"
             ) from None
     elif uri.startswith("file:") or "://" not in uri:
@@ -87,7 +89,7 @@ def tracking_errors() -> Iterator[None]:
         ours = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).parent == Path(__file__).parent]
         where = f" (in {Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else ""
         raise TrackingUnavailableError(
-            f"the MLflow tracking server {mlflow.get_tracking_uri()} stopped answering{where}; "
+            f"the MLflow tracking server {redact(mlflow.get_tracking_uri())} stopped answering{where}; "
             "what has run is stored (a search under ray.storage_path): run the stage again "
             "when it answers"
         ) from None

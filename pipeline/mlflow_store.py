@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from drtune.prepared import PreparedData
 from pipeline import compat
+from pipeline.config import redact
 from pipeline.mlflow_connect import unreachable
 
 TRIAL_TAG = "drtune.trial_id"
@@ -102,9 +103,9 @@ def dataset_inputs(
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
-    """Log a flat dict of params once (MLflow refuses to change a logged param)."""
+    """Log a flat dict of params once (MLflow refuses to change a logged param), credentials in URIs redacted."""
     existing = client.get_run(run_id).data.params
-    fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    fresh = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if k not in existing]
     for i in range(0, len(fresh), 100):
         client.log_batch(run_id, params=fresh[i : i + 100])
 

@@ -39,7 +39,7 @@ from drtune.model_file import read_model
 from drtune.prepared import load_prepared
 from pipeline import faults, plots
 from pipeline.champion import champion_score, claim, decide
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, redact
 from pipeline.leaderboard import test_numbers, tested
 from pipeline.mlflow_connect import connect, tracking_errors
 from pipeline.mlflow_store import run_exists
@@ -93,7 +93,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     parent = tune_summary["mlflow_parent_run_id"]
     if not run_exists(client, parent):
         raise RuntimeError(
-            f"the search's MLflow run {parent} (models/best.json) is not in the tracking store at {p.tracking_uri()}: "
+            f"the search's MLflow run {parent} (models/best.json) is not in the tracking store at {redact(p.tracking_uri())}: "
             "the search was tracked in another store (MLFLOW_TRACKING_URI changed?). Point MLFLOW_TRACKING_URI back "
             "to it, or run the search again into this store: DRTUNE_FRESH=1 dvc repro -f -s tune, then dvc repro"
         )

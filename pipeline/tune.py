@@ -44,7 +44,7 @@ from drtune.preflight import preflight
 from drtune.prepared import load_prepared
 from pipeline.choosing import baseline_candidate, choose, near_the_top, revalidation
 from pipeline.cluster import join_uri, local_storage, start_ray, storage_filesystem, storage_uri
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, redact
 from pipeline.experiment_state import FRESH_HINT, discard_experiment
 from pipeline.mlflow_connect import connect, tracking_errors
 from pipeline.mlflow_store import (
@@ -93,26 +93,27 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     storage = storage_uri(p, root)
     ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
     experiment_path = join_uri(storage, ray_run)
+    shown = redact(experiment_path)  # what is printed, tagged and written: never the storage's credentials
     mlflow_experiment = experiment_id(client, p.mlflow_experiment())
     if fresh:
-        discard_parent(client, mlflow_experiment, experiment_path)
+        discard_parent(client, mlflow_experiment, shown)
         if discard_experiment(join_uri(storage, f"{ray_run}-finalists")) | discard_experiment(experiment_path):
-            print(f"starting afresh: deleted the search stored at {experiment_path}", flush=True)
+            print(f"starting afresh: deleted the search stored at {shown}", flush=True)
     elif tune.Tuner.can_restore(experiment_path):
         print(
-            f"resuming the search stored at {experiment_path}: finished trials are kept, unfinished and failed ones "
+            f"resuming the search stored at {shown}: finished trials are kept, unfinished and failed ones "
             f"continue from their last checkpoints; to {FRESH_HINT}",
             flush=True,
         )
     parent = parent_run(
         client,
         mlflow_experiment,
-        experiment_path,
+        shown,
         run_name=ray_run,
         tags={
             "git_commit": git_commit(root),
             "data_sha256": data.checksum,
-            "ray_experiment_path": experiment_path,
+            "ray_experiment_path": shown,
             "dataset": p.data.dataset,
             "method": p.train.method,
         },
@@ -130,7 +131,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             results = tuner.fit()
         finally:
             trial_runs.close_open_runs()
-        require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {experiment_path}")
+        require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {shown}")
         trial_runs.reconcile(results)  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
         candidates = trial_candidates(
             results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage)
@@ -170,7 +171,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         ]  # the baseline is no trial
         metrics, record = write_outputs(p, root, candidates, landscape, chosen, scored, time.time() - start)
         record |= {
-            "experiment_path": experiment_path,
+            "experiment_path": shown,
             "mlflow_parent_run_id": parent,
             "mlflow_experiment_id": mlflow_experiment,
             "data_sha256": data.checksum,

@@ -608,3 +608,19 @@ def test_a_head_nobody_named_is_not_joined_and_a_private_ray_takes_this_process_
         cluster.ray_address(load(None, ["ray.address=auto"]))
     monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     assert cluster.private_cpus(load(None)) == 3 and cluster.private_cpus(load(None, ["ray.num_cpus=1"])) == 1
+
+
+def test_credentials_inside_uris_are_redacted_and_warned_about() -> None:
+    from pipeline.config import redact
+
+    assert redact("s3://AKIA123:s3cr/et@bucket/runs/search-1") == "s3://***@bucket/runs/search-1"
+    assert (
+        redact("tracking https://user:token@mlflow.internal:5000 away")
+        == "tracking https://***@mlflow.internal:5000 away"
+    )
+    assert (
+        redact("s3://bucket/runs?endpoint_override=127.0.0.1:9000")
+        == "s3://bucket/runs?endpoint_override=127.0.0.1:9000"
+    )
+    with pytest.warns(UserWarning, match=r"ray.storage_path holds credentials \(s3://\*\*\*@bucket/runs\)"):
+        load(None, ["ray.storage_path=s3://KEY:SECRET@bucket/runs"])
