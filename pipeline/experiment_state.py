@@ -7,9 +7,15 @@ here says how to start afresh (:data:`FRESH_HINT`). Which files Tune stores is :
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import pyarrow.fs
 from ray import tune
 
+from drtune.config import ConfigError
 from pipeline.cluster import filesystem_and_path
 from pipeline.compat import tune_state_files
 from pipeline.config import redact
@@ -59,3 +65,29 @@ def discard_experiment(path: str) -> bool:
         return False
     fs.delete_dir(base)
     return True
+
+
+@contextmanager
+def search_lock(storage: str, name: str) -> Iterator[None]:
+    """Hold the search stored at ``storage/name`` for this run: a second run of the same search (a second
+    ``dvc repro`` in the same project, a second machine on the same shared folder) is refused at once
+    instead of resuming, or deleting with ``--fresh``, what the first is writing. An OS lock on a file
+    beside the search, released however this process ends. Object storage (``s3://``) has no such lock:
+    there, one run per search is the operator's to keep."""
+    if "://" in storage:
+        yield
+        return
+    path = Path(storage) / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another run is using the search stored at {Path(storage) / name} (it holds {path}): "
+                "wait for it to end, or stop it, then run this again"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -45,7 +45,7 @@ from drtune.prepared import load_prepared
 from pipeline.choosing import baseline_candidate, choose, near_the_top, revalidation
 from pipeline.cluster import join_uri, local_storage, start_ray, storage_filesystem, storage_uri
 from pipeline.config import PipelineConfig, redact
-from pipeline.experiment_state import FRESH_HINT, discard_experiment
+from pipeline.experiment_state import FRESH_HINT, discard_experiment, search_lock
 from pipeline.mlflow_connect import connect, tracking_errors
 from pipeline.mlflow_store import (
     dataset_inputs,
@@ -94,91 +94,96 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
     experiment_path = join_uri(storage, ray_run)
     shown = redact(experiment_path)  # what is printed, tagged and written: never the storage's credentials
-    mlflow_experiment = experiment_id(client, p.mlflow_experiment())
-    if fresh:
-        discard_parent(client, mlflow_experiment, shown)
-        if discard_experiment(join_uri(storage, f"{ray_run}-finalists")) | discard_experiment(experiment_path):
-            print(f"starting afresh: deleted the search stored at {shown}", flush=True)
-    elif tune.Tuner.can_restore(experiment_path):
-        print(
-            f"resuming the search stored at {shown}: finished trials are kept, unfinished and failed ones "
-            f"continue from their last checkpoints; to {FRESH_HINT}",
-            flush=True,
-        )
-    parent = parent_run(
-        client,
-        mlflow_experiment,
-        shown,
-        run_name=ray_run,
-        tags={
-            "git_commit": git_commit(root),
-            "data_sha256": data.checksum,
-            "ray_experiment_path": shown,
-            "dataset": p.data.dataset,
-            "method": p.train.method,
-        },
-    )
-    with run_outcome(client, parent):  # FINISHED, KILLED or FAILED: never left RUNNING
-        log_params(client, parent, flat(p.model_dump(mode="json", exclude={"mlflow": True})))
-        inputs = dataset_inputs(data, p.data.prepared_dir)
-        client.log_inputs(parent, datasets=inputs)
-        trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs)
-        progress = Progress(p.train.epochs)
-        shared = share_data(data)
-        tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress])
-        start = time.time()
-        try:
-            results = tuner.fit()
-        finally:
-            trial_runs.close_open_runs()
-        require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {shown}")
-        trial_runs.reconcile(results)  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
-        candidates = trial_candidates(
-            results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage)
-        )
-        errored = [c.id for c, r in zip(candidates, results, strict=True) if r.error is not None]
-        if errored and not p.tune.allow_partial:
-            raise RuntimeError(
-                f"{len(errored)} of {len(results)} trials failed with an error ({', '.join(errored)}; the errors are in "
-                "their MLflow runs), so the search is partial and nothing is written: run the stage again (dvc repro) "
-                "to retry them from their last checkpoints, or set tune.allow_partial: true to pick among the others"
+    with search_lock(storage, ray_run):  # one run of a stored search at a time
+        mlflow_experiment = experiment_id(client, p.mlflow_experiment())
+        if fresh:
+            discard_parent(client, mlflow_experiment, shown)
+            if discard_experiment(join_uri(storage, f"{ray_run}-finalists")) | discard_experiment(experiment_path):
+                print(f"starting afresh: deleted the search stored at {shown}", flush=True)
+        elif tune.Tuner.can_restore(experiment_path):
+            print(
+                f"resuming the search stored at {shown}: finished trials are kept, unfinished and failed ones "
+                f"continue from their last checkpoints; to {FRESH_HINT}",
+                flush=True,
             )
-        candidates += [baseline] if baseline else []
-        if not rank(candidates):
-            raise RuntimeError(
-                f"no trial completed all {p.train.epochs} epochs: {len(results)} trials, "
-                f"{sum(c.status == 'failed' for c in candidates)} failed (their errors are in their MLflow "
-                "runs); fix the cause and run the stage again: failed trials are retried from their last "
-                "checkpoints"
+        parent = parent_run(
+            client,
+            mlflow_experiment,
+            shown,
+            run_name=ray_run,
+            tags={
+                "git_commit": git_commit(root),
+                "data_sha256": data.checksum,
+                "ray_experiment_path": shown,
+                "dataset": p.data.dataset,
+                "method": p.train.method,
+            },
+        )
+        with run_outcome(client, parent):  # FINISHED, KILLED or FAILED: never left RUNNING
+            log_params(client, parent, flat(p.model_dump(mode="json", exclude={"mlflow": True})))
+            inputs = dataset_inputs(data, p.data.prepared_dir)
+            client.log_inputs(parent, datasets=inputs)
+            trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs)
+            progress = Progress(p.train.epochs)
+            shared = share_data(data)
+            tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress])
+            start = time.time()
+            try:
+                results = tuner.fit()
+            finally:
+                trial_runs.close_open_runs()
+            require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {shown}")
+            trial_runs.reconcile(
+                results
+            )  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
+            candidates = trial_candidates(
+                results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage)
             )
-        candidates = near_the_top(candidates, data.val)
-        chosen, scored = choose(p, candidates, revalidation(p, data, shared, storage, ray_run, [progress]))
-        for c in scored:
-            if c.baseline:
-                client.log_metric(
-                    json.loads((root / "models" / "baseline.json").read_text())["mlflow_run_id"], "cv_top1", c.cv_top1
+            errored = [c.id for c, r in zip(candidates, results, strict=True) if r.error is not None]
+            if errored and not p.tune.allow_partial:
+                raise RuntimeError(
+                    f"{len(errored)} of {len(results)} trials failed with an error ({', '.join(errored)}; the errors are in "
+                    "their MLflow runs), so the search is partial and nothing is written: run the stage again (dvc repro) "
+                    "to retry them from their last checkpoints, or set tune.allow_partial: true to pick among the others"
                 )
-            else:
-                trial_runs.log_final(c.id, {"cv_top1": c.cv_top1})
-        trial_runs.flush()
-        print(f"pick: {chosen.chosen.id} ({chosen.chosen.method}), rule {chosen.rule}: {chosen.reason}", flush=True)
-        landscape = [
-            {
-                "status": c.status,
-                "epochs": p.train.epochs if c.status == "completed" else int((r.metrics or {}).get("epoch", 0)),
+            candidates += [baseline] if baseline else []
+            if not rank(candidates):
+                raise RuntimeError(
+                    f"no trial completed all {p.train.epochs} epochs: {len(results)} trials, "
+                    f"{sum(c.status == 'failed' for c in candidates)} failed (their errors are in their MLflow "
+                    "runs); fix the cause and run the stage again: failed trials are retried from their last "
+                    "checkpoints"
+                )
+            candidates = near_the_top(candidates, data.val)
+            chosen, scored = choose(p, candidates, revalidation(p, data, shared, storage, ray_run, [progress]))
+            for c in scored:
+                if c.baseline:
+                    client.log_metric(
+                        json.loads((root / "models" / "baseline.json").read_text())["mlflow_run_id"],
+                        "cv_top1",
+                        c.cv_top1,
+                    )
+                else:
+                    trial_runs.log_final(c.id, {"cv_top1": c.cv_top1})
+            trial_runs.flush()
+            print(f"pick: {chosen.chosen.id} ({chosen.chosen.method}), rule {chosen.rule}: {chosen.reason}", flush=True)
+            landscape = [
+                {
+                    "status": c.status,
+                    "epochs": p.train.epochs if c.status == "completed" else int((r.metrics or {}).get("epoch", 0)),
+                }
+                for c, r in zip(candidates[: len(results)], results, strict=True)
+            ]  # the baseline is no trial
+            metrics, record = write_outputs(p, root, candidates, landscape, chosen, scored, time.time() - start)
+            record |= {
+                "experiment_path": shown,
+                "mlflow_parent_run_id": parent,
+                "mlflow_experiment_id": mlflow_experiment,
+                "data_sha256": data.checksum,
             }
-            for c, r in zip(candidates[: len(results)], results, strict=True)
-        ]  # the baseline is no trial
-        metrics, record = write_outputs(p, root, candidates, landscape, chosen, scored, time.time() - start)
-        record |= {
-            "experiment_path": shown,
-            "mlflow_parent_run_id": parent,
-            "mlflow_experiment_id": mlflow_experiment,
-            "data_sha256": data.checksum,
-        }
-        (root / "models" / "best.json").write_text(json.dumps(record, indent=2))
-        log_pick(client, parent, chosen, record)
-    return metrics | record
+            (root / "models" / "best.json").write_text(json.dumps(record, indent=2))
+            log_pick(client, parent, chosen, record)
+        return metrics | record
 
 
 def main(argv: list[str] | None = None) -> int:

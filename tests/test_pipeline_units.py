@@ -624,3 +624,16 @@ def test_credentials_inside_uris_are_redacted_and_warned_about() -> None:
     )
     with pytest.warns(UserWarning, match=r"ray.storage_path holds credentials \(s3://\*\*\*@bucket/runs\)"):
         load(None, ["ray.storage_path=s3://KEY:SECRET@bucket/runs"])
+
+
+def test_a_second_run_of_the_same_stored_search_is_refused_while_the_first_holds_it(tmp_path) -> None:
+    from pipeline.experiment_state import search_lock
+
+    with search_lock(str(tmp_path), "search-1"):
+        with pytest.raises(ConfigError, match="another run is using the search stored at"):
+            with search_lock(str(tmp_path), "search-1"):
+                pass
+        with search_lock(str(tmp_path), "search-2"):  # another search is another lock
+            pass
+    with search_lock(str(tmp_path), "search-1"):  # released when the first run ended
+        pass
