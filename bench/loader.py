@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from drtune import methods
 from drtune.config import load_config
 from drtune.data import build_loader, set_epoch
 from drtune.sources import load_splits
@@ -62,7 +63,7 @@ def main() -> None:
     loader = build_loader(train, dcfg, t.image_size, t.batch_size, train=True)
     set_epoch(loader, 0, 0)
     batches_xy = [b for _, b in zip(range(args.batches), loader, strict=False)]
-    for method in ("drtune", "ce"):
+    for method in (methods.PROPOSED, methods.PLAIN):
         p = load_config(args.params, [*args.set, f"train.method={method}"])
         rows.append((f"training step, {method}", step_rate(p, batches_xy, len(raw.classes))))
     step = rows[2][1]

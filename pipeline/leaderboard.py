@@ -9,6 +9,7 @@ the best other method's, on validation (tune) and on test (register).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 from drtune import methods
@@ -19,10 +20,13 @@ from pipeline.selection import Candidate, Pick
 def leaderboard(candidates: list[Candidate], chosen: Pick, shown: list[str]) -> dict[str, dict]:
     """Per method: its candidates counted by status and its best, the first of its candidates in the
     pick's order (so the overall pick is its method's entry); ``best`` None when none completed."""
-    board = {}
+    board, grouped, first = {}, defaultdict(list), {}
+    for c in candidates:
+        grouped[c.method].append(c)
+    for c in chosen.order:
+        first.setdefault(c.method, c)
     for method in shown:
-        mine = [c for c in candidates if c.method == method]
-        best = next((c for c in chosen.order if c.method == method), None)
+        mine, best = grouped[method], first.get(method)
         board[method] = {
             "trials": sum(not c.baseline for c in mine),
             "completed": sum(c.status == "completed" for c in mine),
