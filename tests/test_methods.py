@@ -101,14 +101,8 @@ print("BOARD", board["head_decay"]["completed"], board["ce"]["completed"], board
 def test_a_quick_search_over_a_method_registered_only_in_the_driver(tmp_path) -> None:
     """The spec travels to Ray's trial and training workers by value with the trial (drtune.methods.adopt)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run(
-        [sys.executable, "-c", SEARCH, str(tmp_path), str(REPO / "configs" / "quick.yaml")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    cmd = [sys.executable, "-c", SEARCH, str(tmp_path), str(REPO / "configs" / "quick.yaml")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     completed_mine, completed_ce, best = done.stdout.split("BOARD ")[1].split()
     assert (completed_mine, completed_ce) == ("1", "1") and 0 < float(best) <= 1
