@@ -66,9 +66,13 @@ class MethodSpec:
     # Optional: turn a preset into the numbers the loop uses (``Config.resolved`` calls it).
     resolve: Callable[[Config, int], None] | None = None
 
+    def preset(self, config: Config) -> tuple[str, ...] | None:
+        """The names a preset in ``config`` leaves free, or None when no preset applies."""
+        return self.preset_knobs(config) if self.preset_knobs else None
+
     def searched(self, config: Config) -> tuple[str, ...]:
         """The names a search over this method draws: the head's rate, the backbone's when it trains, the knobs."""
-        preset = self.preset_knobs(config) if self.preset_knobs else None
+        preset = self.preset(config)
         if preset is not None:
             return preset
         rates = ("lr_head", "lr_backbone") if self.trains_backbone else ("lr_head",)

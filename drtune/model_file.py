@@ -48,23 +48,19 @@ class ModelFile:
         return self.params["model"]["name"]
 
 
-def to_bytes(tensors: dict[str, Tensor], params: dict, classes: list[str], history: list[dict] = ()) -> bytes:
-    """The file's bytes: ``tensors`` (made contiguous, on the CPU) and the metadata as JSON."""
+def save_model(
+    path: str | Path, tensors: dict[str, Tensor], params: dict, classes: list[str], history: list[dict] = ()
+) -> Path:
+    """Write a model file (atomically: a reader never sees half a file): ``tensors`` made contiguous, on the CPU,
+    and the metadata as JSON in the header; returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     meta = {
         "format": FORMAT,
         "drtune": json.dumps({"params": params, "classes": list(classes), "history": list(history)}),
     }
-    return save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
-
-
-def save_model(
-    path: str | Path, tensors: dict[str, Tensor], params: dict, classes: list[str], history: list[dict] = ()
-) -> Path:
-    """Write a model file (atomically: a reader never sees half a file); returns its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(to_bytes(tensors, params, classes, history))
+    tmp.write_bytes(save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta))
     tmp.replace(path)
     return path
 

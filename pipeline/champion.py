@@ -36,9 +36,8 @@ def champion_score(
     with today's code (its pickled model named modules that have moved); then its recorded test
     top-1 stands in when it was measured on this same prepared data, else it is not comparable.
     """
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
+    version = _holder(client, name)
+    if version is None:
         return None, None, "no champion yet", True
     try:
         predictor = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().predictor
@@ -99,12 +98,18 @@ def decide(
     return False, f"kept champion: test top-1 {new:.4f} ≤ champion's {current:.4f}"
 
 
-def current(client: MlflowClient, name: str) -> str | None:
-    """The version that holds ``@champion`` now, or None."""
+def _holder(client: MlflowClient, name: str):
+    """The model version that holds ``@champion`` now, or None."""
     try:
-        return str(client.get_model_version_by_alias(name, "champion").version)
+        return client.get_model_version_by_alias(name, "champion")
     except MlflowException:
         return None
+
+
+def current(client: MlflowClient, name: str) -> str | None:
+    """The version number that holds ``@champion`` now, or None."""
+    holder = _holder(client, name)
+    return None if holder is None else str(holder.version)
 
 
 def claim(

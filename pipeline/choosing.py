@@ -68,13 +68,17 @@ def predictions_on(model: Path | Checkpoint, split: ArraySplit) -> tuple[bool, .
     """Per image of ``split``, whether a final model gets it right (scored here, on the driver, with the
     evaluation transform): a model file (the baseline's), or a trial's Ray checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
-        weights = (
-            model
-            if isinstance(model, Path)
-            else save_inference_checkpoint(read_checkpoint(model, Path(tmp) / "last.pt"), Path(tmp) / "m.safetensors")
-        )
-        predicted = load_predictor(weights).score(split)["predicted"]
+        predicted = load_predictor(write_model_file(model, Path(tmp) / "m.safetensors")).score(split)["predicted"]
     return tuple(bool(x) for x in np.asarray(predicted) == split.labels)
+
+
+def write_model_file(ref: Path | Checkpoint, target: Path) -> Path:
+    """A candidate's model as a model file at ``target``: the baseline's file copied, a trial's Ray checkpoint
+    (local or remote storage) converted."""
+    if isinstance(ref, Path):
+        return Path(shutil.copy(ref, target))
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_inference_checkpoint(read_checkpoint(ref, Path(tmp) / "last.pt"), target)
 
 
 def scored_on(candidate: Candidate, split: ArraySplit) -> Candidate:
@@ -146,18 +150,9 @@ def revalidation(
 
 
 def write_models(board: dict[str, dict], candidates: list[Candidate], folder: Path) -> None:
-    """Each method's best model as an inference checkpoint, ``folder/<method>.safetensors``, for the register stage to
-    test: a trial's read from its Ray checkpoint (local or remote storage), the baseline's copied."""
+    """Each method's best model as a model file, ``folder/<method>.safetensors``, for the register stage to test."""
     folder.mkdir(parents=True, exist_ok=True)
     by_id = {c.id: c for c in candidates}
     for method, entry in board.items():
-        if entry["best_trial"] is None:
-            continue
-        best = by_id[entry["best_trial"]]
-        if best.baseline:
-            shutil.copy(best.ref, folder / f"{method}.safetensors")
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            save_inference_checkpoint(
-                read_checkpoint(best.ref, Path(tmp) / "last.pt"), folder / f"{method}.safetensors"
-            )
+        if entry["best_trial"] is not None:
+            write_model_file(by_id[entry["best_trial"]].ref, folder / f"{method}.safetensors")

@@ -61,6 +61,13 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     plots_dir = root / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
 
+    parent = tune_summary["mlflow_parent_run_id"]
+    if not run_exists(client, parent):  # before the test split is scored
+        raise RuntimeError(
+            f"the search's MLflow run {parent} (models/best.json) is not in the tracking store at {redact(p.tracking_uri())}: "
+            "the search was tracked in another store (MLFLOW_TRACKING_URI changed?). Point MLFLOW_TRACKING_URI back "
+            "to it, or run the search again into this store: DRTUNE_FRESH=1 dvc repro -f -s tune, then dvc repro"
+        )
     best = read_model(root / "models" / "best.safetensors")  # read once: its bytes are hashed, loaded and logged
     if best.sha256 != tune_summary.get("best_sha256"):
         raise RuntimeError(
@@ -90,13 +97,6 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         {tune_summary["best_trial"]: scores["top1"], BASELINE: baseline["test_top1"]},
     )
 
-    parent = tune_summary["mlflow_parent_run_id"]
-    if not run_exists(client, parent):
-        raise RuntimeError(
-            f"the search's MLflow run {parent} (models/best.json) is not in the tracking store at {redact(p.tracking_uri())}: "
-            "the search was tracked in another store (MLFLOW_TRACKING_URI changed?). Point MLFLOW_TRACKING_URI back "
-            "to it, or run the search again into this store: DRTUNE_FRESH=1 dvc repro -f -s tune, then dvc repro"
-        )
     with mlflow.start_run(run_id=parent), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics(
             {

@@ -35,8 +35,7 @@ def searched_names(config: PipelineConfig, method: str | None = None) -> list[st
     """
     spec = methods.get(method or config.train.method)
     names = list(spec.searched(config))
-    preset = spec.preset_knobs(config) if spec.preset_knobs else None
-    if config.tune.weight_decay is not None and preset is None:
+    if config.tune.weight_decay is not None and spec.preset(config) is None:
         names.append("weight_decay")
     return names
 
