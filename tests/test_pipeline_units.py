@@ -326,6 +326,7 @@ def test_a_bad_model_setting_stops_the_stage_before_ray_in_one_line(tmp_path, mo
     from drtune.prepared import write_prepared
 
     params = yaml.safe_load(open("configs/quick.yaml"))
+    monkeypatch.chdir(tmp_path)  # the stage's root: not a project whose models/ a `make run` has filled
     params["data"]["prepared_dir"] = str(tmp_path / "prepared")
     params["ray"]["storage_path"] = str(tmp_path / "ray")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
