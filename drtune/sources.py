@@ -12,14 +12,26 @@
   otherwise a stratified, seeded fifth is held out as test. Every problem is reported in one run
   (empty class folders and unreadable files together); files that are not images are listed as
   ignored, and skipped unreadable files (``data.skip_bad``) are listed too. Under a label budget
-  only the labelled training images and the test images are decoded.
+  only the labelled training images and the test images are decoded (the rest only when
+  ``data.unlabelled: rest`` asks for it).
 * the paper's benchmarks by name (``cifar10``, ``dtd``, …) through torchvision: see
   :mod:`drtune.named_datasets`.
+
+The unlabelled split (``data.unlabelled``, :func:`load_unlabelled_split`): ``rest`` is the training
+images beyond the label budget, labels dropped; a folder is every file with torchvision's image
+extensions at any depth, read like an image folder's (shorter side resized, centre crop) at the
+labelled images' size and channel count (RGB → L for the 1-channel sets: luma, as PIL converts).
+``data.unlabelled_max`` draws a seeded sample of the candidates, read one by one until it is full,
+so it bounds memory and reading; only the files drawn are read. An image whose stored bytes equal
+a validation, test or labelled training image's, or an earlier unlabelled one's, is dropped and
+counted. Unreadable files are reported or skipped as for labelled folders.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +77,7 @@ class RawDataset:
     skipped: list[str] = field(default_factory=list)  # unreadable files skipped (data.skip_bad)
     ignored: list[str] = field(default_factory=list)  # files that are not images, folders not read
     labelled: bool = False  # train is already the labelled subset (an image folder read under a budget)
+    rest_files: list[Path] | None = None  # under a budget: the image folder's training files left out, not read
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -261,14 +274,24 @@ def load_image_folder(
         train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
         train_files, train_labels = [files[i] for i in train_idx], labels[train_idx]
         test_files, test_labels = [files[i] for i in test_idx], labels[test_idx]
+    rest = None
     if budget is not None and budget != (None, None):
         kept = stratified_take(train_labels, per_class=budget[0], fraction=budget[1], seed=seed)
+        rest = [train_files[i] for i in np.setdiff1d(np.arange(len(train_files)), kept)]
         train_files, train_labels = [train_files[i] for i in kept], train_labels[kept]
     train = _read_files(train_files, train_labels, size, bad)
     test = _read_files(test_files, test_labels, size, bad)
     if empty or (bad and not skip_bad):
         raise BadImagesError(folder, empty, bad)
-    return RawDataset(train, test, classes, skipped=[str(p) for p in bad], ignored=ignored, labelled=budget is not None)
+    return RawDataset(
+        train,
+        test,
+        classes,
+        skipped=[str(p) for p in bad],
+        ignored=ignored,
+        labelled=budget is not None,
+        rest_files=rest,
+    )
 
 
 KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", *NAMED_DATASETS)
@@ -308,16 +331,23 @@ def load_source(
     raise ValueError(f"data.dataset = {dataset!r}: unknown; known: {', '.join(KNOWN_DATASETS)}")
 
 
+def _labelled_indices(
+    raw: RawDataset, labels_per_class: int | None, label_fraction: float | None, seed: int
+) -> np.ndarray:
+    """Indices into ``raw.train`` of the labelled budget (train and validation together)."""
+    labels = raw.train.labels
+    if raw.labelled or (labels_per_class is None and label_fraction is None):
+        return np.arange(len(labels))
+    return stratified_take(labels, fraction=label_fraction, per_class=labels_per_class, seed=seed)
+
+
 def few_label_splits(
     raw: RawDataset, *, labels_per_class: int | None, label_fraction: float | None, val_fraction: float, seed: int
 ) -> tuple[ArraySplit, ArraySplit, ArraySplit]:
     """(train, val, test): the labelled budget is sampled per class from the official training
     split, validation is a stratified share of that budget, the official test split is untouched."""
     labels = raw.train.labels
-    if raw.labelled or (labels_per_class is None and label_fraction is None):
-        kept = np.arange(len(labels))
-    else:
-        kept = stratified_take(labels, fraction=label_fraction, per_class=labels_per_class, seed=seed)
+    kept = _labelled_indices(raw, labels_per_class, label_fraction, seed)
     val_local = stratified_take(labels[kept], fraction=val_fraction, seed=seed + 1)
     val_idx = kept[val_local]
     train_idx = np.setdiff1d(kept, val_idx)
@@ -355,3 +385,140 @@ def load_splits(cfg: DataConfig) -> tuple[RawDataset, tuple[ArraySplit, ArraySpl
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
     )
+
+
+# -- the unlabelled split (data.unlabelled) --------------------------------------------------------
+
+UNLABELLED_STREAM = 0x554E4C  # the unlabelled sample's random stream: default_rng([data.seed, this])
+DUPLICATE_OF = ("val", "test", "train", "within")  # what a dropped duplicate equals, counted in this order
+
+
+@dataclass
+class UnlabelledSplit:
+    """The unlabelled images ``prepare`` keeps and how they were chosen (``stats.json: unlabelled``)."""
+
+    images: np.ndarray  # uint8 N × H × W × C: the labelled images' size and channel count
+    source: str  # "rest" or the folder
+    candidates: int  # images or files it was drawn from, before the cap, duplicates and unreadable files
+    dropped: dict[str, int]  # duplicates dropped, by what they equal (DUPLICATE_OF)
+    skipped: list[str] = field(default_factory=list)  # unreadable files skipped (data.skip_bad)
+    ignored: list[str] = field(default_factory=list)  # files in the folder that are not images
+
+
+def image_hash(image: np.ndarray) -> bytes:
+    """The digest of one stored image's bytes: equal images, equal digests."""
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+
+
+def unlabelled_folder(cfg: DataConfig) -> Path | None:
+    """The folder ``data.unlabelled`` names (None for none and rest); a FileNotFoundError if it is not one."""
+    if cfg.unlabelled in ("none", "rest"):
+        return None
+    folder = Path(cfg.unlabelled)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"data.unlabelled = {cfg.unlabelled!r}: no such folder (none | rest | a folder of images)"
+        )
+    return folder
+
+
+def _image_files(folder: Path, ignored: list[str]) -> list[Path]:
+    """Every file under ``folder`` with torchvision's image extensions, at any depth, sorted; others ignored."""
+    files = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(f)
+        elif f.is_file():
+            ignored.append(str(f))
+    return files
+
+
+def _file_reader(files: list[Path], shape: tuple[int, ...], bad: list[Path]) -> Callable[[int], np.ndarray | None]:
+    """``read(i)``: file i as the labelled images are stored (``shape``), or None (listed in ``bad``)."""
+
+    def read(i: int) -> np.ndarray | None:
+        try:
+            image = _read_image(files[i], shape[0])
+        except (OSError, ValueError, Image.DecompressionBombError):
+            bad.append(files[i])
+            return None
+        if shape[-1] == 1:
+            image = np.asarray(Image.fromarray(image).convert("L"))[..., None]
+        return image
+
+    return read
+
+
+def _draw(
+    n: int,
+    read: Callable[[int], np.ndarray | None],
+    shape: tuple[int, ...],
+    known: dict[bytes, str],
+    limit: int | None,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Read candidates in order (a seeded permutation under a binding ``limit``) until ``limit`` are kept,
+    dropping any whose digest is in ``known`` (counted by its split) or was kept already (``within``)."""
+    capped = limit is not None and limit < n
+    order = np.random.default_rng([seed, UNLABELLED_STREAM]).permutation(n) if capped else np.arange(n)
+    out = np.empty((limit if capped else n, *shape), np.uint8)
+    dropped = dict.fromkeys(DUPLICATE_OF, 0)
+    seen: set[bytes] = set()
+    kept = 0
+    for i in tqdm(order, desc="reading unlabelled images", disable=n < 500, leave=False):
+        if kept == len(out):
+            break
+        image = read(int(i))
+        if image is None:
+            continue
+        digest = image_hash(image)
+        duplicate = known.get(digest) or ("within" if digest in seen else None)
+        if duplicate is not None:
+            dropped[duplicate] += 1
+            continue
+        seen.add(digest)
+        out[kept] = image
+        kept += 1
+    return out[:kept], dropped
+
+
+def load_unlabelled_split(
+    cfg: DataConfig, raw: RawDataset, splits: tuple[ArraySplit, ArraySplit, ArraySplit]
+) -> UnlabelledSplit | None:
+    """The unlabelled split ``data.unlabelled`` asks for (None for none), never holding an image equal to
+    one of the labelled (train, val, test) ``splits``; see the module docstring."""
+    if cfg.unlabelled == "none":
+        return None
+    shape = tuple(raw.train.images.shape[1:])
+    bad: list[Path] = []
+    ignored: list[str] = []
+    folder = unlabelled_folder(cfg)
+    if folder is not None:
+        files = _image_files(folder, ignored)
+        if not files:
+            raise ValueError(f"data.unlabelled = {cfg.unlabelled}: holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+        n, read, where = len(files), _file_reader(files, shape, bad), folder
+    elif raw.rest_files is not None:  # an image folder read under a budget: the rest is still on disk
+        n, read = len(raw.rest_files), _file_reader(raw.rest_files, shape, bad)
+        where = Path(cfg.dataset.split(":", 1)[1])
+    else:
+        rest = np.setdiff1d(
+            np.arange(len(raw.train)), _labelled_indices(raw, cfg.labels_per_class, cfg.label_fraction, cfg.seed)
+        )
+        n, where = len(rest), Path(cfg.dataset)
+
+        def read(i: int) -> np.ndarray:
+            return raw.train.images[rest[i]]
+
+    known: dict[bytes, str] = {}
+    for name, split in zip(("train", "test", "val"), (splits[0], splits[2], splits[1]), strict=True):
+        known.update((image_hash(image), name) for image in split.images)  # later wins: val, then test
+    images, dropped = _draw(n, read, shape, known, cfg.unlabelled_max, cfg.seed)
+    if bad and not cfg.skip_bad:
+        raise BadImagesError(where, [], bad)
+    if not len(images):
+        raise ValueError(
+            f"data.unlabelled = {cfg.unlabelled}: no image is left of {n} (duplicates of labelled images: "
+            f"{dropped['val']} val, {dropped['test']} test, {dropped['train']} train; unreadable: {len(bad)})"
+        )
+    return UnlabelledSplit(images, cfg.unlabelled, n, dropped, [str(p) for p in bad], ignored)

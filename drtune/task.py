@@ -84,6 +84,9 @@ class FineTuneTask(nn.Module):
         else:
             self.rotation = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # The step count at the start of the current epoch (:meth:`start_epoch`); not stored: a checkpoint
+        # ends an epoch, and the loop marks the next epoch's start after resuming from it.
+        self.epoch_start_step = 0
         # Not a buffer: a deterministic function of the frozen encoder and the training split,
         # rebuilt on resume rather than stored in every checkpoint.
         self.feature_cache: Tensor | None = None
@@ -97,6 +100,10 @@ class FineTuneTask(nn.Module):
         if not self.spec.trains_backbone:
             self.model.encoder.eval()
         return self
+
+    def start_epoch(self) -> None:
+        """Mark the start of an epoch: ``drtune.rotation_schedule = epoch`` counts batches from here."""
+        self.epoch_start_step = int(self.steps)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, head parameters) — they get separate learning rates."""
@@ -145,7 +152,9 @@ class FineTuneTask(nn.Module):
         if not s.sc:
             return bank.pre * scale
         rotating = s.rotate and s.rotation_every > 0
-        due = rotating and int(self.steps) % s.rotation_every == 0
+        # global: the run's step count; epoch (the reference code's rule): the batch index within the epoch
+        step = int(self.steps) - (self.epoch_start_step if s.rotation_schedule == "epoch" else 0)
+        due = rotating and step % s.rotation_every == 0
         rotation = None
         if rotating and self.rotation is not None:
             if due or not bool(self.has_rotation):

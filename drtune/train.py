@@ -3,7 +3,9 @@
 ``fit`` builds the task from a validated :class:`~drtune.config.Config`, warms up the bank,
 then for each epoch runs :meth:`FineTuneTask.train_step` over the batches, validates with
 :func:`drtune.evaluation.evaluate` (top-1, top-5, loss; all-reduced across ranks), writes
-``last.pt`` and hands the metrics and that checkpoint to a reporting callback. A run restarted
+``last.pt`` (every ``train.checkpoint_every`` epochs and after the last) and hands the metrics and
+that checkpoint to a reporting callback. The run lasts ``train.epochs`` epochs, or, with a step
+budget ``train.steps``, the epochs :func:`epochs_for_steps` makes of it. A run restarted
 with ``resume=True`` continues exactly where it stopped: model, optimiser, scheduler, banks and
 their pointer, epoch, step and every RNG are restored, and the data order is a function of
 (seed, epoch).
@@ -32,7 +34,7 @@ from tqdm import tqdm
 
 from drtune.augment import DeviceBatches, augment_on_device
 from drtune.backbones import create_backbone, data_config
-from drtune.config import Config, dump_config
+from drtune.config import Config, ConfigError, dump_config
 from drtune.data import ArraySplit, build_loader, set_epoch
 from drtune.evaluation import evaluate
 from drtune.task import FineTuneTask
@@ -80,11 +82,28 @@ def loader_workers(choice: int | str, device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(12, torch.get_num_threads())
 
 
-def build_task(config: Config, num_classes: int, world_size: int = 1) -> tuple[FineTuneTask, Config, dict]:
-    """(task, resolved config, backbone data config) from a validated config."""
+def build_task(
+    config: Config, num_classes: int, world_size: int = 1, weights: bytes | None = None
+) -> tuple[FineTuneTask, Config, dict]:
+    """(task, resolved config, backbone data config) from a validated config; ``weights``: the bytes of
+    ``model.pretrained``'s file when it is on another machine (:func:`drtune.backbones.create_backbone`)."""
     resolved = config.resolved(world_size)
-    backbone = create_backbone(resolved.model.name, resolved.model.pretrained)
+    backbone = create_backbone(resolved.model.name, resolved.model.pretrained, content=weights)
     return FineTuneTask(backbone, num_classes, resolved), resolved, data_config(backbone)
+
+
+def epochs_for_steps(config: Config, n_train: int, world_size: int = 1) -> int:
+    """The epochs a run trains: ``train.epochs``, or with ``train.steps`` the fewest epochs that hold that many
+    optimiser steps, ``ceil(steps / steps_per_epoch)``. ``steps_per_epoch`` is the training loader's length:
+    the full batches of ``train.batch_size`` in the ``n_train // world_size`` images each worker sees (the
+    last partial batch is dropped). A worker's share that holds no full batch is a :class:`ConfigError`."""
+    t = config.train
+    per_epoch = n_train // world_size // t.batch_size
+    if per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size = {t.batch_size} exceeds the {n_train // world_size} training images per worker"
+        )
+    return t.epochs if t.steps is None else math.ceil(t.steps / per_epoch)
 
 
 def build_optimizer(
@@ -111,7 +130,13 @@ def build_optimizer(
     return opt, sched
 
 
-def _rng_state() -> dict:
+def _short(value):
+    """A setting as the preset line shows it: floats to 3 significant digits (0.000303030… → 0.000303)."""
+    return float(f"{value:.3g}") if isinstance(value, float) else value
+
+
+def rng_state() -> dict:
+    """Every RNG a run draws from (torch, CUDA, numpy, Python), for an exact resume."""
     # numpy's state as a tensor and numbers, so the whole checkpoint loads with ``weights_only=True``.
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
@@ -124,7 +149,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -143,7 +169,7 @@ def save_checkpoint(
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "epoch": epoch,
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "params": config.model_dump(mode="json"),
         "classes": classes,
         "history": history,
@@ -175,10 +201,17 @@ def load_checkpoint_state(path: Path) -> dict:
 
 
 # Settings that may change between a run and its resumption; any other difference is an error.
-_RESUMABLE_CHANGES = {"train.epochs", "train.progress", "train.num_workers", "train.device"}
+_RESUMABLE_CHANGES = {
+    "train.epochs",
+    "train.steps",
+    "train.checkpoint_every",
+    "train.progress",
+    "train.num_workers",
+    "train.device",
+}
 
 
-def _check_same_run(saved: dict, current: dict, path: Path) -> None:
+def check_same_run(saved: dict, current: dict, path: Path) -> None:
     """Refuse to resume a checkpoint written under different settings, naming each field."""
     diffs = [
         f"{section}.{key}: checkpoint {value!r}, now {current.get(section, {}).get(key)!r}"
@@ -201,20 +234,24 @@ def fit(
     report: Report | None = None,
     resume: bool = True,
     device: torch.device | None = None,
-    checkpoint_every: int = 1,
+    weights: bytes | None = None,
 ) -> FitResult:
     """Fine-tune once. Works alone, under torchrun and inside a Ray Train worker (gloo or nccl).
 
     ``report(metrics, checkpoint_path)`` is called after every epoch on every rank (metrics are
-    already all-reduced). ``last.pt`` is written every ``checkpoint_every`` epochs and after the
-    last; on the epochs between, the report's checkpoint is None (a long schedule over a few images
-    is hundreds of short epochs, and writing each would cost more than training it).
+    already all-reduced). ``last.pt`` is written every ``train.checkpoint_every`` epochs and after
+    the last; on the epochs between, the report's checkpoint is None (a long schedule over a few
+    images is hundreds of short epochs, and writing each would cost more than training it).
+    With ``train.steps`` the epochs are :func:`epochs_for_steps`'s, set before the optimiser and
+    its cosine schedule are built; the resolved ``config.yaml`` shows both. Rank 0 prints one line
+    naming each setting a preset changed (:meth:`Config.preset_changes`).
 
     With ``resume`` and an existing ``output_dir/last.pt`` the run continues from it; a checkpoint
     that already holds every epoch trains nothing and reports its last epoch again, so a caller
     interrupted between the checkpoint and its record of the report (a Tune trial) still learns
     the run's true final result. ``device`` defaults to ``train.device``; a Ray worker passes the
-    one Ray Train assigned it.
+    one Ray Train assigned it, and ``weights``, the bytes of ``model.pretrained``'s file when that
+    file is on the driver's machine only (the pretrain stage's backbone).
     """
     distributed, rank, world = _distributed()
     out = Path(output_dir)
@@ -226,7 +263,12 @@ def fit(
     np.random.seed(t.seed)
     random.seed(t.seed)
 
-    task, resolved, dcfg = build_task(config, len(classes), world)
+    epochs = epochs_for_steps(config, len(train), world)
+    task, resolved, dcfg = build_task(config, len(classes), world, weights)
+    if rank == 0 and (changes := config.preset_changes(world)):
+        shown = ", ".join(f"{k} {_short(a)} → {_short(b)}" for k, (a, b) in changes.items())
+        print(f"preset {config.drtune.preset}: {shown}", flush=True)
+    resolved.train.epochs = epochs  # task.config is this object: the task sees it too
     task.to(device)
     if amp:
         task.to(memory_format=torch.channels_last)
@@ -243,10 +285,6 @@ def fit(
     else:
         train_loader = build_loader(train, dcfg, batch_size=t.batch_size, train=True, with_index=True, **loader_args)
     val_loader = build_loader(val, dcfg, batch_size=max(t.batch_size, 64), train=False, **loader_args)
-    if len(train_loader) == 0:
-        raise ValueError(
-            f"train.batch_size = {t.batch_size} exceeds the {len(train) // world} training images per worker"
-        )
 
     if task.cached_features:
         # Every rank encodes the whole split once (un-augmented, eval transform): the cache is
@@ -266,26 +304,27 @@ def fit(
     ckpt = out / "last.pt"
     if resume and ckpt.exists():
         state = load_checkpoint_state(ckpt)
-        _check_same_run(state["params"], resolved.model_dump(mode="json"), ckpt)
+        check_same_run(state["params"], resolved.model_dump(mode="json"), ckpt)
         task.load_state_dict(state["task"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         result.history = state["history"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     else:
         set_epoch(train_loader, t.seed, -1)
         task.warm_up(train_loader, device)
 
     model = DistributedDataParallel(task.model) if distributed else task.model
     show = t.progress and rank == 0
-    if start_epoch >= t.epochs and result.history and report is not None:
+    if start_epoch >= epochs and result.history and report is not None:
         report(result.history[-1], ckpt)
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, epochs):
         task.train()
+        task.start_epoch()
         set_epoch(train_loader, t.seed, epoch)
         totals = torch.zeros(3, dtype=torch.float64)  # loss, CE, regulariser: summed over the epoch's steps
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not show, leave=False)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
         started = time.perf_counter()
         for x, y, index in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -298,7 +337,9 @@ def fit(
             totals += torch.tensor([step["loss"], step["ce"], step["reg"]], dtype=torch.float64)
             bar.set_postfix(loss=f"{step['loss']:.3f}")
         train_s = time.perf_counter() - started  # the training steps, data loading included; not validation
-        lr_used = [g["lr"] for g in opt.param_groups]
+        # The head's group is the last; a method that trains the backbone has its group first.
+        rates = {"lr_backbone": opt.param_groups[0]["lr"]} if len(opt.param_groups) > 1 else {}
+        rates["lr_head"] = opt.param_groups[-1]["lr"]
         sched.step()
         scores = evaluate(model, val_loader, device, amp=amp)
         steps = len(train_loader)
@@ -310,13 +351,12 @@ def fit(
             "train_loss": totals[0].item() / steps,
             "train_ce": totals[1].item() / steps,
             "train_reg": totals[2].item() / steps,
-            "lr": lr_used[0],
-            "lr_head": lr_used[-1],
+            **rates,
             "epoch_s": train_s,
             "images_per_s": steps * t.batch_size * world / train_s,
         }
         result.history.append(metrics)
-        written = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == t.epochs
+        written = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == epochs
         if rank == 0 and written:
             save_checkpoint(ckpt, task, opt, sched, epoch, resolved, classes, result.history)
         if show:

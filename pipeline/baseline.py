@@ -29,6 +29,7 @@ from pipeline.cluster import join_uri, local_storage, start_ray, storage_uri
 from pipeline.config import PipelineConfig
 from pipeline.mlflow_connect import connect, tracking_errors
 from pipeline.mlflow_store import dataset_inputs, experiment_id, git_commit, log_history, log_params, run_outcome
+from pipeline.pretrained import start_weights
 from pipeline.stage import flat, stage_main
 from pipeline.training import read_checkpoint, run_name, run_training, share_data
 
@@ -44,13 +45,15 @@ def baseline_config(p: PipelineConfig) -> Config:
 @tracking_errors()
 def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     data = load_prepared(root / p.data.prepared_dir)
+    p = p.with_steps_resolved(len(data.train))  # train.steps → train.epochs, now that the split's size is known
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     ce = baseline_config(p)
+    backbone = start_weights(p, root)  # the pretrain stage's backbone, or None: model.pretrained as configured
     preflight(ce, local_storage(p, root), field="ray.storage_path")  # before Ray starts: one line, naming the field
     start_ray(p)
     named = p.model_copy(deep=True)
     named.train.method = methods.PLAIN
-    name = run_name("baseline-ce", named, data.checksum)
+    name = run_name("baseline-ce", named, data.checksum + backbone.sha256)
     # The MLflow run is opened before training, so its duration is the training's.
     exp = experiment_id(client, p.mlflow_experiment())
     run_id = client.create_run(
@@ -67,7 +70,9 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         log_params(client, run_id, flat(ce.model_dump(mode="json", include={"data", "model", "train"})))
         client.log_inputs(run_id, datasets=dataset_inputs(data, p.data.prepared_dir))
         start = time.time()
-        result = run_training(ce, p, share_data(data), join_uri(storage_uri(p, root), "baseline"), name, [])
+        result = run_training(
+            ce, p, share_data(data, backbone.content), join_uri(storage_uri(p, root), "baseline"), name, []
+        )
         if result.metrics.get("diverged"):
             raise RuntimeError(
                 f"the CE baseline diverged ({result.metrics['error']}): lower train.lr_backbone "

@@ -4,6 +4,9 @@ Validated once, when a stage starts: an unknown key, a value out of range or a s
 cannot work fails with the field's name before Ray or MLflow start. Cross-field rules live here
 too: every queue size must be a multiple of the global batch (``train.batch_size`` ×
 ``ray.workers_per_trial``), so the bank's FIFO writes stay aligned with the batches that fill it.
+A step budget (``train.steps``) becomes epochs only once the prepared training split's size is known:
+the stages call :meth:`PipelineConfig.with_steps_resolved` right after loading it, and the checks
+that need the epochs (``tune.grace_period``) run then.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from drtune import methods
-from drtune.config import Config, Method, Section, load_config
+from drtune.config import Config, ConfigError, Method, Section, load_config
+from drtune.train import epochs_for_steps
+
+# The pretrain stage's output (relative to the project): the backbone baseline and tune start from.
+PRETRAINED_WEIGHTS = "models/pretrained/backbone.safetensors"
 
 
 class Range(Section):
@@ -176,9 +183,27 @@ class PipelineConfig(Config):
                 f"tune.finalist_folds = {self.tune.finalist_folds}: the training split holds at most "
                 f"{folds} folds the size of the validation split (data.val_fraction = {self.data.val_fraction})"
             )
-        if self.tune.grace_period > self.train.epochs:
-            raise ValueError(f"tune.grace_period = {self.tune.grace_period} exceeds train.epochs = {self.train.epochs}")
+        if self.train.steps is None:  # with a step budget: checked by with_steps_resolved, once the epochs are known
+            self._check_grace_period()
         return self
+
+    def _check_grace_period(self) -> None:
+        if self.tune.grace_period > self.train.epochs:
+            steps = f" (what train.steps = {self.train.steps} makes)" if self.train.steps is not None else ""
+            raise ConfigError(
+                f"tune.grace_period = {self.tune.grace_period} exceeds train.epochs = {self.train.epochs}{steps}"
+            )
+
+    def with_steps_resolved(self, n_train: int) -> PipelineConfig:
+        """A copy whose ``train.epochs`` is what ``train.steps`` makes of ``n_train`` training images on
+        ``ray.workers_per_trial`` workers (:func:`drtune.train.epochs_for_steps`, the rule ``fit`` applies),
+        checked against ``tune.grace_period``; ``self`` unchanged when ``train.steps`` is null."""
+        if self.train.steps is None:
+            return self
+        out = self.model_copy(deep=True)
+        out.train.epochs = epochs_for_steps(self, n_train, self.ray.workers_per_trial)
+        out._check_grace_period()
+        return out
 
     @model_validator(mode="after")
     def _no_credentials_in_uris(self) -> PipelineConfig:
@@ -199,9 +224,14 @@ class PipelineConfig(Config):
         """The methods the search tries: ``tune.methods``, or ``train.method`` alone."""
         return list(self.tune.methods or [self.train.method])
 
-    def library(self) -> Config:
-        """The library's sections alone: the :class:`Config` a training run reads."""
-        return Config.model_validate(self.model_dump(include=set(Config.model_fields)))
+    def library(self, *, pretrained: bool = True) -> Config:
+        """The library's sections alone: the :class:`Config` a training run reads. With ``pretrain.method``
+        set, ``model.pretrained`` names the pretrain stage's output, the start of every later run;
+        ``pretrained=False`` keeps the configured weights (what the pretrain stage itself starts from)."""
+        config = Config.model_validate(self.model_dump(include=set(Config.model_fields)))
+        if pretrained and self.pretrain.method != "none":
+            config.model.pretrained = PRETRAINED_WEIGHTS
+        return config
 
     def dataset_slug(self) -> str:
         """The dataset's name made safe for MLflow names (``imagefolder:/a/pets`` → ``pets``)."""

@@ -44,7 +44,7 @@ METRIC_KEYS = (
     "train_loss",
     "train_ce",
     "train_reg",
-    "lr",
+    "lr_backbone",  # absent for a method that does not train the backbone (the linear probe)
     "lr_head",
     "epoch_s",
     "images_per_s",

@@ -21,6 +21,16 @@ def hyperparameters(params: dict) -> dict[str, object]:
     return {key: params[key.split(".")[0]][key.split(".")[1]] for key in keys}
 
 
+def pretrain_summary(record: dict) -> str:
+    """One line on a self-supervised start (the pretrain stage's ``pretrain.json``)."""
+    names = {"moco": "MoCo v2", "simclr": "SimCLR"}
+    return (
+        f"{names.get(record['method'], record['method'])}, {record['epochs']} epochs on {record['images']} unlabelled "
+        f"images from {record['start']} weights (kNN top-1 on validation {record['knn_top1_start']:.4f} → "
+        f"{record['knn_top1']:.4f})"
+    )
+
+
 def model_description(
     name: str,
     version: str,
@@ -33,6 +43,7 @@ def model_description(
     experiment_id: str | None = None,
     selection: dict | None = None,
     vs_baseline: PairedTest | None = None,
+    pretrained: dict | None = None,
 ) -> str:
     """The Markdown a person reads on the registry page: what the model is, how good, how to call it."""
     method = methods.get(params["train"]["method"]).long_name
@@ -59,7 +70,8 @@ def model_description(
         if experiment_id
         else ""
     )
-    return f"""**{params["model"]["name"]}** (weights: `{params["model"]["pretrained"]}`) fine-tuned with **{method}**.
+    start = f"\n\n**Self-supervised start**: {pretrain_summary(pretrained)}." if pretrained else ""
+    return f"""**{params["model"]["name"]}** (weights: `{params["model"]["pretrained"]}`) fine-tuned with **{method}**.{start}
 
 | hyperparameter | value |
 |---|---|

@@ -15,7 +15,10 @@ from pipeline.stage import stage_main
 
 def main(argv: list[str] | None = None) -> int:
     def summary(stats: dict) -> str:
-        return json.dumps({k: stats["counts"][k] for k in ("train", "val", "test")})
+        counts = {k: stats["counts"][k] for k in ("train", "val", "test")}
+        if stats.get("unlabelled") is not None:
+            counts["unlabelled"] = stats["unlabelled"]["count"]
+        return json.dumps(counts)
 
     errors = (ConfigError, FileNotFoundError, ValueError)
     return stage_main("prepare", __doc__, argv, lambda p: write_prepared(p.data), summary, errors=errors)

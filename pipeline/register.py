@@ -43,8 +43,9 @@ from pipeline.config import PipelineConfig, redact
 from pipeline.leaderboard import test_numbers, tested
 from pipeline.mlflow_connect import connect, tracking_errors
 from pipeline.mlflow_store import run_exists
-from pipeline.model_card import hyperparameters, model_description
+from pipeline.model_card import hyperparameters, model_description, pretrain_summary
 from pipeline.model_version import model_version
+from pipeline.pretrained import pretrain_record
 from pipeline.selection import BASELINE
 from pipeline.significance import paired_test
 from pipeline.stage import stage_main, write_csv
@@ -56,6 +57,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     baseline = json.loads((root / "metrics" / "baseline.json").read_text())
     data = load_prepared(root / p.data.prepared_dir)
     test, classes = data.test, data.classes
+    pretrained = pretrain_record(p, root)  # the self-supervised start, when the pretrain stage trained one
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     name = p.registered_model()
     plots_dir = root / "plots"
@@ -144,6 +146,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
             "method": params["train"]["method"],
             **({"onnx_max_abs_logit_diff": f"{onnx_check['max_abs_logit_diff']:.2e}"} if onnx_check else {}),
             **{k: str(v) for k, v in hyperparameters(params).items()},
+            **({"pretrain": pretrain_summary(pretrained)} if pretrained else {}),
         }
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
@@ -163,6 +166,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
                 tune_summary["mlflow_experiment_id"],
                 tune_summary["selection"],
                 vs_baseline,
+                pretrained,
             )
             client.update_model_version(name, version, description=description)
             return description

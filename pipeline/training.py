@@ -6,12 +6,13 @@
 The prepared splits travel through Ray's object store (:func:`share_data`), never through the
 driver's disk, so a worker on another node reads nothing the driver wrote. The device is the one
 Ray Train assigned the worker (``ray.train.torch.get_device``). Every epoch the worker reports the
-(already all-reduced) validation metrics and, from rank 0, a checkpoint holding ``last.pt``, stored
-under ``ray.storage_path`` (a local folder or an ``s3://`` / ``gs://`` URI). When Ray Train restarts
-a worker group after a failure, or a restored Tune experiment re-runs an unfinished trial,
-``ray.train.get_checkpoint()`` returns the trial's latest checkpoint and ``fit`` continues from it;
-that attempt's first report carries ``resumed_from_epoch``, so the restart shows in the trial's
-MLflow run.
+(already all-reduced) validation metrics, which Tune and ASHA see, and, from rank 0 on the epochs
+``fit`` wrote one (every ``train.checkpoint_every`` epochs, and the last), a checkpoint holding
+``last.pt``, stored under ``ray.storage_path`` (a local folder or an ``s3://`` / ``gs://`` URI).
+When Ray Train restarts a worker group after a failure, or a restored Tune experiment re-runs an
+unfinished trial, ``ray.train.get_checkpoint()`` returns the trial's latest checkpoint and ``fit``
+continues from it; that attempt's first report carries ``resumed_from_epoch``, so the restart
+shows in the trial's MLflow run.
 
 Ray Train restarts a worker group (up to ``ray.max_failures`` times) for any error, but only a lost
 worker or node is worth it: a loss that became NaN would become NaN again. So a divergence is not
@@ -62,9 +63,11 @@ class SharedData:
         return ray.get(self.ref)
 
 
-def share_data(data: PreparedData) -> SharedData:
-    """Put the training and validation splits in Ray's object store (the test split stays with the driver)."""
-    return SharedData(ray.put({"train": data.train, "val": data.val, "classes": data.classes}))
+def share_data(data: PreparedData, weights: bytes | None = None) -> SharedData:
+    """Put the training and validation splits in Ray's object store (the test split stays with the driver),
+    with ``weights``, the bytes of the pretrain stage's backbone (``model.pretrained`` names that file, which
+    a worker on another node does not have)."""
+    return SharedData(ray.put({"train": data.train, "val": data.val, "classes": data.classes, "weights": weights}))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -89,15 +92,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         device = ray.train.torch.get_device()
         psutil.cpu_percent()  # starts the CPU-time window the first epoch's reading covers
 
-        def report(metrics: dict, checkpoint_path: Path) -> None:
+        def report(metrics: dict, checkpoint_path: Path | None) -> None:
             nonlocal restarted
             if restarted:  # this attempt's first report
                 metrics = metrics | {"resumed_from_epoch": float(metrics["epoch"] - 1)}
                 restarted = False
-            if rank != 0:
+            if rank == 0:
+                metrics = metrics | system_metrics(device)
+            if rank != 0 or checkpoint_path is None:  # an epoch between checkpoints: metrics only
                 ray.train.report(metrics)
             else:
-                metrics = metrics | system_metrics(device)
                 with tempfile.TemporaryDirectory() as staging:
                     faults.disk_full(metrics["epoch"])
                     shutil.copy(checkpoint_path, Path(staging) / "last.pt")
@@ -105,7 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             faults.lose_worker(metrics["epoch"])
 
         try:
-            fit(config, train, val, data["classes"], scratch, report=report, resume=True, device=device)
+            fit(config, train, val, data["classes"], scratch, report=report, device=device, weights=data["weights"])
         except DivergedError as err:
             ray.train.report(
                 {"epoch": err.epoch, "val_top1": math.nan, "val_loss": math.nan, "diverged": 1.0, "error": str(err)}
@@ -158,18 +162,28 @@ def run_training(
 ) -> ray.train.Result:
     """One Ray Train run of ``config`` with the workers ``pipeline.ray`` asks for; resumes ``storage/name`` if present.
     ``fold`` ≥ 1 trains and validates on that extra fold of the labelled images (:mod:`drtune.folds`)."""
+    loop_config = {
+        "config": config,
+        "data": data,
+        "threads": pipeline.ray.cpus_per_worker,
+        "fold": fold,
+        "specs": [methods.get(config.train.method)],
+    }
+    return run_workers(train_loop_per_worker, loop_config, pipeline, storage, name, callbacks)
+
+
+def run_workers(
+    loop, loop_config: dict, pipeline: PipelineConfig, storage: str, name: str, callbacks: list = ()
+) -> ray.train.Result:
+    """``loop(loop_config)`` on ``ray.workers_per_trial`` Ray Train workers (gloo, or nccl on GPUs), one
+    checkpoint kept under ``storage/name`` (a run of the same name resumes from it), restarted from it up to
+    ``ray.max_failures`` times."""
     r = pipeline.ray
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": config,
-            "data": data,
-            "threads": r.cpus_per_worker,
-            "fold": fold,
-            "specs": [methods.get(config.train.method)],
-        },
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.workers_per_trial, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -177,7 +191,7 @@ def run_training(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
-            callbacks=callbacks,
+            callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(
                 max_failures=r.max_failures, controller_failure_limit=r.max_failures

@@ -1,8 +1,9 @@
 """One MLflow child run per Ray Tune trial, kept by a callback in the driver, and made whole after an outage.
 
 :class:`TrialRuns` is a Ray Tune callback (it runs in the driver, never in workers) that keeps one
-child run per trial under the search's parent run: hyperparameters, per-epoch metrics, and a final
-status. A restored trial gets its old run back (looked up by its trial tag), never a second one.
+child run per trial under the search's parent run: hyperparameters (and, under a preset, every
+setting it changed, as ``resolved.<field>`` params), per-epoch metrics, and a final status. A
+restored trial gets its old run back (looked up by its trial tag), never a second one.
 While the tracking server does not answer, its writes are held in order and written when it is
 back; :meth:`TrialRuns.reconcile` then makes every run agree with Tune's results, and
 :meth:`TrialRuns.close_open_runs` marks runs of an interrupted search KILLED so none is left RUNNING.
@@ -20,8 +21,10 @@ from mlflow.entities import DatasetInput, Metric
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from pipeline.config import PipelineConfig
 from pipeline.mlflow_connect import TrackingUnavailableError, unreachable
 from pipeline.mlflow_store import METRIC_KEYS, PARENT_TAG, TRIAL_TAG, literal, log_params
+from pipeline.space import trial_config
 
 _LIVE: TrialRuns | None = None  # the stage's TrialRuns; a restored Tuner's pickled copy resolves to it
 
@@ -44,12 +47,22 @@ class TrialRuns(Callback):
     held, in order, and written when it answers again (one warning). :meth:`reconcile` then makes
     every trial's run agree with Tune's results, whatever was missed: epochs already logged are
     never logged twice, missing ones are added, and each run ends with its outcome.
+
+    With ``base``, the search's configuration, a trial's params also name what a preset changed in
+    its config (``resolved.train.lr_head`` …, :meth:`drtune.config.Config.preset_changes`).
     """
 
     def __init__(
-        self, client: MlflowClient, experiment: str, parent_id: str, max_epochs: int, inputs: list[DatasetInput] = ()
+        self,
+        client: MlflowClient,
+        experiment: str,
+        parent_id: str,
+        max_epochs: int,
+        inputs: list[DatasetInput] = (),
+        base: PipelineConfig | None = None,
     ) -> None:
         self.client, self.experiment, self.parent_id, self.max_epochs = client, experiment, parent_id, max_epochs
+        self.base = base  # the search's configuration: what a trial's sampled values are applied to
         self.inputs = list(inputs)
         self.runs: dict[str, str] = {}
         self.logged: dict[str, set[int]] = {}  # epochs each run already has (asked of the store once per run)
@@ -120,10 +133,19 @@ class TrialRuns(Callback):
             )
         )
 
+    def _resolved(self, sampled: dict) -> dict:
+        """``resolved.<field>``: each setting a preset changes in the trial's config (DR-Tune's ``reference``:
+        its rates, weight decay, λ, rotation schedule), as the trial's workers train it; empty without one."""
+        if self.base is None:
+            return {}
+        config = trial_config(self.base, sampled)
+        changes = config.preset_changes(self.base.ray.workers_per_trial)
+        return {f"resolved.{field}": new for field, (_, new) in changes.items()}
+
     def _start(self, trial_id: str, config: dict) -> str:
         run_id = self._run(trial_id)
         self.client.update_run(run_id, status="RUNNING")
-        log_params(self.client, run_id, config)
+        log_params(self.client, run_id, config | self._resolved(config))
         if self.inputs and not self.client.get_run(run_id).inputs.dataset_inputs:
             self.client.log_inputs(run_id, datasets=self.inputs)
         return run_id

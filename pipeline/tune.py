@@ -56,6 +56,7 @@ from pipeline.mlflow_store import (
     parent_run,
     run_outcome,
 )
+from pipeline.pretrained import start_weights
 from pipeline.progress import Progress
 from pipeline.search import build_tuner, require_finished, trial_candidates
 from pipeline.selection import rank
@@ -71,6 +72,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     """Run (or resume) the search and write the stage's outputs under ``root``; ``fresh`` first discards
     a stored search of the same settings (its Ray experiment, and its MLflow parent is detached)."""
     data = load_prepared(root / p.data.prepared_dir)
+    p = p.with_steps_resolved(len(data.train))  # train.steps → train.epochs, now that the split's size is known
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     starting_points(p)  # validates tune.points_to_evaluate before Ray starts
     folds = max_extra_folds(data.train, data.val)
@@ -80,6 +82,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             "disjoint folds the size of the validation split (per class); lower it"
         )
     baseline = baseline_candidate(root, p, data.checksum, len(data.val))
+    backbone = start_weights(p, root)  # the pretrain stage's backbone, or None: model.pretrained as configured
     largest = p.library()
     largest.drtune.queue_size = max(p.tune.queue_sizes)
     # Everything a worker would reject, before Ray starts; each trial keeps one checkpoint in storage.
@@ -91,7 +94,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     )
     start_ray(p)
     storage = storage_uri(p, root)
-    ray_run = run_name("search", p, data.checksum)  # the Ray Tune experiment (a folder under storage)
+    ray_run = run_name("search", p, data.checksum + backbone.sha256)  # the Ray Tune experiment (a folder under storage)
     experiment_path = join_uri(storage, ray_run)
     shown = redact(experiment_path)  # what is printed, tagged and written: never the storage's credentials
     with search_lock(storage, ray_run):  # one run of a stored search at a time
@@ -123,9 +126,9 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             log_params(client, parent, flat(p.model_dump(mode="json", exclude={"mlflow": True})))
             inputs = dataset_inputs(data, p.data.prepared_dir)
             client.log_inputs(parent, datasets=inputs)
-            trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs)
+            trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs, base=p)
             progress = Progress(p.train.epochs)
-            shared = share_data(data)
+            shared = share_data(data, backbone.content)
             tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress])
             start = time.time()
             try:

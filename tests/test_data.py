@@ -12,13 +12,14 @@ from PIL import Image
 from drtune.config import ConfigError, load_config
 from drtune.data import ArraySplit
 from drtune.folds import extra_fold, max_extra_folds
-from drtune.prepared import load_prepared
+from drtune.prepared import data_checksum, load_prepared, load_unlabelled, unlabelled_checksum
 from drtune.prepared import write_prepared as prepare
 from drtune.sources import (
     BadImagesError,
     fashion_mnist_dir,
     few_label_splits,
     load_source,
+    stratified_take,
 )
 
 
@@ -281,3 +282,174 @@ def test_extra_folds_hold_out_disjoint_stratified_blocks_of_the_training_split()
     again = extra_fold(train, val, 2, seed=3)[1]
     assert np.array_equal(again.images, extra_fold(train, val, 2, seed=3)[1].images)
     assert set(extra_fold(train, val, 2, seed=4)[1].images[:, 0, 0, 0]) != held_out[2]
+
+
+# -- the unlabelled split (data.unlabelled) --------------------------------------------------------
+
+
+def _rows(images) -> set[bytes]:
+    return {image.tobytes() for image in images}
+
+
+def _save(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def test_default_none_writes_no_unlabelled_split_and_leaves_the_labelled_checksums(tmp_path) -> None:
+    rest = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled="rest"))
+    assert (tmp_path / "prepared" / "unlabelled.npz").is_file()
+    stats = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30))  # over the rest run's output
+    assert stats["unlabelled"] is None and unlabelled_checksum(stats) is None
+    assert not (tmp_path / "prepared" / "unlabelled.npz").exists()
+    assert stats["sha256"] == rest["sha256"] and data_checksum(stats) == data_checksum(rest)
+    assert load_prepared(tmp_path / "prepared").checksum == data_checksum(rest)
+    with pytest.raises(FileNotFoundError, match="no unlabelled split: set data.unlabelled"):
+        load_unlabelled(tmp_path / "prepared")
+
+
+def test_rest_keeps_exactly_the_training_images_beyond_the_budget(tmp_path) -> None:
+    stats = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled="rest"))
+    raw = load_source("digits")
+    beyond = np.setdiff1d(np.arange(len(raw.train)), stratified_take(raw.train.labels, per_class=30, seed=0))
+    assert len(beyond) == len(raw.train) - 300
+    data = load_prepared(tmp_path / "prepared")
+    labelled = _rows(data.train.images) | _rows(data.val.images) | _rows(data.test.images)
+    expected = _rows(raw.train.images[beyond]) - labelled  # duplicates of a labelled image, and within, go
+    images = load_unlabelled(tmp_path / "prepared")
+    assert images.dtype == np.uint8 and images.shape[1:] == data.train.images.shape[1:] == (8, 8, 1)
+    assert len(images) == len(_rows(images)) == len(expected) and _rows(images) == expected
+    unlabelled = stats["unlabelled"]
+    assert unlabelled["source"] == "rest" and unlabelled["count"] == len(images)
+    assert unlabelled["candidates"] == len(beyond) == len(images) + sum(unlabelled["dropped_duplicates"].values())
+    assert set(unlabelled["dropped_duplicates"]) == {"val", "test", "train", "within"}
+    assert unlabelled_checksum(stats) == unlabelled["sha256"][:16]
+
+
+def test_unlabelled_max_caps_the_split_with_a_seeded_sample(tmp_path) -> None:
+    full = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled="rest"))
+    everything = _rows(load_unlabelled(tmp_path / "prepared"))
+    capped = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled="rest", unlabelled_max=100))
+    sample = load_unlabelled(tmp_path / "prepared")
+    assert capped["unlabelled"]["count"] == len(sample) == len(_rows(sample)) == 100 and _rows(sample) <= everything
+    again = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled="rest", unlabelled_max=100))
+    assert again["unlabelled"]["sha256"] == capped["unlabelled"]["sha256"]
+    assert capped["sha256"] == full["sha256"]  # the labelled splits do not move
+    other = prepare(
+        _cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled="rest", unlabelled_max=100, seed=1)
+    )
+    assert other["unlabelled"]["sha256"] != capped["unlabelled"]["sha256"]
+    loose = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled="rest", unlabelled_max=10**6))
+    assert loose["unlabelled"]["sha256"] == full["unlabelled"]["sha256"]  # a cap that does not bind changes nothing
+
+
+def test_an_unlabelled_folder_never_holds_a_validation_or_test_image_by_content(tmp_path) -> None:
+    """Exact copies of labelled images, under other names and folders, are dropped and counted by split."""
+    root = _folder(tmp_path / "imgs")
+    labelled = dict(dataset=f"imagefolder:{root}", labels_per_class=6, val_fraction=0.34, store_size=16)
+    plain = prepare(_cfg(tmp_path, **labelled))
+    data = load_prepared(tmp_path / "prepared")
+    unl = tmp_path / "unlabelled"
+    _save(data.val.images[0], unl / "a" / "b" / "copy-of-val.png")
+    _save(data.val.images[1], unl / "val1.bmp")
+    _save(data.test.images[0], unl / "c" / "copy-of-test.png")
+    _save(data.train.images[0], unl / "copy-of-train.png")
+    rng = np.random.default_rng(7)
+    fresh = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(5)]
+    for i, image in enumerate(fresh):
+        _save(image, unl / "new" / f"{i}.png")
+    _save(fresh[0], unl / "new" / "deeper" / "again.png")
+    (unl / "notes.txt").write_text("not an image")
+    stats = prepare(_cfg(tmp_path, **labelled, unlabelled=str(unl)))
+    assert stats["sha256"] == plain["sha256"]
+    unlabelled = stats["unlabelled"]
+    assert unlabelled["dropped_duplicates"] == {"val": 2, "test": 1, "train": 1, "within": 1}
+    assert unlabelled["count"] == 5 and unlabelled["candidates"] == 10 and unlabelled["source"] == str(unl)
+    assert [Path(p).name for p in unlabelled["ignored_files"]] == ["notes.txt"]
+    images = load_unlabelled(tmp_path / "prepared")
+    assert _rows(images) == _rows(fresh)
+    assert not _rows(images) & (_rows(data.val.images) | _rows(data.test.images) | _rows(data.train.images))
+
+
+def test_a_folder_of_rgb_images_takes_the_labelled_size_and_channels(tmp_path) -> None:
+    """Digits are 8 × 8 × 1: a folder's RGB photos are stored so, and a planted test digit is still caught."""
+    plain = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30))
+    test = load_prepared(tmp_path / "prepared").test
+    unl = tmp_path / "unlabelled"
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        _save(rng.integers(0, 255, (30, 20 + i, 3), dtype=np.uint8), unl / f"{i}.jpg")
+    _save(np.repeat(test.images[5], 3, axis=-1), unl / "digit.png")  # a test digit as an RGB file
+    stats = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled=str(unl)))
+    assert stats["unlabelled"]["count"] == 4 and stats["unlabelled"]["dropped_duplicates"]["test"] == 1
+    assert load_unlabelled(tmp_path / "prepared").shape == (4, 8, 8, 1) and stats["sha256"] == plain["sha256"]
+
+
+def test_rest_of_an_image_folder_is_decoded_only_when_asked(tmp_path, monkeypatch) -> None:
+    import drtune.sources as sources
+
+    root = _folder(tmp_path / "imgs", per_class=10)  # 30 files: 6 test, 24 train, 4 per class labelled
+    decoded = []
+    read = sources._read_image
+    monkeypatch.setattr(sources, "_read_image", lambda path, size: decoded.append(path) or read(path, size))
+    labelled = dict(dataset=f"imagefolder:{root}", labels_per_class=4, val_fraction=0.25, store_size=16)
+    plain = prepare(_cfg(tmp_path, **labelled))
+    assert len(decoded) == 12 + 6
+    decoded.clear()
+    stats = prepare(_cfg(tmp_path, **labelled, unlabelled="rest"))
+    assert len(decoded) == 30 and stats["sha256"] == plain["sha256"]
+    full = load_source(f"imagefolder:{root}", image_size=16)
+    data = load_prepared(tmp_path / "prepared")
+    images = load_unlabelled(tmp_path / "prepared")
+    assert stats["unlabelled"]["count"] == len(images) == 12 and images.shape[1:] == (16, 16, 3)
+    assert _rows(images) | _rows(data.train.images) | _rows(data.val.images) == _rows(full.train.images)
+
+
+def test_every_bad_file_of_an_unlabelled_folder_is_reported_in_one_run(tmp_path) -> None:
+    import io
+
+    unl = tmp_path / "unlabelled"
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        _save(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8), unl / "x" / "y" / f"{i}.png")
+    (unl / "x" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (unl / "x" / "y" / "z").mkdir()
+    (unl / "x" / "y" / "z" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(BadImagesError) as err:
+        prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled=str(unl)))
+    message = str(err.value)
+    assert "2 problem(s)" in message and "data.skip_bad" in message
+    assert f"unreadable image: {unl / 'x' / 'corrupt.png'}" in message
+    assert f"unreadable image: {unl / 'x' / 'y' / 'z' / 'truncated.jpg'}" in message
+    assert not (tmp_path / "prepared").exists()
+    stats = prepare(_cfg(tmp_path, dataset="digits", labels_per_class=30, unlabelled=str(unl), skip_bad="true"))
+    unlabelled = stats["unlabelled"]
+    assert unlabelled["count"] == 3 and unlabelled["skipped_bad_files"] == 2
+    assert sorted(Path(p).name for p in unlabelled["skipped_files"]) == ["corrupt.png", "truncated.jpg"]
+
+
+def test_unlabelled_settings_are_checked_naming_the_field(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="data.unlabelled = rest .* data.labels_per_class or data.label_fraction"):
+        _cfg(tmp_path, dataset="digits", labels_per_class="null", unlabelled="rest")
+    with pytest.raises(ConfigError, match="data.unlabelled_max = 0"):
+        _cfg(tmp_path, unlabelled_max=0)
+    assert _cfg(tmp_path, unlabelled="null").unlabelled == "none"
+    with pytest.raises(FileNotFoundError, match="data.unlabelled = .*nowhere.*: no such folder"):
+        prepare(_cfg(tmp_path, dataset="digits", unlabelled=str(tmp_path / "nowhere")))
+    (tmp_path / "empty" / "deep").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        prepare(_cfg(tmp_path, dataset="digits", unlabelled=str(tmp_path / "empty")))
+
+
+def test_the_prepare_summary_counts_the_unlabelled_images(tmp_path, capsys) -> None:
+    from pipeline.prepare import main
+
+    repo = Path(__file__).resolve().parents[1]
+    sets = ["data.dataset=digits", "data.labels_per_class=30", f"data.prepared_dir={tmp_path / 'prepared'}"]
+    argv = ["--params", str(repo / "params.yaml"), *(a for s in sets for a in ("--set", s))]
+    assert main([*argv, "--set", "data.unlabelled=rest", "--set", "data.unlabelled_max=50"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["unlabelled"] == 50
+    assert main(argv) == 0
+    assert "unlabelled" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
+from drtune.model_file import read_metadata
+from pipeline.config import PRETRAINED_WEIGHTS
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,11 +89,14 @@ def _client(root: Path):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """``dvc repro`` of the quick pipeline with 3 trials, the first of which diverges to NaN. The CE baseline's
+    """``dvc repro`` of the quick pipeline with 3 trials, the first of which diverges to NaN, from a backbone
+    self-supervised (MoCo v2) on the training images beyond the label budget. The CE baseline's
     rates are set too low to learn in 3 epochs, so a DR-Tune trial is clearly the best candidate and the
     registry path of a searched model is what runs (the baseline's own wins are tested elsewhere)."""
     root = _copy_project(
         tmp_path_factory.mktemp("e2e") / "project",
+        data={"unlabelled": "rest", "unlabelled_max": 256},
+        pretrain={"method": "moco", "epochs": 2},
         train={"lr_backbone": 0.0001, "lr_head": 0.001},
         tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT]},
     )
@@ -128,6 +134,25 @@ def test_dvc_repro_writes_metrics_plots_and_model(project: Path) -> None:
 
 def _leaves(tree) -> list:
     return [x for v in tree.values() for x in _leaves(v)] if isinstance(tree, dict) else [tree]
+
+
+def test_the_self_supervised_start_is_recorded_loaded_and_named_in_the_registry(project: Path) -> None:
+    record = json.loads((project / "models" / "pretrained" / "pretrain.json").read_text())
+    stats = json.loads((project / "data" / "prepared" / "stats.json").read_text())
+    assert record["method"] == "moco" and record["epochs"] == 2 and record["images"] == 256
+    assert stats["unlabelled"]["count"] == 256 and record["unlabelled_sha256"] == stats["unlabelled"]["sha256"]
+    client = _client(project)
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["role"] == "pretrain"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "ssl_loss")] == [1, 2]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits-unlabelled"]
+    # The search's trials and the baseline started from that backbone: their saved configs name it.
+    for model in ("best.safetensors", "baseline.safetensors"):
+        assert read_metadata(project / "models" / model)["params"]["model"]["pretrained"] == PRETRAINED_WEIGHTS
+    version = client.get_model_version_by_alias("drtune-digits", "champion")
+    assert "Self-supervised start**: MoCo v2, 2 epochs on 256 unlabelled images" in version.description
+    assert version.tags["pretrain"].startswith("MoCo v2, 2 epochs")
 
 
 def test_mlflow_run_tree(project: Path) -> None:

@@ -281,3 +281,39 @@ def test_bf16_step_is_finite_and_close_to_float32(tiny_encoder, method, kw, auto
         for key in ("loss", "ce", "reg"):
             assert torch.isfinite(torch.tensor(half[key]))
             assert half[key] == pytest.approx(full[key], rel=3e-2, abs=1e-4), key
+
+
+@pytest.mark.parametrize(
+    "schedule,rotated",
+    [("global", [0, 2, 4, 6, 8]), ("epoch", [0, 2, 3, 5, 6, 8])],  # epoch: batches 0 and 2 of each epoch
+)
+def test_rotation_schedule_counts_global_steps_or_batches_within_the_epoch(
+    tiny_encoder, monkeypatch, schedule: str, rotated: list[int]
+) -> None:
+    """3 steps per epoch, ``rotation_every`` 2: the reference code rotates at batch indices 0 and 2 of every
+    epoch; the global schedule every other step of the run."""
+    import drtune.task
+
+    calls = []
+    real = drtune.task.semantic_calibrate
+    monkeypatch.setattr(
+        drtune.task, "semantic_calibrate", lambda *a, **kw: calls.append(kw["rotate"]) or real(*a, **kw)
+    )
+    task = _task(tiny_encoder, rotation_every=2, rotation_schedule=schedule)
+    loader = _loader(n=12, batch=4)  # 3 batches per epoch
+    task.warm_up(loader, torch.device("cpu"))
+    task.train()
+    opt = _frozen_sgd(task)
+    for _ in range(3):
+        task.start_epoch()
+        for x, y in loader:
+            task.train_step(opt, x, y)
+    assert [step for step, rotate in enumerate(calls) if rotate] == rotated
+
+
+def test_the_reference_preset_takes_the_authors_rotation_schedule() -> None:
+    config = Config(drtune={"preset": "reference"})
+    assert config.drtune.rotation_schedule == "global"  # the default: ours
+    assert config.resolved().drtune.rotation_schedule == "epoch"
+    assert config.preset_changes()["drtune.rotation_schedule"] == ("global", "epoch")
+    assert Config().preset_changes() == {}  # no preset: nothing changes

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from drtune import methods
 from drtune.cli import main as cli_main
 from drtune.config import ConfigError, load_config
 from drtune.sources import few_label_splits, load_source
@@ -60,26 +61,72 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, features: str, augm
 
 
 def test_checkpoints_every_n_epochs_and_resumes_from_the_last_one_written(tmp_path) -> None:
-    params = load_config(None, [*QUICK, "train.epochs=4"])
+    """``train.checkpoint_every = 3`` over 5 epochs writes ``last.pt`` after epochs 3 and 5 only (the last is
+    always written); a run cut after epoch 4 resumes from epoch 3's and ends where the uncut run did. The
+    epoch rotation schedule (18 steps per epoch, every 4th batch: not the global schedule) survives it."""
+    params = load_config(
+        None,
+        [
+            *QUICK,
+            "train.epochs=5",
+            "train.checkpoint_every=3",
+            "drtune.rotation_schedule=epoch",
+            "drtune.rotation_every=4",
+        ],
+    )
     train, val, classes = _data()
-    full = fit(params, train, val, classes, tmp_path / "full", resume=False).history
     written = []
 
-    def stop_after_three(metrics, ckpt):
-        written.append(ckpt is not None and torch.load(ckpt, weights_only=False)["epoch"] + 1)
-        if metrics["epoch"] == 3:
+    def record(metrics, ckpt):
+        written.append(ckpt and torch.load(ckpt, weights_only=True)["epoch"] + 1)
+
+    full = fit(params, train, val, classes, tmp_path / "full", report=record, resume=False).history
+    assert written == [None, None, 3, None, 5]
+
+    def stop_after_four(metrics, _ckpt):
+        if metrics["epoch"] == 4:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(params, train, val, classes, tmp_path / "cut", report=stop_after_three, checkpoint_every=2)
-    assert written == [False, 2, False]  # epoch 3's state was never written: resume redoes it
-    resumed = fit(params, train, val, classes, tmp_path / "cut", resume=True, checkpoint_every=2).history
-    assert [m["epoch"] for m in resumed] == [1, 2, 3, 4]
-    for key in ("train_loss", "val_loss", "val_top1"):
-        assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-6, abs=1e-7), key
-    assert (
-        torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 3
-    )  # the last epoch is always written
+        fit(params, train, val, classes, tmp_path / "cut", report=stop_after_four)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] + 1 == 3  # epoch 4 is redone
+    resumed = fit(params, train, val, classes, tmp_path / "cut", resume=True).history
+    assert [m["epoch"] for m in resumed] == [1, 2, 3, 4, 5]
+    for epoch in (3, 4):
+        for key in ("train_loss", "val_loss", "val_top1"):
+            assert resumed[epoch][key] == pytest.approx(full[epoch][key], rel=1e-6, abs=1e-7), (epoch, key)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] + 1 == 5
+
+
+def test_a_step_budget_sets_the_epochs_and_the_cosine_spans_them(tmp_path) -> None:
+    """``train.steps = 7`` with 3 steps per epoch (48 images, batch 16) trains ceil(7/3) = 3 epochs."""
+    from drtune.data import ArraySplit
+    from drtune.train import epochs_for_steps
+
+    params = load_config(None, [*QUICK, "train.epochs=10", "train.steps=7"])
+    train, val, classes = _data()
+    small = ArraySplit(train.images[:50], train.labels[:50])  # 3 full batches of 16, the last 2 images dropped
+    assert epochs_for_steps(params, len(small)) == 3
+    assert epochs_for_steps(params, 100, world_size=2) == 3  # 50 images per worker: 3 steps each
+    assert epochs_for_steps(load_config(None, QUICK), len(small)) == 3  # no budget: train.epochs
+    with pytest.raises(ConfigError, match="train.batch_size = 16 exceeds the 15 training images per worker"):
+        epochs_for_steps(params, 30, world_size=2)
+    history = fit(params, small, val, classes, tmp_path, resume=False).history
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["lr_head"] for h in history] == pytest.approx([0.1, 0.075, 0.025])  # a cosine over 3 epochs
+    resolved = load_config(tmp_path / "config.yaml")
+    assert (resolved.train.epochs, resolved.train.steps) == (3, 7)
+
+
+def test_the_pipeline_resolves_a_step_budget_once_the_split_size_is_known() -> None:
+    from pipeline.config import load
+
+    p = load(None, [*QUICK, "train.steps=30", "tune.grace_period=3", "ray.workers_per_trial=2"])
+    resolved = p.with_steps_resolved(300)  # 150 images per worker: 9 steps per epoch
+    assert resolved.train.epochs == 4 and (p.train.epochs, resolved.train.steps) == (3, 30)  # p itself unchanged
+    assert load(None, QUICK).with_steps_resolved(300).train.epochs == 3  # no budget: unchanged
+    with pytest.raises(ConfigError, match=r"tune.grace_period = 3 exceeds train.epochs = 2 \(what train.steps = 30"):
+        p.with_steps_resolved(600)  # 300 per worker: 18 steps per epoch
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -165,6 +212,12 @@ def test_cli_fit_writes_metrics_and_resolved_config(tmp_path, capsys) -> None:
     assert len(metrics["history"]) == 1 and 0 <= metrics["test"]["top1"] <= 1
     resolved = (out / "config.yaml").read_text()
     assert "lam: 4.0" in resolved  # reference preset: λ = K/B = 64/16
+    printed = capsys.readouterr().out  # fit's one line naming what the preset changed (1 + λ = 5)
+    line = (
+        "preset reference: train.lr_backbone 0.01 → 0.002, train.lr_head 0.1 → 0.01, train.weight_decay 0.0001 → "
+        "0.0005, drtune.lam 1.0 → 4.0, drtune.rotation_schedule global → epoch\n"
+    )
+    assert line in printed and printed.count("preset ") == 1
     assert (out / "model.safetensors").exists() and (out / "last.pt").exists()
     assert cli_main(["fit", "--set", "train.epochs=-2", "--output", str(out)]) == 2
     assert "train.epochs" in capsys.readouterr().err
@@ -249,6 +302,8 @@ def test_fit_under_a_callers_bf16_autocast(tmp_path, method: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         history = fit(config, train, val, classes, tmp_path, resume=False).history
     assert all(torch.isfinite(torch.tensor(h[k])) for h in history for k in ("train_loss", "train_reg", "val_loss"))
+    # A learning rate per trained group: the linear probe has no backbone rate
+    assert ("lr_backbone" in history[0]) == methods.get(method).trains_backbone and history[0]["lr_head"] == 0.1
 
 
 def test_a_finished_run_resumed_reports_its_last_epoch_again(tmp_path) -> None:

@@ -1,0 +1,54 @@
+"""The pretrain stage's output as the later stages read it: the backbone every training run starts from.
+
+``models/pretrained/pretrain.json`` records what the stage did (``method: none``: nothing, and
+``model.pretrained`` stays as configured); with a method, ``backbone.safetensors`` beside it is the
+start of every later run. :func:`start_weights` checks that the record matches the current settings
+and the file its SHA-256, and hands over the file's bytes, which travel to Ray workers through the
+object store (a worker on another node does not have the driver's disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from drtune.config import ConfigError
+from pipeline.config import PRETRAINED_WEIGHTS, PipelineConfig
+
+WEIGHTS = Path(PRETRAINED_WEIGHTS)
+OUTPUT = WEIGHTS.parent
+RECORD = OUTPUT / "pretrain.json"
+
+
+@dataclass(frozen=True)
+class StartWeights:
+    """The backbone every training run starts from: None (``model.pretrained`` as configured) or the stage's file."""
+
+    content: bytes | None
+    sha256: str
+
+
+def start_weights(p: PipelineConfig, root: Path = Path(".")) -> StartWeights:
+    """Read the pretrain stage's output for the later stages, checking it was made with these settings."""
+    if p.pretrain.method == "none":
+        return StartWeights(None, "")
+    record_path = root / RECORD
+    if not record_path.is_file():
+        raise FileNotFoundError(f"pretrain.method = {p.pretrain.method}: {RECORD} is missing; run the pretrain stage")
+    record = json.loads(record_path.read_text())
+    if record.get("settings") != p.pretrain.model_dump(mode="json") or record.get("model") != p.model.name:
+        raise ConfigError(f"{RECORD} was made with other pretrain.* or model.* settings; run the pretrain stage again")
+    content = (root / WEIGHTS).read_bytes()
+    sha = hashlib.sha256(content).hexdigest()
+    if sha != record["sha256"]:
+        raise ConfigError(f"{WEIGHTS} does not match {RECORD}'s SHA-256; run the pretrain stage again")
+    return StartWeights(content, sha)
+
+
+def pretrain_record(p: PipelineConfig, root: Path = Path(".")) -> dict | None:
+    """The pretrain stage's record (method, epochs, images, kNN top-1, …), or None with ``pretrain.method: none``."""
+    if p.pretrain.method == "none":
+        return None
+    return json.loads((root / RECORD).read_text())
