@@ -13,7 +13,8 @@ validation curve per epoch, and the plot shows whether that overfitting happens.
 
 Each method (CE-tuning, linear probe, L2-SP, DR-Tune, DR-Tune with cached pretrained features)
 gets the same search at every scale: ``--trials`` runs, the first at the config's own values (the
-library defaults), the others drawn from the method's own ranges in ``params.yaml``'s ``tune``
+library defaults), for DR-Tune the second at the authors' effective setting (:func:`reference_point`:
+λ = K/B, their rates and weight decay; λ's range reaches K/B), the others drawn from the method's own ranges in ``params.yaml``'s ``tune``
 section (:func:`pipeline.space.random_point`: log-uniform rates, λ and α/β, a choice of K). All
 run the whole schedule (no early stopping) and the pick is the best last-epoch validation top-1
 (ties: lower validation loss). The chosen setting is trained again with the other ``--seeds``;
@@ -69,13 +70,27 @@ def method_config(base: PipelineConfig, row: str) -> PipelineConfig:
     p.train.method = row.removesuffix("-cached")
     p.drtune.pretrained_features = "cached" if row.endswith("-cached") else "online"
     p.tune.points_to_evaluate = [{}]
+    if p.train.method == "drtune":  # λ's range reaches the reference's K/B (the authors' λ is 8–32)
+        p.tune.lam.high = max(p.tune.lam.high, reference_point(p)["lam"])
     return p
 
 
+def reference_point(p: PipelineConfig) -> dict:
+    """DR-Tune's ``preset: reference`` as the numbers it resolves to, at the largest queue size: λ = K/B, the
+    authors' rates (backbone r/(1 + K/B), head r) and weight decay × (1 + K/B)."""
+    ref = p.library()
+    ref.train.method, ref.drtune.preset, ref.drtune.queue_size = "drtune", "reference", max(p.tune.queue_sizes)
+    r = ref.resolved()
+    keys = ("train.lr_backbone", "train.lr_head", "train.weight_decay", "drtune.lam", "drtune.queue_size")
+    return {k.split(".")[1]: getattr(getattr(r, k.split(".")[0]), k.split(".")[1]) for k in keys}
+
+
 def search_points(p: PipelineConfig, trials: int, labels: int, method: str) -> list[dict]:
-    """The equal search: the config's values, then ``trials - 1`` seeded draws from the method's ranges."""
+    """The equal search: the config's values, for DR-Tune the reference's effective setting
+    (:func:`reference_point`), then seeded draws from the method's ranges up to ``trials``."""
     rng = random.Random(f"{labels}/{method}")
-    return starting_points(p)[:1] + [random_point(p, rng) for _ in range(trials - 1)]
+    points = starting_points(p)[:1] + ([reference_point(p)] if p.train.method == "drtune" else [])
+    return points + [random_point(p, rng) for _ in range(trials - len(points))]
 
 
 def epochs_for(steps: int, train_images: int, batch_size: int) -> int:
@@ -251,7 +266,13 @@ def main() -> None:
     tag = "datascale-quick" if args.quick else "datascale"
     work = (args.work or Path("runs/bench") / tag).resolve()
     results_path = args.out / f"{tag}.json"
-    settings = {"steps": args.steps, "image_size": args.image_size, "trials": args.trials, "batch_size": 32}
+    settings = {
+        "steps": args.steps,
+        "image_size": args.image_size,
+        "trials": args.trials,
+        "batch_size": 32,
+        "drtune_starts_at_reference": True,
+    }
     results = json.loads(results_path.read_text()) if results_path.exists() else None
     if results is not None and results["settings"] != settings:
         if not args.restart:

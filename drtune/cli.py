@@ -1,6 +1,8 @@
 """The ``drtune`` command: fine-tune once, predict with the result, export it.
 
     drtune fit --config params.yaml --set train.epochs=3 --set train.method=ce --output runs/ce
+    drtune pretrain --config params.yaml --set pretrain.method=moco --set data.unlabelled=rest --output runs/ssl
+    drtune fit --config params.yaml --set model.pretrained=runs/ssl/backbone.safetensors --output runs/ssl-ft
     drtune predict runs/ce photos/ extra.png --output predictions.csv
     drtune predict models/best.safetensors photos/
     drtune predict models:/drtune-fashion-mnist@champion photos/ --tracking-uri sqlite:///mlflow.db
@@ -9,7 +11,9 @@
 ``fit`` writes ``<output>/config.yaml`` (resolved), ``last.pt`` (resumable checkpoint),
 ``model.safetensors`` (the model file, :mod:`drtune.model_file`), ``metrics.json`` (per-epoch
 validation and the test of the last epoch's model, the one tested everywhere; see
-:mod:`drtune.evaluation`). ``predict`` and ``export`` take a model: a ``fit`` output folder, a
+:mod:`drtune.evaluation`). ``pretrain`` self-supervises the backbone on ``data.unlabelled``
+(:mod:`drtune.pretrain`) and writes ``<output>/backbone.safetensors``, which ``model.pretrained`` loads.
+``predict`` and ``export`` take a model: a ``fit`` output folder, a
 model file (``models/best.safetensors`` from the pipeline), or a registry URI ``models:/name@alias``
 (or ``models:/name/version``; needs MLflow, ``pip install 'drtune[pipeline]'``). ``predict`` reads
 image files (and folders, recursively, with torchvision's image extensions) and writes one CSV
@@ -39,7 +43,8 @@ from drtune.export import export_onnx
 from drtune.inference import Predictor, load_predictor
 from drtune.model_file import ModelFileError, save_model
 from drtune.preflight import preflight
-from drtune.sources import IMAGE_EXTENSIONS, load_splits
+from drtune.pretrain import pretrain
+from drtune.sources import IMAGE_EXTENSIONS, load_splits, load_unlabelled_split
 from drtune.train import fit, pick_device
 
 
@@ -71,6 +76,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({"val_top1": last["val_top1"], "test_top1": test_metrics["top1"]}))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    if config.pretrain.method == "none":
+        raise ConfigError("pretrain.method = 'none': choose moco or simclr (--set pretrain.method=moco)")
+    if config.data.unlabelled == "none":
+        raise ConfigError("data.unlabelled = 'none': set rest or a folder of images (--set data.unlabelled=rest)")
+    if config.pretrain.init == "weights" and config.model.pretrained == "none":
+        raise ConfigError("pretrain.init = 'weights': model.pretrained is none; set weights or pretrain.init=scratch")
+    out = Path(args.output)
+    preflight(config, out)
+    raw, splits = load_splits(config.data)
+    unlabelled = load_unlabelled_split(config.data, raw, splits)
+    result = pretrain(config, unlabelled.images, splits[0], splits[1], len(raw.classes), out, resume=args.resume)
+    first, last = result.history[0]["knn_top1"], result.history[-1]["knn_top1"]
+    print(json.dumps({"images": len(unlabelled.images), "knn_top1_start": first, "knn_top1": last}))
+    print(f"then: drtune fit --set model.pretrained={out / 'backbone.safetensors'} ...")
     return 0
 
 
@@ -179,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a parameter")
     p_fit.add_argument("--output", default="runs/fit", help="output directory (default: %(default)s)")
     p_fit.add_argument("--resume", action="store_true", help="continue from <output>/last.pt if present")
+    p_pre = sub.add_parser("pretrain", help="self-supervise the backbone on unlabelled images (MoCo v2, SimCLR)")
+    p_pre.add_argument("--config", default=None, help="params.yaml to read (default: built-in defaults)")
+    p_pre.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a parameter")
+    p_pre.add_argument("--output", default="runs/pretrain", help="output directory (default: %(default)s)")
+    p_pre.add_argument("--resume", action="store_true", help="continue from <output>/last.pt if present")
     model_help = "a `drtune fit` output folder, a model file (models/best.safetensors) or models:/name@alias"
     uri_help = "MLflow store of models:/ URIs (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
     p_predict = sub.add_parser("predict", help="classify image files with a trained model; write a CSV")
@@ -191,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--output", default=None, help="ONNX file to write (default: model.onnx)")
     p_export.add_argument("--tracking-uri", default=None, help=uri_help)
     args = parser.parse_args(argv)
-    commands = {"fit": cmd_fit, "predict": cmd_predict, "export": cmd_export}
+    commands = {"fit": cmd_fit, "pretrain": cmd_pretrain, "predict": cmd_predict, "export": cmd_export}
     try:
         return commands[args.command](args)
     except (

@@ -267,7 +267,7 @@ def fit(
     task, resolved, dcfg = build_task(config, len(classes), world, weights)
     if rank == 0 and (changes := config.preset_changes(world)):
         shown = ", ".join(f"{k} {_short(a)} → {_short(b)}" for k, (a, b) in changes.items())
-        print(f"preset {config.drtune.preset}: {shown}", flush=True)
+        tqdm.write(f"preset {config.drtune.preset}: {shown}")
     resolved.train.epochs = epochs  # task.config is this object: the task sees it too
     task.to(device)
     if amp:

@@ -61,7 +61,10 @@ class TuneConfig(Section):
     methods: list[Method] | None = Field(
         None,
         description="null: search train.method alone; a list: one study whose first choice is the method, then "
-        "that method's own hyperparameters (every method with the same epochs, early stopping and trial budget)",
+        "that method's own hyperparameters (every method with the same epochs, early stopping and trial budget). "
+        "DR-Tune has not beaten CE-tuning beyond the noise on any backbone measured here (docs/evidence.md, "
+        "'DR-Tune's home regime'); it is the one to try when the backbone is self-supervised and CE-tuning falls "
+        "below the linear probe. Include ce and linear_probe so the leaderboard shows which wins on your data",
     )
     seed: int = Field(0, ge=0, description="seed of Optuna's TPE sampler")
     startup_trials: int = Field(3, ge=1, le=10_000, description="random trials before TPE starts modelling")

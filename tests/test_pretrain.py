@@ -194,3 +194,20 @@ def test_method_none_passes_the_backbone_through(prepared_project) -> None:
     )
     p = load("params.yaml")
     assert start_weights(p).content is None and p.library().model.pretrained == p.model.pretrained
+
+
+def test_the_cli_pretrains_then_fine_tunes_from_the_self_supervised_backbone(tmp_path, capsys) -> None:
+    from drtune.cli import main as cli_main
+
+    data = ["data.dataset=digits", "data.labels_per_class=20", "data.unlabelled=rest", "data.unlabelled_max=64"]
+    common = [*data, "model.name=test_efficientnet", "model.pretrained=none", "train.image_size=16"]
+    args = [f"--set={item}" for item in common]
+    assert cli_main(["pretrain", *args, "--output", str(tmp_path / "ssl")]) == 2  # pretrain.method none
+    assert "pretrain.method = 'none'" in capsys.readouterr().err
+    ssl = [*args, "--set=pretrain.method=simclr", "--set=pretrain.init=scratch", "--set=pretrain.epochs=1"]
+    assert cli_main(["pretrain", *ssl, "--set=pretrain.batch_size=16", "--output", str(tmp_path / "ssl")]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert json.loads(printed[-1])["images"] == 64
+    weights = tmp_path / "ssl" / "backbone.safetensors"
+    fine_tune = [*args, f"--set=model.pretrained={weights}", "--set=train.epochs=1", "--set=train.batch_size=16"]
+    assert cli_main(["fit", *fine_tune, "--set=train.method=ce", "--output", str(tmp_path / "ft")]) == 0
