@@ -10,8 +10,9 @@ Each epoch it reports the mean self-supervised loss and the usual SSL monitor, a
 top-1 (k = ``pretrain.knn_k``, temperature 0.1, Wu et al. 2018) of the labelled validation images
 against the labelled training images, in the backbone's pooled feature space; epoch 0 is the
 starting backbone. Like :func:`drtune.train.fit` it resumes exactly from ``last.pt``: model, key
-encoder, MoCo's queue, optimiser, schedule, epoch and every RNG (the data order is a function of
-(seed, epoch), and the augmentation draws from torch's restored generator).
+encoder, MoCo's queue, optimiser, schedule and epoch; the data order and every random draw of the
+augmentation are a function of (seed, epoch, rank), reseeded at each epoch's start, so each rank
+augments its images independently and a resumed epoch draws what the uninterrupted one drew.
 
 Numbers: SGD with Nesterov momentum 0.9 and a per-epoch cosine from ``pretrain.lr`` to 0; images
 at ``train.image_size``, the size fine-tuning uses; bf16 autocast for the encoders on CUDA.
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from drtune.backbones import create_backbone, data_config
 from drtune.config import Config, dump_config
-from drtune.data import ArraySplit, build_loader, set_epoch
+from drtune.data import ArraySplit, build_loader
 from drtune.self_supervised import Contrastive, TwoViewDataset, two_views
 from drtune.train import (
     CHECKPOINT_VERSION,
@@ -46,11 +47,11 @@ from drtune.train import (
     load_checkpoint_state,
     loader_workers,
     pick_device,
-    rng_state,
-    set_rng_state,
 )
 
 KNN_TEMPERATURE = 0.1  # Wu et al. (2018), and every SSL paper's kNN monitor since
+# What a resumed run must share with its checkpoint (of train.*, only the image size).
+RUN_SECTIONS = {"model": True, "pretrain": True, "train": {"image_size"}}
 Report = Callable[[dict, Path | None], None]
 
 
@@ -98,6 +99,19 @@ def knn_top1(
     return (votes.argmax(1) == query_y).float().mean().item()
 
 
+def reseed(seed: int, epoch: int, rank: int, loader: DataLoader) -> None:
+    """Every random draw of an epoch from (seed, epoch, rank): torch, numpy and Python (lightly's views use
+    all three), the loader's order and its worker seeds. Ranks draw different augmentations; a resumed
+    epoch draws what the uninterrupted one did, with no RNG state in the checkpoint."""
+    value = (seed * 1_000_003 + epoch) * 1009 + rank
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(value)
+
+
 def backbone_state(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The backbone's own keys out of a :class:`~drtune.self_supervised.Contrastive` state dict (no head,
     no key encoder): what ``model.pretrained`` loads strictly."""
@@ -123,12 +137,15 @@ def pretrain(
     report: Report | None = None,
     resume: bool = True,
     device: torch.device | None = None,
+    weights: bytes | None = None,
 ) -> PretrainResult:
     """Pretrain ``model.*``'s backbone on ``unlabelled`` (uint8 N × H × W × C) with ``pretrain.*``.
 
     ``labelled`` and ``val`` feed the kNN monitor only. ``report(metrics, checkpoint_path)`` is
     called after every epoch on every rank (metrics all-reduced); the checkpoint is None on epochs
     that write none (``pretrain.checkpoint_every``). Rank 0 writes ``backbone.safetensors`` at the end.
+    ``weights``: the bytes of ``model.pretrained``'s file when it is on another machine (a Ray worker).
+    A non-finite loss raises :class:`FloatingPointError` on every rank at once.
     """
     distributed, rank, world = _world()
     p, t = config.pretrain, config.train
@@ -140,7 +157,8 @@ def pretrain(
     np.random.seed(p.seed)
     random.seed(p.seed)
 
-    backbone = create_backbone(config.model.name, config.model.pretrained if p.init == "weights" else "none")
+    start = config.model.pretrained if p.init == "weights" else "none"
+    backbone = create_backbone(config.model.name, start, content=weights if p.init == "weights" else None)
     dcfg = data_config(backbone)
     model = Contrastive(
         backbone,
@@ -181,12 +199,11 @@ def pretrain(
     ckpt = out / "last.pt"
     if resume and ckpt.exists():
         state = load_checkpoint_state(ckpt)
-        check_same_run(state["params"], config.model_dump(mode="json"), ckpt)
+        check_same_run(state["params"], config.model_dump(mode="json", include=RUN_SECTIONS), ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, result.history = state["epoch"] + 1, state["history"]
-        set_rng_state(state["rng"])
     else:
         result.history.append({"epoch": 0, "knn_top1": knn()})
 
@@ -196,17 +213,18 @@ def pretrain(
         report(result.history[-1], ckpt)
     for epoch in range(start_epoch, p.epochs):
         model.train()
-        set_epoch(loader, p.seed, epoch)
+        reseed(p.seed, epoch, rank, loader)
         total, started = torch.zeros(1, dtype=torch.float64, device=device), time.perf_counter()
         bar = tqdm(loader, desc=f"pretrain {p.method} epoch {epoch + 1}/{p.epochs}", disable=not show, leave=False)
         for view0, view1 in bar:
             view0, view1 = view0.to(device, non_blocking=True), view1.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = ddp(view0, view1)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the {p.method} loss became {loss.item()} in epoch {epoch + 1}: lower pretrain.lr"
-                )
+            bad = (~torch.isfinite(loss.detach())).float()
+            if distributed:  # every rank stops at the same step, none waits in a collective for a dead one
+                dist.all_reduce(bad)
+            if bad.item():
+                raise FloatingPointError(f"the {p.method} loss diverged in epoch {epoch + 1}: lower pretrain.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -236,8 +254,7 @@ def pretrain(
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "epoch": epoch,
-                "rng": rng_state(),
-                "params": config.model_dump(mode="json"),
+                "params": config.model_dump(mode="json", include=RUN_SECTIONS),
                 "history": result.history,
             }
             torch.save(state, ckpt.with_suffix(".tmp"))

@@ -9,9 +9,13 @@ has exactly the key layout fine-tuning loads.
   its exponential moving average (``pretrain.ema``; MoCo's 0.999 suits 800 epochs, 0.99 a few).
   InfoNCE at temperature 0.2 between each query and its key, against a queue of the last
   ``pretrain.queue_size`` keys: lightly's ``NTXentLoss`` with a memory bank, which gathers the keys
-  of every rank before they are queued. Shuffling BN: the key batch is permuted (across ranks
-  under DDP) before ``f_k``, so batch statistics cannot leak which view belongs to which image.
-  The loss is symmetrised (each view is once the query), as in lightly's examples.
+  of every rank before they are queued. The loss is symmetrised (each view is once the query) in
+  one call, so both views' queries meet the queue as it was before the step, and the step's 2B
+  keys are queued after it (two calls would queue ``k1`` before ``q1`` meets it: its own key as a
+  negative). Shuffling BN (MoCo's 8-GPU trick): BatchNorm statistics of a batch would let a query
+  find its key through them, so the key encoder sees the batch in another grouping than the query
+  encoder: under DDP the keys are shuffled across ranks; in one process the batch is encoded as
+  ``SPLITS`` sub-batches, the queries in order and the keys shuffled, as if on that many GPUs.
 * **SimCLR** (Chen et al., 2020). One encoder + MLP head with BN (hidden 2048, output 128);
   NT-Xent at temperature 0.5 over the 2N views of the global batch (gathered across ranks).
 
@@ -44,6 +48,7 @@ from torch.utils.data import Dataset
 METHODS = ("moco", "simclr")
 DEFAULT_TEMPERATURE = {"moco": 0.2, "simclr": 0.5}  # the two papers' values
 HIDDEN_DIM = 2048  # both papers' MLP width
+SPLITS = 2  # one process: sub-batches with their own BatchNorm statistics (Shuffling BN), as on 2 GPUs
 
 
 def _distributed() -> bool:
@@ -80,21 +85,31 @@ class Contrastive(nn.Module):
             self.head = SimCLRProjectionHead(dim, HIDDEN_DIM, projection_dim)
             self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather)
 
+    @staticmethod
+    def _splits(x: Tensor) -> int:
+        """Sub-batches of Shuffling BN in one process (1 under DDP, where the ranks are the groups)."""
+        return 1 if _distributed() or len(x) < 2 * SPLITS else SPLITS
+
+    def _query(self, x: Tensor) -> Tensor:
+        """MoCo's query projections of ``x``, each sub-batch with its own BatchNorm statistics."""
+        return torch.cat([self.head(self.backbone(part)) for part in x.chunk(self._splits(x))])
+
+    @torch.no_grad()
     def _key(self, x: Tensor) -> Tensor:
         """MoCo's key projections of ``x``, computed on a shuffled batch (Shuffling BN)."""
-        with torch.no_grad():
-            if _distributed():
-                shuffled, order = batch_shuffle_distributed(x)
-                return batch_unshuffle_distributed(self.key_head(self.key_backbone(shuffled)), order)
-            shuffled, order = batch_shuffle(x)
-            return batch_unshuffle(self.key_head(self.key_backbone(shuffled)), order)
+        if _distributed():
+            shuffled, order = batch_shuffle_distributed(x)
+            return batch_unshuffle_distributed(self.key_head(self.key_backbone(shuffled)), order)
+        shuffled, order = batch_shuffle(x)
+        keys = torch.cat([self.key_head(self.key_backbone(part)) for part in shuffled.chunk(self._splits(x))])
+        return batch_unshuffle(keys, order)
 
     def forward(self, view0: Tensor, view1: Tensor) -> Tensor:
         """The batch's self-supervised loss (a scalar)."""
         if self.method == "moco":
-            q0, q1 = self.head(self.backbone(view0)), self.head(self.backbone(view1))
-            k0, k1 = self._key(view0), self._key(view1)
-            return 0.5 * (self.criterion(q0, k1) + self.criterion(q1, k0))
+            queries = torch.cat([self._query(view0), self._query(view1)])
+            keys = torch.cat([self._key(view1), self._key(view0)])  # each query's positive: the other view's key
+            return self.criterion(queries, keys)
         return self.criterion(self.head(self.backbone(view0)), self.head(self.backbone(view1)))
 
     def get_extra_state(self) -> dict:

@@ -208,6 +208,8 @@ _RESUMABLE_CHANGES = {
     "train.progress",
     "train.num_workers",
     "train.device",
+    "pretrain.knn_k",
+    "pretrain.checkpoint_every",
 }
 
 

@@ -108,6 +108,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
                 "val_loss": history[-1]["val_loss"],
                 "epochs": ce.train.epochs,
                 "data_sha256": data.checksum,
+                "backbone_sha256": backbone.sha256,
                 "mlflow_run_id": run_id,
                 "lr_backbone": ce.train.lr_backbone,
                 "lr_head": ce.train.lr_head,

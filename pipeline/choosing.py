@@ -26,18 +26,21 @@ from drtune.folds import extra_fold
 from drtune.inference import load_predictor, save_inference_checkpoint
 from drtune.prepared import PreparedData
 from pipeline.cluster import join_uri, storage_filesystem
-from pipeline.config import PipelineConfig, redact
+from pipeline.config import PRETRAINED_WEIGHTS, PipelineConfig, redact
 from pipeline.search import build_finalist_tuner, cross_validated, require_finished
 from pipeline.selection import BASELINE, Candidate, Pick, pick, rank, tied_with_best
 from pipeline.selection import finalists as selection_finalists
 from pipeline.training import SharedData, read_checkpoint
 
 
-def baseline_candidate(root: Path, p: PipelineConfig, data_sha256: str, n_val: int) -> Candidate | None:
+def baseline_candidate(
+    root: Path, p: PipelineConfig, data_sha256: str, n_val: int, backbone_sha256: str = ""
+) -> Candidate | None:
     """The CE baseline (the ``baseline`` stage's model) as a candidate, or None when that stage has not run here.
 
-    It must have trained on these splits for these epochs: a baseline of other data or another schedule is
-    an error, not a silently unfair comparison."""
+    It must have trained on these splits for these epochs, from this backbone (``backbone_sha256``: the
+    pretrain stage's weights, empty for ``model.pretrained`` as configured): a baseline of other data,
+    another schedule or another start is an error, not a silently unfair comparison."""
     record, model = root / "models" / "baseline.json", root / "models" / "baseline.safetensors"
     if not (record.is_file() and model.is_file()):
         print(
@@ -51,6 +54,11 @@ def baseline_candidate(root: Path, p: PipelineConfig, data_sha256: str, n_val: i
         raise ConfigError(
             f"models/baseline.json was trained on other data or for {b['epochs']} epochs (train.epochs "
             f"= {p.train.epochs}): run the baseline stage again (dvc repro does)"
+        )
+    if b.get("backbone_sha256", "") != backbone_sha256:
+        raise ConfigError(
+            "models/baseline.json was trained from another backbone than the pretrain stage's "
+            f"{PRETRAINED_WEIGHTS if backbone_sha256 else 'model.pretrained'}: run the baseline stage again"
         )
     return Candidate(
         id=BASELINE,

@@ -50,7 +50,7 @@ from pipeline.mlflow_connect import connect, tracking_errors
 from pipeline.mlflow_store import experiment_id, git_commit, log_params, run_outcome
 from pipeline.pretrained import OUTPUT
 from pipeline.stage import flat, stage_main
-from pipeline.training import run_name, run_workers
+from pipeline.training import code_digest, run_workers
 
 METRICS = ("ssl_loss", "knn_top1", "lr", "epoch_s", "images_per_s")
 
@@ -71,6 +71,26 @@ def check_settings(p: PipelineConfig, unlabelled: int) -> None:
             f"pretrain.batch_size = {pre.batch_size}: each of the {p.ray.workers_per_trial} worker(s) holds "
             f"{per_worker} unlabelled images; lower it (≥ 2, two views of each image)"
         )
+    step_keys = 2 * pre.batch_size * p.ray.workers_per_trial  # both views' keys, all ranks
+    if pre.method == "moco" and pre.queue_size < step_keys:
+        raise ConfigError(
+            f"pretrain.queue_size = {pre.queue_size} holds less than one step's {step_keys} keys (2 views × "
+            f"pretrain.batch_size {pre.batch_size} × ray.workers_per_trial {p.ray.workers_per_trial}); raise it"
+        )
+
+
+def pretrain_run_name(p: PipelineConfig, data_sha: str, unlabelled_sha: str) -> str:
+    """``pretrain-<dataset>-<digest>``: the digest covers what changes the backbone (its stage's DVC params,
+    the data, the code), so an interrupted run resumes under the same name, and a change to the search's
+    settings does not restart it."""
+    keyed = {
+        "model": p.model.model_dump(mode="json"),
+        "pretrain": p.pretrain.model_dump(mode="json", exclude={"knn_k", "checkpoint_every"}),
+        "train": {"image_size": p.train.image_size, "bf16": p.train.bf16},
+        "ray": {"workers_per_trial": p.ray.workers_per_trial, "gpus_per_worker": p.ray.gpus_per_worker},
+    }
+    blob = json.dumps([keyed, data_sha, unlabelled_sha, code_digest()], sort_keys=True).encode()
+    return f"pretrain-{p.dataset_slug()}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
 def _loop(loop_config: dict) -> None:
@@ -93,18 +113,21 @@ def _loop(loop_config: dict) -> None:
                 shutil.copy(path, Path(staging) / "last.pt")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
 
-        unlabelled, classes = data["unlabelled"], data["classes"]
-        device = ray.train.torch.get_device()
-        pretrain(
-            loop_config["config"],
-            unlabelled,
-            data["train"],
-            data["val"],
-            len(classes),
-            scratch,
-            report=report,
-            device=device,
-        )
+        config, device = loop_config["config"], ray.train.torch.get_device()
+        try:
+            pretrain(
+                config,
+                data["unlabelled"],
+                data["train"],
+                data["val"],
+                len(data["classes"]),
+                scratch,
+                report=report,
+                device=device,
+                weights=data["weights"],
+            )
+        except FloatingPointError as err:  # a property of the settings: a restart would diverge again
+            ray.train.report({"epoch": config.pretrain.epochs, "diverged": 1.0, "error": str(err)})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -123,11 +146,17 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     check_settings(p, len(unlabelled))
     config = p.library(pretrained=False)
     config.train.progress = False
-    preflight(config, local_storage(p, root), field="ray.storage_path")
+    checked = config.model_copy(deep=True)
+    if p.pretrain.init == "scratch":  # the configured weights are not read
+        checked.model.pretrained = "none"
+    preflight(checked, local_storage(p, root), field="ray.storage_path")
+    # A checkpoint file as the start: its bytes travel to the workers (another node does not have the file).
+    from_file = p.pretrain.init == "weights" and p.model.pretrained not in ("bundled", "hub", "none")
+    weights = (root / p.model.pretrained).read_bytes() if from_file else None
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
     start_ray(p)
     unlabelled_sha = data.stats["unlabelled"]["sha256"]
-    name = run_name("pretrain", p, f"{data.checksum}-{unlabelled_sha[:16]}")
+    name = pretrain_run_name(p, data.checksum, unlabelled_sha)
     exp = experiment_id(client, p.mlflow_experiment())
     tags = {"role": "pretrain", "git_commit": git_commit(root), "dataset": p.data.dataset}
     run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
@@ -136,9 +165,12 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         log_params(client, run_id, {"train.image_size": config.train.image_size, "unlabelled_images": len(unlabelled)})
         client.log_inputs(run_id, datasets=[_unlabelled_input(unlabelled, p, unlabelled_sha)])
         start = time.time()
-        shared = ray.put({"unlabelled": unlabelled, "train": data.train, "val": data.val, "classes": data.classes})
+        arrays = {"unlabelled": unlabelled, "train": data.train, "val": data.val, "classes": data.classes}
+        shared = ray.put(arrays | {"weights": weights})
         loop_config = {"config": config, "data": [shared], "threads": p.ray.cpus_per_worker}
         result = run_workers(_loop, loop_config, p, join_uri(storage_uri(p, root), "pretrain"), name)
+        if result.metrics.get("diverged"):
+            raise RuntimeError(f"the self-supervised run diverged ({result.metrics['error']})")
         with result.checkpoint.as_directory() as folder:
             state = load_checkpoint_state(Path(folder) / "last.pt")
         history = state["history"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drtune.config import ConfigError
+from drtune.prepared import prepared_stats
 from pipeline.config import PRETRAINED_WEIGHTS, PipelineConfig
 
 WEIGHTS = Path(PRETRAINED_WEIGHTS)
@@ -38,8 +39,15 @@ def start_weights(p: PipelineConfig, root: Path = Path(".")) -> StartWeights:
     if not record_path.is_file():
         raise FileNotFoundError(f"pretrain.method = {p.pretrain.method}: {RECORD} is missing; run the pretrain stage")
     record = json.loads(record_path.read_text())
-    if record.get("settings") != p.pretrain.model_dump(mode="json") or record.get("model") != p.model.name:
+    ignored = {"knn_k", "checkpoint_every"}  # they do not change the weights
+    settings = p.pretrain.model_dump(mode="json", exclude=ignored)
+    made_with = {k: v for k, v in record.get("settings", {}).items() if k not in ignored}
+    start = p.model.pretrained if p.pretrain.init == "weights" else "random"
+    if made_with != settings or record.get("model") != p.model.name or record.get("start") != start:
         raise ConfigError(f"{RECORD} was made with other pretrain.* or model.* settings; run the pretrain stage again")
+    unlabelled = (prepared_stats(root / p.data.prepared_dir).get("unlabelled") or {}).get("sha256")
+    if record.get("unlabelled_sha256") != unlabelled:
+        raise ConfigError(f"{RECORD} was made from another unlabelled split; run the pretrain stage again")
     content = (root / WEIGHTS).read_bytes()
     sha = hashlib.sha256(content).hexdigest()
     if sha != record["sha256"]:

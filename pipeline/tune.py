@@ -81,8 +81,8 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             f"tune.finalist_folds = {p.tune.finalist_folds}: the prepared training split holds {folds} "
             "disjoint folds the size of the validation split (per class); lower it"
         )
-    baseline = baseline_candidate(root, p, data.checksum, len(data.val))
     backbone = start_weights(p, root)  # the pretrain stage's backbone, or None: model.pretrained as configured
+    baseline = baseline_candidate(root, p, data.checksum, len(data.val), backbone.sha256)
     largest = p.library()
     largest.drtune.queue_size = max(p.tune.queue_sizes)
     # Everything a worker would reject, before Ray starts; each trial keeps one checkpoint in storage.

@@ -211,3 +211,28 @@ def test_the_cli_pretrains_then_fine_tunes_from_the_self_supervised_backbone(tmp
     weights = tmp_path / "ssl" / "backbone.safetensors"
     fine_tune = [*args, f"--set=model.pretrained={weights}", "--set=train.epochs=1", "--set=train.batch_size=16"]
     assert cli_main(["fit", *fine_tune, "--set=train.method=ce", "--output", str(tmp_path / "ft")]) == 0
+
+
+def test_moco_loss_is_infonce_against_the_queue_as_it_was_before_the_step(tiny_encoder) -> None:
+    """Both views' queries meet the old queue only (never their own step's keys), and the step's 2B keys
+    are queued after it: MoCo v2's symmetric loss, checked against InfoNCE written out by hand."""
+    from drtune.self_supervised import Contrastive
+
+    torch.manual_seed(0)
+    model = Contrastive(tiny_encoder, "moco", projection_dim=8, queue_size=64, temperature=0.2).eval()
+    bank = model.criterion.memory_bank
+    old_queue, old_pointer = bank.bank.clone(), int(bank.bank_ptr)
+    view0, view1 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    loss = model(view0, view1)  # eval: BatchNorm uses running statistics, so the grouping cannot matter
+
+    def unit(x):
+        return torch.nn.functional.normalize(x, dim=1)
+
+    with torch.no_grad():
+        q = unit(torch.cat([model.head(model.backbone(view0)), model.head(model.backbone(view1))]))
+        k = unit(torch.cat([model.key_head(model.key_backbone(view1)), model.key_head(model.key_backbone(view0))]))
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ unit(old_queue).T], dim=1) / 0.2
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(12, dtype=torch.long))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert int(bank.bank_ptr) == (old_pointer + 12) % 64  # both views' keys, queued after the step
+    assert torch.allclose(bank.bank[old_pointer : old_pointer + 12], k, atol=1e-6)

@@ -288,6 +288,8 @@ def test_the_baseline_candidate_must_share_the_searchs_data_and_schedule(tmp_pat
         baseline_candidate(tmp_path, p, "other data", 120)
     with pytest.raises(ConfigError, match="train.epochs = 5"):
         baseline_candidate(tmp_path, load(None, ["train.epochs=5", "tune.grace_period=2"]), "abc", 120)
+    with pytest.raises(ConfigError, match="another backbone than the pretrain stage's models/pretrained/"):
+        baseline_candidate(tmp_path, p, "abc", 120, backbone_sha256="f00d")  # the search starts from a new backbone
 
 
 def test_the_tune_stage_re_validates_only_when_asked_and_only_the_tied() -> None:
