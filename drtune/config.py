@@ -14,6 +14,7 @@ outputs says exactly what ran.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -259,12 +260,22 @@ def changed_settings(before: Config, after: Config) -> dict[str, tuple[Any, Any]
     }
 
 
+# user:password@ (or key:secret@) inside a URI: s3://KEY:SECRET@bucket/runs, https://user:token@host. Up to the
+# first @, "/" included: an AWS secret may hold an unescaped "/" (hiding too much beats leaking a secret).
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***`` (what is logged, printed or written)."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"])
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        shown = "" if isinstance(value, dict) else f" = {(redact(value) if isinstance(value, str) else value)!r}"
         lines.append(f"{field}{shown}: {e['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

@@ -56,13 +56,14 @@ def tune_state_files(names: Iterable[str]) -> list[tuple[str, Callable[[bytes], 
     if not states:
         return [(TUNER_FILE, pickle.loads), ("experiment_state-<time>.json", json.loads)]
     stamp = states[-1][len("experiment_state-") : -len(".json")]
-    # experiment_state is JSON; search_gen_state, despite its name, is a pickle, like the others
-    return [
-        (TUNER_FILE, pickle.loads),
-        (f"experiment_state-{stamp}.json", json.loads),
-        (f"search_gen_state-{stamp}.json", pickle.loads),
-        (f"searcher-state-{stamp}.pkl", pickle.loads),
-    ]
+    # experiment_state is JSON; search_gen_state and basic-variant-state, despite their names, are pickles
+    files = [(TUNER_FILE, pickle.loads), (f"experiment_state-{stamp}.json", json.loads)]
+    if f"basic-variant-state-{stamp}.json" in names:  # a grid without a searcher (the re-validation)
+        return [*files, (f"basic-variant-state-{stamp}.json", pickle.loads)]
+    searcher = [f"search_gen_state-{stamp}.json", f"searcher-state-{stamp}.pkl"]
+    if not set(searcher) & set(names):  # a grid that saves no state (lazily evaluated): nothing more to check
+        return files
+    return [*files, *((name, pickle.loads) for name in searcher)]
 
 
 # --- MLflow: datasets logged through the client ---------------------------------------------------

@@ -12,15 +12,15 @@ that need the epochs (``tune.grace_period``) run then.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from drtune import methods
-from drtune.config import Config, ConfigError, Method, Section, load_config
+from drtune.config import Config, ConfigError, Method, Section, load_config, redact
 from drtune.train import epochs_for_steps
 
 # The pretrain stage's output (relative to the project): the backbone baseline and tune start from.
@@ -38,16 +38,6 @@ class Range(Section):
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         return self
-
-
-# user:password@ (or key:secret@) inside a URI: s3://KEY:SECRET@bucket/runs, https://user:token@host. Up to the
-# first @, "/" included: an AWS secret may hold an unescaped "/" (hiding too much beats leaking a secret).
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^@\s]*@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the credentials of every URI in it replaced by ``***`` (what is logged, printed or written)."""
-    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
 def _default(name: str) -> Range:
@@ -155,6 +145,34 @@ class RayConfig(Section):
     start_timeout_s: int = Field(
         300, ge=10, le=86_400, description="fail a trial whose worker group cannot start in time"
     )
+
+    @field_validator("storage_path")
+    @classmethod
+    def _a_uri_pyarrow_reads(cls, v: str) -> str:
+        """A storage URI is read by pyarrow in every stage and on every worker: a malformed one would fail
+        minutes later, in Ray. ``s3://`` URIs are parsed here by pyarrow itself (its query options, e.g.
+        ``?endpoint_override=host:9000&scheme=http``), offline: a URI without ``region`` or an endpoint
+        would make pyarrow ask AWS for the bucket's region, so one is added for the check only."""
+        if "://" not in v:
+            return v
+        split = urlsplit(v)
+        if not split.netloc:
+            raise ValueError(f"no bucket or host after {split.scheme}://")
+        if split.scheme == "s3":
+            import pyarrow
+            import pyarrow.fs
+
+            query = parse_qs(split.query)
+            offline = (
+                v
+                if {"region", "endpoint_override"} & query.keys()
+                else f"{v}{'&' if split.query else '?'}region=us-east-1"
+            )
+            try:
+                pyarrow.fs.FileSystem.from_uri(offline)
+            except pyarrow.ArrowInvalid as err:
+                raise ValueError(f"not an S3 URI pyarrow reads: {err}") from None
+        return v
 
 
 class MLflowConfig(Section):

@@ -85,6 +85,16 @@ class MethodASHA(FIFOScheduler):
         return "ASHA per method: " + "; ".join(f"{m}: {s.debug_string()}" for m, s in self._rungs.items())
 
 
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose metric and mode may be set again to the same values. :func:`replay_rungs` sets them on a
+    restored search's scheduler before Tune does, and Tune refuses a scheduler whose metric is already set."""
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        if self.metric is not None and (metric, mode) == (self.metric, self._mode):
+            return True
+        return super().set_search_properties(metric, mode, **spec)
+
+
 def scheduler(config: PipelineConfig):
     """Early stopping: none, one ASHA over every trial (one method), or :class:`MethodASHA` (several)."""
     t = config.tune
@@ -97,7 +107,7 @@ def scheduler(config: PipelineConfig):
             reduction_factor=t.reduction_factor,
             anchors=starting_points(config),
         )
-    return ASHAScheduler(
+    return ResumableASHA(
         time_attr="epoch", max_t=config.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
     )
 

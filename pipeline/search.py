@@ -129,8 +129,10 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
 def require_finished(results, expected: int, message: str) -> None:
     """Raise KeyboardInterrupt(``message``) unless all ``expected`` trials ended (done or errored):
     a Tuner stopped by Ctrl-C saves its state and *returns*, and its partial results must never
-    be taken for a finished search."""
-    if results.num_terminated + results.num_errors < expected:
+    be taken for a finished search. A trial the interrupt cut short is neither: Tune counts it in
+    ``num_terminated`` (every trial without an error), but its last result is not marked ``done``."""
+    ended = sum(r.error is not None or bool((r.metrics or {}).get("done")) for r in results)
+    if ended < expected:
         raise KeyboardInterrupt(message)
 
 

@@ -64,7 +64,7 @@ from pipeline.space import starting_points
 from pipeline.stage import flat, stage_main
 from pipeline.training import run_name, share_data
 from pipeline.trial_runs import TrialRuns
-from pipeline.tune_outputs import log_pick, write_outputs
+from pipeline.tune_outputs import LAST, log_pick, staged, write_outputs
 
 
 @tracking_errors()
@@ -177,14 +177,15 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 }
                 for c, r in zip(candidates[: len(results)], results, strict=True)
             ]  # the baseline is no trial
-            metrics, record = write_outputs(p, root, candidates, landscape, chosen, scored, time.time() - start)
-            record |= {
-                "experiment_path": shown,
-                "mlflow_parent_run_id": parent,
-                "mlflow_experiment_id": mlflow_experiment,
-                "data_sha256": data.checksum,
-            }
-            (root / "models" / "best.json").write_text(json.dumps(record, indent=2))
+            with staged(root) as scratch:  # moved into place only once every file is written
+                metrics, record = write_outputs(p, scratch, candidates, landscape, chosen, scored, time.time() - start)
+                record |= {
+                    "experiment_path": shown,
+                    "mlflow_parent_run_id": parent,
+                    "mlflow_experiment_id": mlflow_experiment,
+                    "data_sha256": data.checksum,
+                }
+                (scratch / LAST).write_text(json.dumps(record, indent=2))
             log_pick(client, parent, chosen, record)
         return metrics | record
 

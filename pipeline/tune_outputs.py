@@ -1,15 +1,22 @@
 """The ``tune`` stage's outputs: its files (models, metrics, plots) and the pick on the search's parent run.
 
-:func:`write_outputs` writes everything but ``models/best.json``, which the stage writes last with the
-SHA-256 of the ``models/best.safetensors`` it describes; :func:`log_pick` records the winner, the rule
-that chose it, the finalists and the leaderboard on the MLflow parent run.
+The files are written into a scratch folder (:func:`staged`) and moved into place only once all of them
+are written, ``models/best.json`` last: an interrupt or a full disk while writing leaves the previous
+outputs as they were, never a new model beside an old description. :func:`write_outputs` writes
+everything but ``models/best.json``, which the stage writes with the SHA-256 of the
+``models/best.safetensors`` it describes (``register`` checks it); :func:`log_pick` records the winner,
+the rule that chose it, the finalists and the leaderboard on the MLflow parent run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +31,31 @@ from pipeline.mlflow_store import log_params
 from pipeline.selection import Candidate, Pick
 from pipeline.space import searched_names, unprefixed
 from pipeline.stage import write_csv
+
+LAST = Path("models/best.json")  # what register reads first: moved in after everything it describes
+
+
+@contextmanager
+def staged(root: Path) -> Iterator[Path]:
+    """A scratch folder (in ``root/models``, so moves stay on one filesystem) laid out like ``root``. When
+    the block ends without an error, each of its files replaces the one at the same place under ``root``
+    (a folder such as ``models/leaderboard`` is replaced whole, so a method no longer searched leaves no
+    stale model), and :data:`LAST` goes last, after the old one was removed first. On an error nothing
+    is moved. The scratch folder is removed either way."""
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".tune-outputs-", dir=root / "models"))
+    try:
+        yield scratch
+        (root / LAST).unlink(missing_ok=True)
+        entries = [p.relative_to(scratch) for top in sorted(scratch.iterdir()) for p in sorted(top.iterdir())]
+        for rel in sorted(entries, key=lambda rel: rel == LAST):
+            target = root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(scratch / rel, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_outputs(

@@ -125,8 +125,8 @@ def test_dvc_repro_writes_metrics_plots_and_model(project: Path) -> None:
         ["dvc", "plots", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True
     )
     assert "lambda_vs_val_top1" in plots.stdout and "metrics/tune_curve.csv" in plots.stdout
-    status = subprocess.run(["dvc", "status"], cwd=project, env=env, capture_output=True, text=True, check=True)
-    assert "up to date" in status.stdout
+    status = subprocess.run(["dvc", "status", "--json"], cwd=project, env=env, capture_output=True, text=True)
+    assert json.loads(status.stdout) == {"tracking": ["always changed"]}  # it reads the environment on every repro
     for name in ("baseline.json", "tune.json", "test.json"):  # DVC metrics files hold numbers only
         values = _leaves(json.loads((project / "metrics" / name).read_text()))
         assert all(v is None or isinstance(v, int | float) for v in values), (name, values)
@@ -181,6 +181,23 @@ def test_mlflow_run_tree(project: Path) -> None:
     assert {"plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     baseline = [r for r in runs if r.data.tags.get("role") == "ce-baseline"]
     assert len(baseline) == 1 and baseline[0].info.status == "FINISHED"
+
+
+def test_a_new_tracking_store_is_a_change_dvc_sees(project: Path) -> None:
+    """DVC cannot see MLFLOW_TRACKING_URI; the tracking stage turns it into a file, so the stages whose runs
+    live in the store (baseline, tune, register) are out of date on a new server, and current again on the old."""
+    env = _env(project)
+
+    def out_of_date(uri: str) -> dict:
+        subprocess.run(["dvc", "repro", "tracking"], cwd=project, env=env | {"MLFLOW_TRACKING_URI": uri}, check=True)
+        status = subprocess.run(["dvc", "status", "--json"], cwd=project, env=env, capture_output=True, text=True)
+        return json.loads(status.stdout)
+
+    moved = out_of_date("http://user:token@mlflow.internal:5000")
+    assert set(moved) == {"tracking", "baseline", "tune", "register"}
+    assert all(moved[s] == [{"changed deps": {"models/tracking.json": "modified"}}] for s in ("baseline", "tune"))
+    assert "token" not in (project / "models" / "tracking.json").read_text()  # written redacted
+    assert out_of_date(env["MLFLOW_TRACKING_URI"]) == {"tracking": ["always changed"]}
 
 
 def test_the_registry_and_runs_as_a_person_browses_them(project: Path) -> None:
@@ -479,16 +496,18 @@ def _wait_for(url: str, timeout: float = 90) -> None:
 def test_a_search_on_s3_with_a_tracking_server_resumes_and_never_reads_the_drivers_disk(
     tmp_path, object_store_and_tracking_server
 ) -> None:
-    """The cluster setting on loopback: Ray storage in S3, MLflow on a server with S3 artifacts, the
+    """The cluster setting on loopback: Ray storage in S3 named in pyarrow's own URI form (the endpoint in its
+    query, as MinIO and Ceph users write it; no AWS_ENDPOINT_URL), MLflow on a server with S3 artifacts, the
     prepared data gone from disk once the driver has read it, Ctrl-C after the first finished trial,
     then a rerun that resumes from S3, registers, and serves the champion from the server."""
     aws, tracking = object_store_and_tracking_server
+    endpoint = aws["AWS_ENDPOINT_URL"].removeprefix("http://")
     root = _copy_project(
         tmp_path / "project",
         tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1},
-        ray={"storage_path": "s3://drtune/runs"},
+        ray={"storage_path": f"s3://drtune/runs?endpoint_override={endpoint}&scheme=http"},
     )
-    env = _env(root) | aws | {"MLFLOW_TRACKING_URI": tracking}
+    env = _env(root) | {k: v for k, v in aws.items() if k != "AWS_ENDPOINT_URL"} | {"MLFLOW_TRACKING_URI": tracking}
     for stage in ("prepare", "baseline"):
         done = subprocess.run(
             [sys.executable, "-m", f"pipeline.{stage}"], cwd=root, env=env, capture_output=True, text=True, timeout=300

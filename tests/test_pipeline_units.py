@@ -4,6 +4,8 @@ gate, the tracking check and the pyfunc model's inputs."""
 from __future__ import annotations
 
 import math
+import os
+import re
 import socket
 import sys
 import time
@@ -417,6 +419,15 @@ def test_a_cut_search_state_file_is_named_with_the_command_that_starts_afresh(tm
     (tmp_path / f"searcher-state-{stamp}.pkl").write_bytes(searcher[:20])
     with pytest.raises(ExperimentStateError, match=rf"searcher-state-{stamp}.pkl cannot be read.*--fresh"):
         check_experiment_state(str(tmp_path))
+    grid = tmp_path / "grid"  # the re-validation: a grid, whose generator stores basic-variant-state, no searcher
+    grid.mkdir()
+    for name in ("tuner.pkl", f"basic-variant-state-{stamp}.json"):
+        (grid / name).write_bytes(pickle.dumps({"iterators": list(range(100))}))
+    (grid / f"experiment_state-{stamp}.json").write_text(json.dumps({"trial_data": []}))
+    check_experiment_state(str(grid))
+    (grid / f"basic-variant-state-{stamp}.json").write_bytes(b"")
+    with pytest.raises(ExperimentStateError, match=rf"basic-variant-state-{stamp}.json cannot be read"):
+        check_experiment_state(str(grid))
 
 
 def test_trial_runs_hold_writes_while_the_server_is_away_and_log_each_epoch_once(tmp_path) -> None:
@@ -543,9 +554,15 @@ def test_random_points_draw_only_the_methods_names_inside_their_ranges() -> None
 def test_a_search_stopped_before_all_its_trials_ended_is_not_taken_as_a_result() -> None:
     from types import SimpleNamespace
 
-    require_finished(SimpleNamespace(num_terminated=3, num_errors=1), 4, "unused")
+    def trial(done: bool = True, error: Exception | None = None) -> SimpleNamespace:
+        return SimpleNamespace(metrics={"epoch": 1, "done": done}, error=error)
+
+    require_finished([trial(), trial(), trial(), trial(False, RuntimeError())], 4, "unused")
     with pytest.raises(KeyboardInterrupt, match="search interrupted; resumes"):
-        require_finished(SimpleNamespace(num_terminated=2, num_errors=1), 4, "search interrupted; resumes")
+        require_finished([trial(), trial(), trial(False, RuntimeError())], 4, "search interrupted; resumes")
+    # Ctrl-C while the last trial ran: Tune counts it among the terminated, but it never finished
+    with pytest.raises(KeyboardInterrupt):
+        require_finished([trial(), trial(), trial(), SimpleNamespace(metrics={"trial_id": "t4"}, error=None)], 4, "cut")
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parent.parent / "bench").glob("*.py")))
@@ -594,6 +611,25 @@ def test_storage_uris_are_joined_on_their_path_keeping_their_query() -> None:
     assert join_uri("/data/runs/", "baseline") == "/data/runs/baseline"
 
 
+@pytest.mark.parametrize(
+    "uri, reason",
+    [
+        ("s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=htp", "Invalid S3 connection scheme 'htp'"),
+        ("s3://bucket/runs?endpoint=127.0.0.1:9000", "Unexpected query parameter in S3 URI: 'endpoint'"),
+        ("s3:///runs", "no bucket or host after s3://"),
+        ("gs://", "no bucket or host after gs://"),
+    ],
+)
+def test_a_malformed_storage_uri_is_refused_at_validation_with_pyarrows_reason(uri: str, reason: str) -> None:
+    """Checked offline when the stage starts, not minutes later on a worker; good forms pass."""
+    with pytest.raises(
+        ConfigError, match=re.escape(f"ray.storage_path = {uri!r}: Value error, ") + ".*" + re.escape(reason)
+    ):
+        load(None, [f"ray.storage_path={uri}"])
+    for good in ("s3://bucket/runs", "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http", "runs/ray"):
+        assert load(None, [f"ray.storage_path={good}"]).ray.storage_path == good
+
+
 def test_a_head_nobody_named_is_not_joined_and_a_private_ray_takes_this_process_cpus(monkeypatch) -> None:
     from pipeline import cluster
 
@@ -625,6 +661,9 @@ def test_credentials_inside_uris_are_redacted_and_warned_about() -> None:
     )
     with pytest.warns(UserWarning, match=r"ray.storage_path holds credentials \(s3://\*\*\*@bucket/runs\)"):
         load(None, ["ray.storage_path=s3://KEY:SECRET@bucket/runs"])
+    with pytest.raises(ConfigError) as refused:  # a refused value is shown redacted too
+        load(None, ["ray.storage_path=s3://KEY:SECRET@bucket/runs?bogus=1"])
+    assert "SECRET" not in str(refused.value) and "s3://***@bucket/runs?bogus=1" in str(refused.value)
 
 
 def test_a_second_run_of_the_same_stored_search_is_refused_while_the_first_holds_it(tmp_path) -> None:
@@ -638,3 +677,35 @@ def test_a_second_run_of_the_same_stored_search_is_refused_while_the_first_holds
             pass
     with search_lock(str(tmp_path), "search-1"):  # released when the first run ended
         pass
+
+
+def test_tune_outputs_move_in_only_when_all_are_written_and_the_description_last(tmp_path, monkeypatch) -> None:
+    """An error while writing leaves the previous outputs as they were and no scratch folder; a finished write
+    replaces them, a stale leaderboard model included, with models/best.json moved after the model it describes."""
+    from pipeline import tune_outputs
+    from pipeline.tune_outputs import staged
+
+    def write(root: Path, text: str, methods: tuple[str, ...]) -> None:
+        for rel in ("models/best.safetensors", "models/best.json", "metrics/tune.json", "plots/landscape.png"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(f"{text} {rel}")
+        for m in methods:
+            (root / "models" / "leaderboard").mkdir(parents=True, exist_ok=True)
+            (root / "models" / "leaderboard" / f"{m}.safetensors").write_text(f"{text} {m}")
+
+    def files() -> dict[str, str]:
+        return {str(p.relative_to(tmp_path)): p.read_text() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    write(tmp_path, "old", ("drtune", "l2sp"))
+    before = files()
+    with pytest.raises(OSError, match="disk full"), staged(tmp_path) as scratch:
+        write(scratch, "new", ("drtune",))
+        raise OSError("disk full")
+    assert files() == before and [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")] == []
+
+    moved = []
+    monkeypatch.setattr(tune_outputs.os, "replace", lambda src, dst: (moved.append(str(dst)), os.rename(src, dst)))
+    with staged(tmp_path) as scratch:
+        write(scratch, "new", ("drtune",))
+    assert files() == {k.replace("old", "new"): v.replace("old", "new") for k, v in before.items() if "l2sp" not in k}
+    assert moved[-1] == str(tmp_path / "models" / "best.json") and len(moved) == 5

@@ -179,8 +179,8 @@ def test_per_method_rungs_never_stop_a_slow_starters_starting_point() -> None:
     assert s2.on_trial_result(None, trials[3], {"epoch": 1, "val_top1": 0.5}) == TrialScheduler.CONTINUE
     assert s2.on_trial_result(None, late, {"epoch": 1, "val_top1": 0.1}) == TrialScheduler.CONTINUE
     assert s2.on_trial_result(None, late, {"epoch": 4, "val_top1": 0.9}) == TrialScheduler.STOP  # the end: max_t
-    # a single-method search keeps one plain ASHA, as before
-    assert type(scheduler(load(None, []))).__name__ == "AsyncHyperBandScheduler"
+    # a single-method search keeps one ASHA
+    assert type(scheduler(load(None, []))).__name__ == "ResumableASHA"  # ASHA, whose metric a restore may set again
 
 
 def _result(trial_id: str, top1: float, epoch: int, loss: float = 1.0, error=None, method: str | None = None):
@@ -375,3 +375,56 @@ def test_a_restored_search_stops_the_weak_trial_its_uninterrupted_self_stops() -
     assert replay_rungs(replayed, stored, "val_top1") == 3
     assert first_epoch_of_the_weak_trial(replayed) == "STOP"
     assert [dict(r) for _, r in replayed._brackets[0]._rungs] == [dict(r) for _, r in uninterrupted._brackets[0]._rungs]
+
+
+@pytest.mark.slow
+def test_a_search_interrupted_and_restored_by_ray_stops_the_weak_trial_as_uninterrupted(tmp_path, monkeypatch) -> None:
+    """The issue's scenario through Ray itself: ASHA (grace 1, reduction factor 2, 4 epochs), four trials one at a
+    time scoring 3, 2, 1 and a weak 0.01 at every epoch. The weak trial sends the driver a Ctrl-C before its first
+    report, once; the search is restored by the stage's own Tuner builder. Uninterrupted, ASHA stops it at epoch 1;
+    restored, it must stop there too, and it runs every epoch when the stored trials are not replayed."""
+    import os
+    import signal
+    import time
+
+    import ray
+    from ray import tune
+
+    from pipeline import cluster, search
+
+    p = load("configs/quick.yaml", ["train.epochs=4", "tune.grace_period=1", "tune.reduction_factor=2"])
+    p.ray.num_cpus, p.ray.cpus_per_worker = 1, 1.0  # one trial at a time, in grid order
+    driver_pid, marker = os.getpid(), tmp_path / "interrupted"
+
+    def trainable(config: dict) -> None:
+        if config["score"] < 0.1 and config["interrupt"] and not marker.exists():
+            marker.touch()
+            os.kill(driver_pid, signal.SIGINT)  # Ctrl-C before the weak trial reports anything
+            time.sleep(120)
+        for epoch in range(1, 5):
+            tune.report({"epoch": epoch, "val_top1": config["score"], "trial_id": tune.get_context().get_trial_id()})
+
+    def epochs_run(name: str, interrupt: bool) -> dict[float, int]:
+        space = {"score": tune.grid_search([3.0, 2.0, 1.0, 0.01]), "interrupt": interrupt}
+        tuner = search._tuner(
+            p, trainable, str(tmp_path / "ray"), name, [], space, metric="val_top1", mode="max", scheduler=scheduler(p)
+        )
+        results = tuner.fit()
+        if interrupt:  # Tune saved its state and returned a partial result: not taken for a search; run it again
+            assert marker.exists()
+            with pytest.raises(KeyboardInterrupt, match="cut"):
+                search.require_finished(results, 4, "cut")
+            results = search._tuner(p, trainable, str(tmp_path / "ray"), name, [], space).fit()
+            search.require_finished(results, 4, "unused")
+        return {r.config["score"]: int(r.metrics["epoch"]) for r in results}
+
+    cluster.start_ray(p)
+    try:
+        uninterrupted = epochs_run("uninterrupted", interrupt=False)
+        assert uninterrupted[0.01] == 1
+        assert epochs_run("restored", interrupt=True) == uninterrupted
+        marker.unlink()
+        monkeypatch.setattr(search, "replay_rungs", lambda *args: 0)  # what Tuner.restore alone gives
+        assert epochs_run("not-replayed", interrupt=True)[0.01] == 4
+    finally:
+        ray.shutdown()
