@@ -12,6 +12,8 @@ nothing here does anything. The points are the moments at which a real failure h
 * ``lose_worker``: a Train worker dies (``SIGKILL``) right after reporting ``epoch``;
 * ``interrupt_registration``: the register stage is interrupted (as by Ctrl-C) right after the new
   model version exists, before its aliases, tags and description;
+* ``interrupt_before_alias``: the register stage is interrupted after the version's decision is
+  recorded (tags, description), before ``@champion`` moves;
 * ``disk_full``: writing the checkpoint of ``epoch`` fails with ``ENOSPC``. Unlike the others it
   fires every time while its marker folder holds no ``disk_freed`` file, as a full disk would.
 """

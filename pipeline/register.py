@@ -173,6 +173,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
 
         promote, decision = judge((version_before, champion_top1, note, champion_loads))
         description = record(decision)
+        faults.interrupt("interrupt_before_alias")
         if promote:  # the alias moves last, and only if the champion read above still holds it (or is beaten again)
             promote, changed = claim(
                 client,

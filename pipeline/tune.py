@@ -56,6 +56,7 @@ from pipeline.mlflow_store import (
     parent_run,
     run_outcome,
 )
+from pipeline.placement_watch import PlacementGroupWatch
 from pipeline.pretrained import start_weights
 from pipeline.progress import Progress
 from pipeline.search import build_tuner, require_finished, trial_candidates
@@ -129,7 +130,8 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs, base=p)
             progress = Progress(p.train.epochs)
             shared = share_data(data, backbone.content)
-            tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress])
+            watch = PlacementGroupWatch()  # removes a trial's leaked worker reservation (see its module)
+            tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress, watch])
             start = time.time()
             try:
                 results = tuner.fit()
@@ -158,7 +160,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                     "checkpoints"
                 )
             candidates = near_the_top(candidates, data.val)
-            chosen, scored = choose(p, candidates, revalidation(p, data, shared, storage, ray_run, [progress]))
+            chosen, scored = choose(p, candidates, revalidation(p, data, shared, storage, ray_run, [progress, watch]))
             for c in scored:
                 if c.baseline:
                     client.log_metric(

@@ -10,7 +10,9 @@ against an MLflow tracking server on 127.0.0.1 (:mod:`pipeline.faults` names the
 3. ``recovered``: the rerun after the disk was freed;
 4. ``damaged``: a cut searcher-state file, as a disk that filled while Tune saved it leaves;
 5. ``fresh``: ``--fresh``, which discards the damaged search and runs it again uninterrupted: the
-   reference every pick above is compared with.
+   reference every pick above is compared with;
+6. ``registration``: register interrupted once the version exists, then once its decision is recorded
+   but before ``@champion`` moves, then run to the end.
 """
 
 from __future__ import annotations
@@ -193,8 +195,25 @@ def phases(tmp_path_factory) -> dict:
             capture_output=True,
             timeout=300,
         )
+        # ... and once more after its decision is recorded, just before the champion alias moves
+        from mlflow.tracking import MlflowClient
+
+        before_alias = subprocess.run(
+            register,
+            cwd=root,
+            env=env | {"DRTUNE_FAULT": "interrupt_before_alias"},
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
+        client = MlflowClient(server.uri, registry_uri=server.uri)
+        cut_version = client.get_model_version("drtune-digits", "1")
         again = subprocess.run(register, cwd=root, env=env, text=True, capture_output=True, timeout=300)
         out["registration"] = {
+            "before_alias": before_alias.returncode,
+            "before_alias_tags": dict(cut_version.tags),
+            "before_alias_description": cut_version.description,
+            "before_alias_aliases": list(cut_version.aliases),
             "cut": cut.returncode,
             "cut_text": cut.stdout + cut.stderr,
             "code": again.returncode,
@@ -226,9 +245,12 @@ def test_interrupt_between_the_train_checkpoint_and_tunes_record_loses_no_trial(
     held, faulted = phases["held"], phases["faulted"]
     assert held["code"] == 130 and "run it again to resume" in held["text"]
     assert "resuming the search stored at" in faulted["text"]
-    # trial 1 was restored at its stored final checkpoint: it reports that epoch and completes
+    # trial 1 was restored at its stored final checkpoint: it reports that epoch and completes, without
+    # training any epoch again (retrained from scratch, it would report epochs 1 and 2 once more)
     first = faulted["text"].split("trial ")[1].split()[0]
     assert f"trial {first} completed after {EPOCHS} epochs" in faulted["text"]
+    assert f"trial {first} epoch {EPOCHS}/{EPOCHS}" in faulted["text"]
+    assert not [e for e in range(1, EPOCHS) if f"trial {first} epoch {e}/{EPOCHS}" in faulted["text"]]
 
 
 def test_a_full_disk_fails_the_trial_and_the_partial_search_fails_the_stage_writing_nothing(phases) -> None:
@@ -239,6 +261,9 @@ def test_a_full_disk_fails_the_trial_and_the_partial_search_fails_the_stage_writ
     assert "1 of 2 trials failed with an error" in faulted["text"] and "run the stage again" in faulted["text"]
     assert not faulted["wrote_outputs"]
     assert "does not answer" in faulted["text"] and "answers again" in faulted["text"]
+    # the lost worker did not just kill trial 2: Ray Train restarted its workers from the epoch-1 checkpoint
+    second = [w.split()[0] for w in faulted["text"].split("trial ")[1:] if " epoch 1/" in w][-1]
+    assert f"trial {second} continued from its epoch-1 checkpoint" in faulted["text"]
 
 
 def test_a_rerun_retries_failed_trials_and_picks_what_an_uninterrupted_search_picks(phases) -> None:
@@ -264,6 +289,9 @@ def test_an_interrupted_registration_is_finished_by_the_rerun_not_registered_twi
 
     reg = phases["registration"]
     assert reg["cut"] == 130 and reg["code"] == 0, reg["cut_text"][-2000:] + reg["text"][-2000:]
+    # cut before the alias moved: the version already says what was decided, and is no champion yet
+    assert reg["before_alias"] == 130 and reg["before_alias_aliases"] == ["challenger"]
+    assert "promoted" in reg["before_alias_tags"]["decision"] and reg["before_alias_description"]
     client = MlflowClient(phases["uri"], registry_uri=phases["uri"])
     versions = client.search_model_versions("name = 'drtune-digits'")
     assert [str(v.version) for v in versions] == ["1"]

@@ -709,3 +709,43 @@ def test_tune_outputs_move_in_only_when_all_are_written_and_the_description_last
         write(scratch, "new", ("drtune",))
     assert files() == {k.replace("old", "new"): v.replace("old", "new") for k, v in before.items() if "l2sp" not in k}
     assert moved[-1] == str(tmp_path / "models" / "best.json") and len(moved) == 5
+
+
+@pytest.mark.slow
+def test_a_placement_group_left_reserved_with_no_worker_is_removed_and_a_used_one_kept(capsys) -> None:
+    """A leaked Train placement group (CPUs reserved, no actor in it) is removed once idle for idle_s; a group
+    whose worker lives and a group that reserves no CPU (Tune's trial drivers) are kept."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from pipeline import cluster
+    from pipeline.placement_watch import PlacementGroupWatch
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        def ping(self) -> int:
+            return 1
+
+    ray.init(address="local", num_cpus=3, resources={cluster.DRIVER_RESOURCE: 10}, include_dashboard=True)
+    try:
+        leaked, used = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}])
+        driver = placement_group([{cluster.DRIVER_RESOURCE: 1}])
+        ray.get([leaked.ready(), used.ready(), driver.ready()])
+        worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
+        assert ray.get(worker.ping.remote()) == 1
+        now = [0.0]
+        watch = PlacementGroupWatch(idle_s=60, every_s=10, clock=lambda: now[0])
+        watch.on_step_begin(0, [])
+        now[0] = 30.0
+        assert watch.sweep(now[0]) == []  # idle, but not for long: a worker group may be starting in it
+        now[0] = 61.0
+        watch.on_step_begin(1, [])
+        states = {pg_id: pg["state"] for pg_id, pg in placement_group_table().items()}
+        assert states[leaked.id.hex()] == "REMOVED"
+        assert states[used.id.hex()] == states[driver.id.hex()] == "CREATED" and not watch.disabled
+        assert f"removed placement group {leaked.id.hex()}" in capsys.readouterr().out
+        # its CPU is free again: a new 2-CPU reservation fits beside the used group
+        assert ray.get(placement_group([{"CPU": 2}]).ready(), timeout=30)
+    finally:
+        ray.shutdown()
