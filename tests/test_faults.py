@@ -185,30 +185,25 @@ def phases(tmp_path_factory) -> dict:
         started = time.time()
         code, text = _tune(root, env, "--fresh")
         out["fresh"] = {"code": code, "text": text, "seconds": time.time() - started, **_outputs(root)}
-        # Registration of the reference's winner, interrupted once the version exists.
-        register = [sys.executable, "-m", "pipeline.register"]
-        cut = subprocess.run(
-            register,
-            cwd=root,
-            env=env | {"DRTUNE_FAULT": "interrupt_registration"},
-            text=True,
-            capture_output=True,
-            timeout=300,
-        )
-        # ... and once more after its decision is recorded, just before the champion alias moves
+        # Registration of the reference's winner, interrupted once the version exists, then once more after its
+        # decision is recorded, just before the champion alias moves; then run to the end.
         from mlflow.tracking import MlflowClient
 
-        before_alias = subprocess.run(
-            register,
-            cwd=root,
-            env=env | {"DRTUNE_FAULT": "interrupt_before_alias"},
-            text=True,
-            capture_output=True,
-            timeout=300,
-        )
-        client = MlflowClient(server.uri, registry_uri=server.uri)
-        cut_version = client.get_model_version("drtune-digits", "1")
-        again = subprocess.run(register, cwd=root, env=env, text=True, capture_output=True, timeout=300)
+        def register(fault: str | None = None) -> subprocess.CompletedProcess:
+            faulty = env | ({"DRTUNE_FAULT": fault} if fault else {})
+            return subprocess.run(
+                [sys.executable, "-m", "pipeline.register"],
+                cwd=root,
+                env=faulty,
+                text=True,
+                capture_output=True,
+                timeout=300,
+            )
+
+        cut = register("interrupt_registration")
+        before_alias = register("interrupt_before_alias")
+        cut_version = MlflowClient(server.uri, registry_uri=server.uri).get_model_version("drtune-digits", "1")
+        again = register()
         out["registration"] = {
             "before_alias": before_alias.returncode,
             "before_alias_tags": dict(cut_version.tags),
