@@ -87,3 +87,10 @@ def tuner_scheduler(tuner):
     was when the search was created (Tune never saves a scheduler's state), and ``Tuner`` has no public
     accessor; :func:`pipeline.early_stopping.replay_rungs` refills it."""
     return tuner._local_tuner._tune_config.scheduler
+
+
+def set_tuner_stopper(tuner, stopper) -> None:
+    """Give a restored ``tuner`` the stopper ``stopper``. ``Tuner.restore`` re-creates the RunConfig pickled when
+    the search was created, whose stopper (:class:`pipeline.time_budget.TimeBudget`) counts from a clock reading
+    of a process that has ended; Tune has no public way to replace it."""
+    tuner._local_tuner._run_config.stop = stopper

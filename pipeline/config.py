@@ -47,7 +47,16 @@ def _default(name: str) -> Range:
 
 
 class TuneConfig(Section):
-    num_samples: int = Field(8, ge=1, le=100_000, description="trials in the search")
+    num_samples: int | None = Field(
+        8, ge=1, le=100_000, description="trials in the search; null: as many as tune.time_budget_s allows"
+    )
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        le=365 * 86_400,
+        description="wall-clock budget of the search in seconds, across resumes: running trials are stopped when it "
+        "runs out and the pick is among those that finished (null: no budget)",
+    )
     methods: list[Method] | None = Field(
         None,
         description="null: search train.method alone; a list: one study whose first choice is the method, then "
@@ -108,6 +117,12 @@ class TuneConfig(Section):
         description="trials run first (keys: the method's searched names): the library defaults, then the "
         "reference's effective setting (λ = K/B = 1024/32, backbone 0.01/(1 + 32), head 0.01)",
     )
+
+    @model_validator(mode="after")
+    def _a_search_ends(self) -> TuneConfig:
+        if self.num_samples is None and self.time_budget_s is None:
+            raise ValueError("tune.num_samples is null (no limit) but tune.time_budget_s is not set: give one of them")
+        return self
 
     @field_validator("methods")
     @classmethod
@@ -255,9 +270,10 @@ class PipelineConfig(Config):
         return config
 
     def dataset_slug(self) -> str:
-        """The dataset's name made safe for MLflow names (``imagefolder:/a/pets`` → ``pets``)."""
+        """The dataset's name made safe for MLflow names (``imagefolder:/a/pets`` and ``csv:/a/pets.csv`` → ``pets``)."""
         name = self.data.dataset.split(":", 1)[-1].rstrip("/")
-        return "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(name).name) or "dataset"
+        base = Path(name).stem if self.data.dataset.startswith("csv:") else Path(name).name  # csv:/a/pets.csv → pets
+        return "".join(c if c.isalnum() or c in "-_" else "-" for c in base) or "dataset"
 
     def mlflow_experiment(self) -> str:
         """The MLflow experiment that holds the search's runs and the baseline's."""

@@ -61,11 +61,19 @@ def trial_driver(sampled: dict, *, base: PipelineConfig, data: SharedData, stora
 
 
 def _tuner(
-    config: PipelineConfig, driver_fn, storage: str, name: str, callbacks: list, param_space: dict, **tune_config
+    config: PipelineConfig,
+    driver_fn,
+    storage: str,
+    name: str,
+    callbacks: list,
+    param_space: dict,
+    stop: tune.Stopper | None = None,
+    **tune_config,
 ) -> tune.Tuner:
     """The Tuner stored at ``storage/name`` restored (finished trials kept, unfinished resumed, errored
     retried, each from its last checkpoint), else a new one: ``driver_fn`` with a trial driver's
-    resources, at most as many trials at once as the cluster fits, no Tune-level retries."""
+    resources, at most as many trials at once as the cluster fits, no Tune-level retries; ``stop``
+    (the time budget) replaces a restored search's stopper."""
     driver, concurrency = trial_resources(config)
     trainable = tune.with_resources(driver_fn, driver)
     if "search_alg" in tune_config and concurrency:  # the searcher limits itself (see PruningOptunaSearch)
@@ -74,6 +82,8 @@ def _tuner(
     restored = restore_tuner(join_uri(storage, name), trainable)
     if restored is not None:
         replay_rungs(compat.tuner_scheduler(restored), restored.get_results(), METRIC)
+        if stop is not None:
+            compat.set_tuner_stopper(restored, stop)
         return restored
     return tune.Tuner(
         trainable,
@@ -83,15 +93,24 @@ def _tuner(
             name=name,
             storage_path=storage,
             callbacks=callbacks,
+            stop=stop,
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
 
 
-def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: str, callbacks: list) -> tune.Tuner:
-    """The search's Tuner (:func:`_tuner`: restored when stored). A trial that failed because a file or a
-    disk was bad succeeds on the rerun once that is fixed; a diverged trial is not an error and stays failed."""
+def build_tuner(
+    config: PipelineConfig,
+    data: SharedData,
+    storage: str,
+    name: str,
+    callbacks: list,
+    budget: tune.Stopper | None = None,
+) -> tune.Tuner:
+    """The search's Tuner (:func:`_tuner`: restored when stored), stopped by ``budget`` when given. A trial that
+    failed because a file or a disk was bad succeeds on the rerun once that is fixed; a diverged trial is not an
+    error and stays failed."""
     t = config.tune
     # group=True: TPE models each method's conditional subspace on the trials that drew it.
     sampler = optuna.samplers.TPESampler(
@@ -118,21 +137,23 @@ def build_tuner(config: PipelineConfig, data: SharedData, storage: str, name: st
         name,
         callbacks,
         search_space(config),
+        stop=budget,
         metric=METRIC,
         mode="max",
         search_alg=searcher,
         scheduler=scheduler(config),
-        num_samples=t.num_samples,
+        num_samples=t.num_samples or -1,  # -1: until the time budget stops the search
     )
 
 
-def require_finished(results, expected: int, message: str) -> None:
+def require_finished(results, expected: int | None, message: str) -> None:
     """Raise KeyboardInterrupt(``message``) unless all ``expected`` trials ended (done or errored):
     a Tuner stopped by Ctrl-C saves its state and *returns*, and its partial results must never
     be taken for a finished search. A trial the interrupt cut short is neither: Tune counts it in
-    ``num_terminated`` (every trial without an error), but its last result is not marked ``done``."""
+    ``num_terminated`` (every trial without an error), but its last result is not marked ``done``.
+    ``expected`` None (no trial count, a time budget): every trial Tune started must have ended."""
     ended = sum(r.error is not None or bool((r.metrics or {}).get("done")) for r in results)
-    if ended < expected:
+    if ended < (len(results) if expected is None else expected):
         raise KeyboardInterrupt(message)
 
 

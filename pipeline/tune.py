@@ -63,6 +63,7 @@ from pipeline.search import build_tuner, require_finished, trial_candidates
 from pipeline.selection import rank
 from pipeline.space import starting_points
 from pipeline.stage import flat, stage_main
+from pipeline.time_budget import TimeBudget, read_spent, write_spent
 from pipeline.training import run_name, share_data
 from pipeline.trial_runs import TrialRuns
 from pipeline.tune_outputs import LAST, log_pick, staged, write_outputs
@@ -91,7 +92,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         largest,
         local_storage(p, root),
         field="ray.storage_path",
-        checkpoints=p.tune.num_samples + p.tune.finalists * p.tune.finalist_folds + 1,
+        checkpoints=(p.tune.num_samples or p.tune.startup_trials) + p.tune.finalists * p.tune.finalist_folds + 1,
     )
     start_ray(p)
     storage = storage_uri(p, root)
@@ -131,13 +132,34 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             progress = Progress(p.train.epochs)
             shared = share_data(data, backbone.content)
             watch = PlacementGroupWatch()  # removes a trial's leaked worker reservation (see its module)
-            tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress, watch])
+            budget = None
+            if p.tune.time_budget_s is not None:  # counted across resumes (pipeline/time_budget.py)
+                budget = TimeBudget(p.tune.time_budget_s, read_spent(experiment_path))
+                print(
+                    f"time budget: {p.tune.time_budget_s:g} s, {budget.spent_before:.0f} s spent before this run",
+                    flush=True,
+                )
+            tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress, watch], budget)
             start = time.time()
             try:
                 results = tuner.fit()
             finally:
                 trial_runs.close_open_runs()
-            require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {shown}")
+                if budget is not None:
+                    write_spent(experiment_path, budget.spent())
+            out_of_time = budget is not None and budget.exhausted()
+            if not out_of_time:  # the budget's end is the search's end; anything else that stops it is an interrupt
+                require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {shown}")
+            budget_record = (
+                {
+                    "time_budget_s": p.tune.time_budget_s,
+                    "search_s": round(budget.spent(), 1),
+                    "budget_exhausted": out_of_time,
+                    "trials_run": len(results),
+                }
+                if budget is not None
+                else {}
+            )
             trial_runs.reconcile(
                 results
             )  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
@@ -152,6 +174,12 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                     "to retry them from their last checkpoints, or set tune.allow_partial: true to pick among the others"
                 )
             candidates += [baseline] if baseline else []
+            if not rank(candidates) and out_of_time:
+                raise RuntimeError(
+                    f"the time budget (tune.time_budget_s = {p.tune.time_budget_s:g} s) ran out before any of the "
+                    f"{len(results)} trials completed all {p.train.epochs} epochs, so there is nothing to pick and "
+                    "nothing is written: raise tune.time_budget_s and run the stage again (the search resumes)"
+                )
             if not rank(candidates):
                 raise RuntimeError(
                     f"no trial completed all {p.train.epochs} epochs: {len(results)} trials, "
@@ -180,7 +208,9 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 for c, r in zip(candidates[: len(results)], results, strict=True)
             ]  # the baseline is no trial
             with staged(root) as scratch:  # moved into place only once every file is written
-                metrics, record = write_outputs(p, scratch, candidates, landscape, chosen, scored, time.time() - start)
+                metrics, record = write_outputs(
+                    p, scratch, candidates, landscape, chosen, scored, time.time() - start, budget_record
+                )
                 record |= {
                     "experiment_path": shown,
                     "mlflow_parent_run_id": parent,
@@ -189,6 +219,12 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 }
                 (scratch / LAST).write_text(json.dumps(record, indent=2))
             log_pick(client, parent, chosen, record)
+            if out_of_time:
+                print(
+                    f"time budget spent: {len(results)} trials ran; the pick is among the "
+                    f"{metrics['completed']} that completed all {p.train.epochs} epochs",
+                    flush=True,
+                )
         return metrics | record
 
 

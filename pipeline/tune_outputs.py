@@ -66,10 +66,12 @@ def write_outputs(
     chosen: Pick,
     scored: list[Candidate],
     wall_s: float,
+    budget: dict | None = None,
 ) -> tuple[dict, dict]:
     """The stage's files (see the module docstring) but ``models/best.json``; returns (the numbers of
     ``metrics/tune.json``, what identifies the winner). ``trials`` holds each trial's status and epochs run,
-    in ``candidates``' order (the baseline, last, is no trial)."""
+    in ``candidates``' order (the baseline, last, is no trial); ``budget``, the time budget's record
+    (:mod:`pipeline.time_budget`), goes to both."""
     models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
     for d in (models, metrics_dir, plots_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -117,6 +119,7 @@ def write_outputs(
         ),
         "best": unprefixed(best.config),
         **({"best_cv_top1": best.cv_top1} if best.cv_top1 is not None else {}),
+        **{k: int(v) if isinstance(v, bool) else v for k, v in (budget or {}).items()},
     }
     (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
     (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board), indent=2))
@@ -130,6 +133,7 @@ def write_outputs(
         "leaderboard": board,
         "selection": record,
         "finalists": finalist_rows,
+        **({"budget": budget} if budget else {}),
     }
 
 
@@ -150,6 +154,8 @@ def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> N
         client.log_metric(parent, "best_cv_top1", best.cv_top1)
     if record["finalists"]:
         client.log_dict(parent, pd.DataFrame(record["finalists"]).to_dict(orient="split"), "finalists.json")
+    for key, value in record.get("budget", {}).items():
+        client.set_tag(parent, f"time_budget.{key}", str(value))
     client.log_dict(parent, selection, "selection.json")
     # the table format of MLflow's log_table, written whole (log_table appends on a rerun)
     client.log_dict(

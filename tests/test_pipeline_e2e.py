@@ -98,7 +98,7 @@ def project(tmp_path_factory) -> Path:
         data={"unlabelled": "rest", "unlabelled_max": 256},
         pretrain={"method": "moco", "epochs": 2},
         train={"lr_backbone": 0.0001, "lr_head": 0.001},
-        tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT]},
+        tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT], "time_budget_s": 3600},  # a budget that holds
     )
     start = time.time()
     done = subprocess.run(["dvc", "repro"], cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
@@ -112,6 +112,11 @@ def test_dvc_repro_writes_metrics_plots_and_model(project: Path) -> None:
     test = json.loads((project / "metrics" / "test.json").read_text())
     baseline = json.loads((project / "metrics" / "baseline.json").read_text())
     assert tune_summary["trials"] == 3 and tune_summary["failed"] == 1  # the NaN trial failed alone
+    best = json.loads((project / "models" / "best.json").read_text())
+    assert best["budget"]["trials_run"] == 3 and not best["budget"]["budget_exhausted"]
+    assert 0 < best["budget"]["search_s"] < 3600 and tune_summary["budget_exhausted"] == 0
+    spent = json.loads((Path(best["experiment_path"]) / "drtune-time.json").read_text())["spent_s"]
+    assert spent == pytest.approx(best["budget"]["search_s"], abs=0.2)  # stored beside the search for a resume
     assert 0.3 < tune_summary["best_val_top1"] <= 1 and 0.3 < test["test_top1"] <= 1  # 10 classes: chance is 0.1
     assert test["lift_over_ce"] == pytest.approx(test["test_top1"] - baseline["test_top1"])
     for picture in ("learning_curve.png", "landscape.png", "confusion_matrix.png"):

@@ -1,0 +1,61 @@
+"""A wall-clock budget for the search (``tune.time_budget_s``), counted across interrupts and resumes.
+
+When the budget runs out, Tune stops every running trial and starts no new one; the pick is then among
+the trials that finished their schedule, as always (a trial cut short is not a finished model).
+
+Ray's own ``TuneConfig(time_budget_s)`` starts counting again when a search is restored, so a search
+interrupted twice could run three budgets. Here the time spent is stored beside the search
+(``drtune-time.json`` in its Ray experiment folder, local or on object storage) each time the stage
+stops, for whatever reason, and a resumed search is given what is left. A stage killed with SIGKILL
+cannot store it: that attempt's time is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.fs
+from ray import tune
+
+from pipeline.cluster import filesystem_and_path
+
+SPENT_FILE = "drtune-time.json"
+
+
+class TimeBudget(tune.Stopper):
+    """Stop the whole search once ``spent_s`` (before this attempt) plus this attempt's time reaches ``budget_s``."""
+
+    def __init__(self, budget_s: float, spent_s: float = 0.0) -> None:
+        self.budget_s, self.spent_before = budget_s, spent_s
+        self.started = time.monotonic()
+
+    def spent(self) -> float:
+        """Seconds spent on this search, this attempt included."""
+        return self.spent_before + time.monotonic() - self.started
+
+    def exhausted(self) -> bool:
+        return self.spent() >= self.budget_s
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False  # no single trial is stopped by the budget; stop_all stops them together
+
+    def stop_all(self) -> bool:
+        return self.exhausted()
+
+
+def read_spent(experiment: str) -> float:
+    """Seconds a stored search has already spent (0 for a new one)."""
+    fs, path = filesystem_and_path(experiment)
+    if fs.get_file_info(f"{path}/{SPENT_FILE}").type != pyarrow.fs.FileType.File:
+        return 0.0
+    with fs.open_input_stream(f"{path}/{SPENT_FILE}") as f:
+        return float(json.loads(f.read())["spent_s"])
+
+
+def write_spent(experiment: str, spent_s: float) -> None:
+    """Store the time spent beside the search (the folder exists once Tune has started it)."""
+    fs, path = filesystem_and_path(experiment)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{SPENT_FILE}") as f:
+        f.write(json.dumps({"spent_s": round(spent_s, 3)}).encode())

@@ -1,0 +1,78 @@
+"""The search's wall-clock budget (pipeline.time_budget): it stops the search, and a resumed search gets what is left."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline.config import load
+from pipeline.time_budget import TimeBudget, read_spent, write_spent
+
+
+def test_the_time_spent_is_stored_beside_the_search_and_counted_on_resume(tmp_path, monkeypatch) -> None:
+    experiment = str(tmp_path / "search-x")
+    assert read_spent(experiment) == 0.0  # a new search
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    first = TimeBudget(60, read_spent(experiment))
+    clock[0] += 45
+    assert first.spent() == 45 and not first.stop_all() and not first("trial", {"epoch": 1})
+    write_spent(experiment, first.spent())  # the stage stopped (Ctrl-C, a crash it survived, the end)
+    resumed = TimeBudget(60, read_spent(experiment))
+    clock[0] += 14.9
+    assert not resumed.exhausted()
+    clock[0] += 0.1
+    assert resumed.spent() == pytest.approx(60) and resumed.stop_all()  # 45 s before + 15 s now
+
+
+def test_a_budget_alone_needs_no_trial_count_but_something_must_end_the_search() -> None:
+    from drtune.config import ConfigError
+
+    assert load(None, ["tune.num_samples=null", "tune.time_budget_s=600"]).tune.num_samples is None
+    with pytest.raises(ConfigError, match="tune.num_samples is null .* tune.time_budget_s is not set"):
+        load(None, ["tune.num_samples=null"])
+
+
+@pytest.mark.slow
+def test_a_search_stops_when_its_budget_runs_out_and_a_larger_budget_resumes_it(tmp_path) -> None:
+    """Through Ray: trials of 4 epochs of 0.5 s, one at a time, as many as the budget allows (no trial count).
+    A 6 s budget stops the search with a trial cut short; rerun with the same budget, no trial runs (the time
+    is spent); with 20 s more, the search continues where it stopped."""
+    import ray
+    from ray import tune
+
+    from pipeline import cluster, search
+
+    p = load("configs/quick.yaml", ["train.epochs=4", "tune.num_samples=null", "tune.time_budget_s=6"])
+    p.ray.num_cpus, p.ray.cpus_per_worker = 1, 1.0
+    experiment = str(tmp_path / "ray" / "budget")
+
+    def trainable(config: dict) -> None:
+        for epoch in range(1, 5):
+            time.sleep(0.5)
+            tune.report({"epoch": epoch, "val_top1": config["x"], "trial_id": tune.get_context().get_trial_id()})
+
+    def attempt(budget_s: float):
+        budget = TimeBudget(budget_s, read_spent(experiment))
+        space = {"x": tune.uniform(0, 1)}
+        tuner = search._tuner(p, trainable, str(tmp_path / "ray"), "budget", [], space, stop=budget, num_samples=-1)
+        started = time.monotonic()
+        try:
+            results = tuner.fit()
+        finally:
+            write_spent(experiment, budget.spent())
+        return results, time.monotonic() - started, budget
+
+    cluster.start_ray(p)
+    try:
+        results, seconds, budget = attempt(6)
+        done = [r for r in results if (r.metrics or {}).get("done")]
+        assert budget.exhausted() and seconds < 6 + 10  # stopped by the budget (Tune's own shutdown aside)
+        assert 1 <= len(done) < len(results)  # at least one trial finished; the running one was cut
+        again, seconds, _ = attempt(6)
+        assert len(again) == len(results) and seconds < 10  # the time was spent before: nothing more runs
+        more, _, budget = attempt(26)
+        assert budget.spent_before >= 6 and len([r for r in more if (r.metrics or {}).get("done")]) > len(done)
+    finally:
+        ray.shutdown()
