@@ -45,7 +45,8 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     dataset: str = Field(
-        "fashion-mnist", description="digits | fashion-mnist | imagefolder:<path> | a torchvision name"
+        "fashion-mnist",
+        description="digits | fashion-mnist | imagefolder:<path> | csv:<file> (path,label[,split]) | a torchvision name",
     )
     root: str = Field("data/raw", description="where raw dataset files are looked for")
     prepared_dir: str = Field("data/prepared", description="output of the prepare stage")
@@ -215,7 +216,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _stored_images_are_large_enough(self) -> Config:
-        if self.data.dataset.startswith("imagefolder:") and self.data.store_size < self.train.image_size:
+        if self.data.dataset.startswith(("imagefolder:", "csv:")) and self.data.store_size < self.train.image_size:
             raise ValueError(
                 f"data.store_size = {self.data.store_size} is smaller than train.image_size = "
                 f"{self.train.image_size}: the stored images would be upsampled; raise data.store_size"

@@ -14,6 +14,8 @@
   ignored, and skipped unreadable files (``data.skip_bad``) are listed too. Under a label budget
   only the labelled training images and the test images are decoded (the rest only when
   ``data.unlabelled: rest`` asks for it).
+* ``csv:<file>`` — a table of image paths and labels (columns ``path``, ``label``, optionally
+  ``split``; :func:`load_image_table`), read like an image folder once every row checks out.
 * the paper's benchmarks by name (``cifar10``, ``dtd``, …) through torchvision: see
   :mod:`drtune.named_datasets`.
 
@@ -29,6 +31,7 @@ counted. Unreadable files are reported or skipped as for labelled folders.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 from collections.abc import Callable
@@ -254,7 +257,6 @@ def load_image_folder(
         raise FileNotFoundError(f"image folder {folder} does not exist")
     empty: list[Path] = []
     ignored: list[str] = []
-    bad: list[Path] = []
     test_dir = next((folder / d for d in ("test", "val") if (folder / d).is_dir()), None)
     if (folder / "train").is_dir() and test_dir is not None:
         train_scan, test_scan = _scan_classes(folder / "train", empty, ignored), _scan_classes(test_dir, empty, ignored)
@@ -274,18 +276,48 @@ def load_image_folder(
         train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
         train_files, train_labels = [files[i] for i in train_idx], labels[train_idx]
         test_files, test_labels = [files[i] for i in test_idx], labels[test_idx]
+    return _read_listing(
+        folder,
+        classes,
+        (train_files, train_labels),
+        (test_files, test_labels),
+        size,
+        skip_bad,
+        seed,
+        budget,
+        empty,
+        ignored,
+    )
+
+
+def _read_listing(
+    source: Path,
+    classes: list[str],
+    train: tuple[list[Path], np.ndarray],
+    test: tuple[list[Path], np.ndarray],
+    size: int,
+    skip_bad: bool,
+    seed: int,
+    budget: tuple[int | None, float | None] | None,
+    empty: list[Path],
+    ignored: list[str],
+) -> RawDataset:
+    """Decode a listed dataset (files and labels of both splits): under ``budget`` only the labelled
+    training subset and the test files; every empty class and unreadable file reported at once."""
+    (train_files, train_labels), (test_files, test_labels) = train, test
+    bad: list[Path] = []
     rest = None
     if budget is not None and budget != (None, None):
         kept = stratified_take(train_labels, per_class=budget[0], fraction=budget[1], seed=seed)
         rest = [train_files[i] for i in np.setdiff1d(np.arange(len(train_files)), kept)]
         train_files, train_labels = [train_files[i] for i in kept], train_labels[kept]
-    train = _read_files(train_files, train_labels, size, bad)
-    test = _read_files(test_files, test_labels, size, bad)
+    train_split = _read_files(train_files, train_labels, size, bad)
+    test_split = _read_files(test_files, test_labels, size, bad)
     if empty or (bad and not skip_bad):
-        raise BadImagesError(folder, empty, bad)
+        raise BadImagesError(source, empty, bad)
     return RawDataset(
-        train,
-        test,
+        train_split,
+        test_split,
         classes,
         skipped=[str(p) for p in bad],
         ignored=ignored,
@@ -294,7 +326,88 @@ def load_image_folder(
     )
 
 
-KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", *NAMED_DATASETS)
+class BadRowsError(ValueError):
+    """A table of images has bad rows; the message names every one by its line number."""
+
+    def __init__(self, table: Path, problems: list[str]) -> None:
+        self.problems = problems
+        shown = problems[:50] + ([f"… ({len(problems)} bad rows in all)"] if len(problems) > 50 else [])
+        super().__init__(f"{table}: {len(problems)} bad row(s):\n  " + "\n  ".join(shown))
+
+
+def load_image_table(
+    table: str | Path,
+    size: int = 96,
+    skip_bad: bool = False,
+    seed: int = 0,
+    budget: tuple[int | None, float | None] | None = None,
+) -> RawDataset:
+    """A dataset from a CSV table with a header and the columns ``path`` and ``label``, and optionally
+    ``split`` (``train``, ``test`` or empty for train). Paths are relative to the table's folder (or
+    absolute); classes are the labels, sorted. Without a test row a stratified, seeded fifth is held
+    out as test, as for an image folder. Every bad row is reported at once with its line number (a
+    missing file, a file that is not an image, an empty or unprintable label, an unknown split); then
+    the images are read as an image folder's (:func:`load_image_folder`, ``budget`` included)."""
+    table = Path(table)
+    if not table.is_file():
+        raise FileNotFoundError(f"image table {table} does not exist")
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if not {"path", "label"} <= set(columns):
+            raise ValueError(
+                f"{table}: the header must name the columns path and label (and optionally split); it has {columns}"
+            )
+        rows = [(reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for row in reader]
+    problems, listed = [], []
+    for line, row in rows:
+        path, label, split = row.get("path", ""), row.get("label", ""), row.get("split", "").lower()
+        file = table.parent / path
+        found = []
+        if not path:
+            found.append("no path")
+        elif not file.is_file():
+            found.append(f"{path}: no such file")
+        elif file.suffix.lower() not in IMAGE_EXTENSIONS:
+            found.append(f"{path}: not an image file ({' '.join(IMAGE_EXTENSIONS)})")
+        if not label or not label.isprintable():
+            found.append(f"label {label!r}: empty or not printable text")
+        if split not in ("", "train", "test"):
+            found.append(f"split {split!r}: train, test or empty")
+        problems += [f"line {line}: {p}" for p in found]
+        if not found:
+            listed.append((file, label, split == "test"))
+    if problems:
+        raise BadRowsError(table, problems)
+    classes = sorted({label for _, label, _ in listed})
+    if len(classes) < 2:
+        raise ValueError(f"{table} has {len(classes)} label(s); image classification needs at least two")
+    files = [f for f, _, _ in listed]
+    labels = np.asarray([classes.index(label) for _, label, _ in listed], dtype=np.int64)
+    is_test = np.asarray([t for _, _, t in listed], dtype=bool)
+    if is_test.any():
+        test_idx = np.flatnonzero(is_test)
+    else:
+        test_idx = stratified_take(labels, fraction=0.2, seed=seed)  # a seeded, stratified fifth
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+    missing = [classes[c] for c in range(len(classes)) if not (labels[train_idx] == c).any()]
+    if missing:
+        raise ValueError(f"{table}: label(s) {', '.join(missing)} have no training row")
+    return _read_listing(
+        table,
+        classes,
+        ([files[i] for i in train_idx], labels[train_idx]),
+        ([files[i] for i in test_idx], labels[test_idx]),
+        size,
+        skip_bad,
+        seed,
+        budget,
+        [],
+        [],
+    )
+
+
+KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", "csv:<file>", *NAMED_DATASETS)
 
 
 def _hold_out_test(train: ArraySplit, seed: int) -> tuple[ArraySplit, ArraySplit]:
@@ -323,6 +436,8 @@ def load_source(
         return load_fashion_mnist(root, download)
     if dataset.startswith("imagefolder:"):
         return load_image_folder(dataset.split(":", 1)[1], image_size, skip_bad, seed, budget)
+    if dataset.startswith("csv:"):
+        return load_image_table(dataset.split(":", 1)[1], image_size, skip_bad, seed, budget)
     if dataset in NAMED_DATASETS:
         train, test, classes = load_named(dataset, root, size=image_size, download=download)
         if test is None:

@@ -453,3 +453,53 @@ def test_the_prepare_summary_counts_the_unlabelled_images(tmp_path, capsys) -> N
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["unlabelled"] == 50
     assert main(argv) == 0
     assert "unlabelled" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_table_of_paths_and_labels_is_a_dataset_and_gives_the_folders_splits(tmp_path) -> None:
+    """csv:<file> (path,label[,split]): paths relative to the table; the same images as the image folder they
+    list, split the same way; a split column chooses the test rows; the MLflow name is the table's stem."""
+    from pipeline.config import load
+
+    root = _folder(tmp_path / "imgs")
+    rows = sorted(p.relative_to(tmp_path) for p in root.rglob("*.*"))
+    table = tmp_path / "pets.csv"
+    label = {p: p.relative_to("imgs").parts[0] for p in rows}  # a nested file belongs to its top-level class
+    table.write_text("path,label\n" + "".join(f"{p},{label[p]}\n" for p in rows))
+    ours, folder = load_source(f"csv:{table}", image_size=16), load_source(f"imagefolder:{root}", image_size=16)
+    assert ours.classes == folder.classes == ["cat", "dog", "owl"]
+    for a, b in ((ours.train, folder.train), (ours.test, folder.test)):
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    split = tmp_path / "split.csv"
+    split.write_text(
+        "path,label,split\n"
+        + "".join(f"{p},{label[p]},{'test' if i % 5 == 0 else 'train'}\n" for i, p in enumerate(rows))
+    )
+    raw = load_source(f"csv:{split}", image_size=16)
+    assert len(raw.test) == len(rows[::5]) and len(raw.train) == len(rows) - len(rows[::5])
+    assert load(None, [f"data.dataset=csv:{table}", "data.store_size=96"]).dataset_slug() == "pets"
+
+
+def test_every_bad_row_of_a_table_is_named_by_its_line(tmp_path) -> None:
+    from drtune.sources import BadRowsError
+
+    root = _folder(tmp_path / "imgs", per_class=2)
+    (tmp_path / "notes.txt").write_text("not an image")
+    good = sorted(p.relative_to(tmp_path) for p in root.rglob("*.*"))
+    table = tmp_path / "bad.csv"
+    table.write_text(
+        "path,label,split\n"
+        + "".join(f"{p},{p.parent.name},train\n" for p in good)
+        + "imgs/cat/missing.png,cat,train\n"  # line 8
+        + "notes.txt,cat,\n"  # line 9
+        + f"{good[0]},,test\n"  # line 10
+        + f"{good[1]},cat,holdout\n"  # line 11
+    )
+    with pytest.raises(BadRowsError) as err:
+        load_source(f"csv:{table}", image_size=16)
+    message = str(err.value)
+    assert "4 bad row(s)" in message
+    assert "line 8: imgs/cat/missing.png: no such file" in message and "line 9: notes.txt: not an image file" in message
+    assert "line 10: label '': empty" in message and "line 11: split 'holdout': train, test or empty" in message
+    (tmp_path / "headless.csv").write_text("imgs/cat/0.png,cat\n")
+    with pytest.raises(ValueError, match="the header must name the columns path and label"):
+        load_source(f"csv:{tmp_path / 'headless.csv'}", image_size=16)
