@@ -25,11 +25,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = Fals
     """Top-1, top-5 accuracy, mean cross-entropy and the count ``n``, summed over all ranks.
 
     With ``predictions`` (single process only) the result also holds ``predicted`` (top-1 class
-    per image, in loader order) and ``confusion`` (C × C counts, rows: true class).
+    per image, in loader order), ``confusion`` (C × C counts, rows: true class) and ``logits`` (N × C,
+    float32; the probabilities' calibration is fitted and measured on them, :mod:`drtune.temperature`).
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, n
-    predicted, labels = [], []
+    predicted, labels, all_logits = [], [], []
     for x, y, *_ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -47,6 +48,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = Fals
         if predictions:
             predicted.append(top[:, 0].cpu())
             labels.append(y.cpu())
+            all_logits.append(logits.cpu())
             num_classes = logits.shape[1]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -55,5 +57,6 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = Fals
     if predictions and predicted:
         pred, true = torch.cat(predicted).numpy(), torch.cat(labels).numpy()
         out["predicted"] = pred
+        out["logits"] = torch.cat(all_logits).numpy()
         out["confusion"] = np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, -1)
     return out

@@ -2,9 +2,11 @@
 
 The exported graph is the encoder + head on *prepared* input: float32 N × 3 × S × S, already resized,
 centre-cropped and normalised (the preprocessing is data, not code: the registered model's
-metadata states it). The batch dimension is dynamic. :func:`export_onnx` then runs the same
+metadata states it). The batch dimension is dynamic. Two outputs: ``logits`` and ``probabilities``,
+``softmax(logits / temperature)`` with the model's calibration temperature (:mod:`drtune.temperature`)
+held in the graph as the scalar initializer ``temperature``. :func:`export_onnx` then runs the same
 prepared images through PyTorch and onnxruntime and refuses the export unless every image gets the
-same label and the logits agree within :data:`LOGIT_TOLERANCE`.
+same label and the logits and probabilities agree within :data:`LOGIT_TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,20 @@ class ExportMismatchError(ValueError):
     """onnxruntime and PyTorch disagree on the check images."""
 
 
+class _Calibrated(torch.nn.Module):
+    """The network with two outputs: its logits, and ``softmax(logits / temperature)`` with the temperature an
+    initializer of the graph (named ``temperature``), so an ONNX user gets the calibrated probabilities."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.softmax(logits / self.temperature, dim=1)
+
+
 def prepare(predictor: Predictor, images: np.ndarray) -> torch.Tensor:
     """Raw uint8 images → the network's float input, exactly as :meth:`Predictor.predict_proba` prepares it."""
     transform = build_transform(predictor.data_cfg, predictor.image_size, train=False)
@@ -43,6 +59,7 @@ def export_onnx(predictor: Predictor, path: str | Path, check_images: np.ndarray
     import onnxruntime
 
     model = predictor.model.eval()
+    calibrated = _Calibrated(model, predictor.temperature).eval()
     x = prepare(predictor, check_images)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,19 +69,19 @@ def export_onnx(predictor: Predictor, path: str | Path, check_images: np.ndarray
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            model,
+            calibrated,
             (x[:1],),
             str(path),
             input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=["logits", "probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )
     with torch.no_grad():
-        expected = model(x).float().numpy()
+        expected, expected_proba = (t.float().numpy() for t in calibrated(x))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"image": x.numpy()})[0]
+    got, got_proba = session.run(["logits", "probabilities"], {"image": x.numpy()})
     diff = float(np.abs(got - expected).max())
     scale = float(np.abs(expected).max()) or 1.0
     check = {
@@ -72,8 +89,14 @@ def export_onnx(predictor: Predictor, path: str | Path, check_images: np.ndarray
         "labels_equal": bool((got.argmax(1) == expected.argmax(1)).all()),
         "max_abs_logit_diff": diff,
         "relative_diff": diff / scale,
+        "max_abs_probability_diff": float(np.abs(got_proba - expected_proba).max()),
+        "temperature": predictor.temperature,
         "tolerance": LOGIT_TOLERANCE,
     }
-    if not check["labels_equal"] or check["relative_diff"] > LOGIT_TOLERANCE:
+    if (
+        not check["labels_equal"]
+        or check["relative_diff"] > LOGIT_TOLERANCE
+        or check["max_abs_probability_diff"] > LOGIT_TOLERANCE
+    ):
         raise ExportMismatchError(f"the ONNX export of {path.name} disagrees with PyTorch: {check}")
     return check

@@ -33,22 +33,25 @@ class Predictor:
     classes: list[str]
     image_size: int
     data_cfg: dict
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature) (drtune.temperature)
 
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray | list[np.ndarray], batch_size: int = 256) -> np.ndarray:
-        """Class probabilities, N × classes, for a batch of images (see the module docstring)."""
+        """Class probabilities, N × classes, for a batch of images (see the module docstring), calibrated by
+        the model's temperature."""
         transform = build_transform(self.data_cfg, self.image_size, train=False)
         tensors = [transform(t) for t in to_chw(images)]
         self.model.eval()
         out = [
-            torch.softmax(self.model(torch.stack(tensors[i : i + batch_size])).float(), dim=1)
+            torch.softmax(self.model(torch.stack(tensors[i : i + batch_size])).float() / self.temperature, dim=1)
             for i in range(0, len(tensors), batch_size)
         ]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
     def score(self, split: ArraySplit, batch_size: int = 256) -> dict:
         """:func:`drtune.evaluation.evaluate` on ``split`` with this model's evaluation transform, on the CPU:
-        top-1, top-5, loss, ``n``, the predicted classes and the confusion matrix."""
+        top-1, top-5, loss, ``n``, the predicted classes, the confusion matrix and the logits (before any
+        temperature)."""
         loader = build_loader(split, self.data_cfg, self.image_size, batch_size, train=False)
         return evaluate(self.model, loader, torch.device("cpu"), predictions=True)
 
@@ -100,7 +103,11 @@ def load_predictor(source: str | Path | bytes | ModelFile) -> Predictor:
             f"the model file's tensors do not fit {model_file.model_name}: {str(err).splitlines()[0]}"
         ) from None
     return Predictor(
-        model.eval(), model_file.classes, model_file.params["train"]["image_size"], data_config(model.encoder)
+        model.eval(),
+        model_file.classes,
+        model_file.params["train"]["image_size"],
+        data_config(model.encoder),
+        model_file.temperature,
     )
 
 

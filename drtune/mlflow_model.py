@@ -66,11 +66,12 @@ SIGNATURE = ModelSignature(
 )
 
 
-def model_metadata(classes: list[str], image_size: int, data_cfg: dict) -> dict:
+def model_metadata(classes: list[str], image_size: int, data_cfg: dict, temperature: float = 1.0) -> dict:
     """What a user needs to feed the model (or its ONNX export) without our code: stored in the MLmodel file."""
     return {
         "classes": list(classes),
         "image_size": image_size,
+        "temperature": temperature,
         "mean": list(data_cfg["mean"]),
         "std": list(data_cfg["std"]),
         "interpolation": data_cfg.get("interpolation", "bilinear"),
@@ -78,7 +79,8 @@ def model_metadata(classes: list[str], image_size: int, data_cfg: dict) -> dict:
         "input": "uint8 images N × H × W × C (C = 1, 3 or 4), values 0–255, any size",
         "onnx_input": f"float32 N × 3 × {image_size} × {image_size}: resized to image_size / crop_pct, centre-"
         "cropped, scaled to [0, 1], normalised with mean and std",
-        "output": "label, class_index, probability, probabilities (in the order of classes)",
+        "output": "label, class_index, probability, probabilities (in the order of classes; softmax(logits / "
+        "temperature), calibrated on validation); the ONNX export outputs logits and probabilities",
     }
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -42,27 +42,41 @@ class ModelFile:
     history: list[dict] = field(default_factory=list)
     data: bytes = b""
     sha256: str = ""
+    temperature: float = 1.0  # softmax(logits / temperature): fitted by register (drtune.temperature), else 1
 
     @property
     def model_name(self) -> str:
         return self.params["model"]["name"]
 
 
+def model_bytes(
+    tensors: dict[str, Tensor], params: dict, classes: list[str], history: list[dict] = (), temperature: float = 1.0
+) -> bytes:
+    """A model file's bytes: ``tensors`` made contiguous, on the CPU, and the metadata as JSON in the header
+    (the temperature only when it is not 1, so an uncalibrated model's file is what it always was)."""
+    content = {"params": params, "classes": list(classes), "history": list(history)}
+    if temperature != 1.0:
+        content["temperature"] = temperature
+    meta = {"format": FORMAT, "drtune": json.dumps(content)}
+    return save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
 def save_model(
     path: str | Path, tensors: dict[str, Tensor], params: dict, classes: list[str], history: list[dict] = ()
 ) -> Path:
-    """Write a model file (atomically: a reader never sees half a file): ``tensors`` made contiguous, on the CPU,
-    and the metadata as JSON in the header; returns its path."""
+    """Write a model file (atomically: a reader never sees half a file); returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    meta = {
-        "format": FORMAT,
-        "drtune": json.dumps({"params": params, "classes": list(classes), "history": list(history)}),
-    }
-    tmp.write_bytes(save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta))
+    tmp.write_bytes(model_bytes(tensors, params, classes, history))
     tmp.replace(path)
     return path
+
+
+def with_temperature(model: ModelFile, temperature: float) -> ModelFile:
+    """``model`` with its probabilities calibrated by ``temperature``: the same tensors, new bytes."""
+    data = model_bytes(model.tensors, model.params, model.classes, model.history, temperature)
+    return replace(model, data=data, sha256=hashlib.sha256(data).hexdigest(), temperature=temperature)
 
 
 def _metadata(data: bytes, source: str) -> dict:
@@ -89,7 +103,15 @@ def read_model(source: str | Path | bytes) -> ModelFile:
         tensors = load_tensors(data)
     except SafetensorError as err:
         raise ModelFileError(f"{name}: damaged tensors ({err})") from None
-    return ModelFile(tensors, meta["params"], meta["classes"], meta["history"], data, hashlib.sha256(data).hexdigest())
+    return ModelFile(
+        tensors,
+        meta["params"],
+        meta["classes"],
+        meta["history"],
+        data,
+        hashlib.sha256(data).hexdigest(),
+        float(meta.get("temperature", 1.0)),
+    )
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -44,6 +44,7 @@ def model_description(
     selection: dict | None = None,
     vs_baseline: PairedTest | None = None,
     pretrained: dict | None = None,
+    calibration: dict | None = None,
 ) -> str:
     """The Markdown a person reads on the registry page: what the model is, how good, how to call it."""
     method = methods.get(params["train"]["method"]).long_name
@@ -71,6 +72,14 @@ def model_description(
         else ""
     )
     start = f"\n\n**Self-supervised start**: {pretrain_summary(pretrained)}." if pretrained else ""
+    calibrated = (
+        f"\n\n**Calibrated probabilities**: temperature {calibration['temperature']:.3f}, fitted on the "
+        f"{calibration['temperature_fit_images']} validation images; expected calibration error on test "
+        f"{calibration['test_ece_before']:.4f} before, **{calibration['test_ece']:.4f}** after (15 bins). The ONNX "
+        "export holds it as the scalar `temperature` and outputs `probabilities` beside `logits`."
+        if calibration
+        else ""
+    )
     return f"""**{params["model"]["name"]}** (weights: `{params["model"]["pretrained"]}`) fine-tuned with **{method}**.{start}
 
 | hyperparameter | value |
@@ -84,7 +93,7 @@ def model_description(
 **Why this model** ({selection["rule"] if selection else "validation"} pick): {selection["reason"] if selection else "best on validation"}.
 
 **Test top-1 {scores["top1"]:.4f}** (top-5 {scores["top5"]:.4f}, {scores["n"]} images) against the CE-tuning
-baseline's {baseline_top1:.4f}: lift **{lift:+.4f}**{paired}. Champion decision for version {version}: {decision}.{runs}
+baseline's {baseline_top1:.4f}: lift **{lift:+.4f}**{paired}. Champion decision for version {version}: {decision}.{calibrated}{runs}
 
 ```python
 import mlflow

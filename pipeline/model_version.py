@@ -50,7 +50,7 @@ def model_version(client: MlflowClient, name: str, best: ModelFile, predictor: P
             input_example=example,
             code_paths=CODE_PATHS,
             pip_requirements=_requirements(),
-            metadata=model_metadata(predictor.classes, predictor.image_size, predictor.data_cfg)
+            metadata=model_metadata(predictor.classes, predictor.image_size, predictor.data_cfg, predictor.temperature)
             | {"onnx_check": onnx_check},
         )
         # The checksum is a tag of the version from its creation on: an interrupted registration is

@@ -80,3 +80,20 @@ def confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def reliability_diagram(before: list[dict], after: list[dict], path: Path, title: str) -> Path:
+    """Accuracy against confidence per bin (:func:`drtune.temperature.reliability`), before and after
+    temperature scaling; a calibrated model lies on the diagonal."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for bins, label, marker in ((before, "logits as trained", "o"), (after, "temperature-scaled", "s")):
+        used = [b for b in bins if b["n"]]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], marker=marker, label=label)
+    ax.set(xlabel="confidence (top probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -2,8 +2,10 @@
 
     python -m pipeline.register --params params.yaml
 
-1. The best trial's checkpoint (``models/best.safetensors``, chosen on validation) is evaluated once on
-   the test split: top-1, top-5, confusion matrix.
+1. The best trial's checkpoint (``models/best.safetensors``, chosen on validation) gets calibrated
+   probabilities (one temperature fitted on the validation split, :mod:`drtune.temperature`) and is
+   evaluated once on the test split: top-1, top-5, confusion matrix, expected calibration error before
+   and after the temperature, a reliability diagram.
 2. Into the search's parent MLflow run (``models/best.json`` names it) go the test metrics, the CE baseline's test accuracy and
    the lift over it, the confusion matrix, the best trial's learning curves and the search
    landscape, and the inference model (encoder + head) as a pyfunc with a signature and an
@@ -35,8 +37,9 @@ import mlflow
 import numpy as np
 
 from drtune.inference import load_predictor
-from drtune.model_file import read_model
+from drtune.model_file import read_model, with_temperature
 from drtune.prepared import load_prepared
+from drtune.temperature import expected_calibration_error, fit_temperature, probabilities, reliability
 from pipeline import faults, plots
 from pipeline.champion import champion_score, claim, decide
 from pipeline.config import PipelineConfig, redact
@@ -49,6 +52,16 @@ from pipeline.pretrained import pretrain_record
 from pipeline.selection import BASELINE
 from pipeline.significance import paired_test
 from pipeline.stage import stage_main, write_csv
+
+
+def calibration_numbers(test_logits: np.ndarray, labels: np.ndarray, temperature: float, n_val: int) -> dict:
+    """The temperature and the test split's expected calibration error before and after it."""
+    return {
+        "temperature": temperature,
+        "temperature_fit_images": n_val,
+        "test_ece_before": expected_calibration_error(probabilities(test_logits), labels),
+        "test_ece": expected_calibration_error(probabilities(test_logits, temperature), labels),
+    }
 
 
 @tracking_errors()
@@ -77,7 +90,18 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
             "stage?): run the tune stage again (dvc repro)"
         )
     predictor = load_predictor(best)
+    # Calibrated probabilities: one temperature fitted on the validation split (drtune.temperature); the
+    # registered model file carries it, so its bytes (and checksum) are the calibrated model's.
+    predictor.temperature = fit_temperature(predictor.score(data.val)["logits"], data.val.labels)
+    best = with_temperature(best, predictor.temperature)
     scores = predictor.score(test)
+    calibration = calibration_numbers(scores["logits"], test.labels, predictor.temperature, len(data.val))
+    plots.reliability_diagram(
+        reliability(probabilities(scores["logits"]), test.labels),
+        reliability(probabilities(scores["logits"], predictor.temperature), test.labels),
+        plots_dir / "reliability.png",
+        f"test ECE {calibration['test_ece_before']:.3f} → {calibration['test_ece']:.3f} (T = {predictor.temperature:.2f})",
+    )
     lift = scores["top1"] - baseline["test_top1"]
     baseline_predicted = load_predictor(root / "models" / "baseline.safetensors").score(test)["predicted"]
     vs_baseline = paired_test(
@@ -107,6 +131,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
                 "ce_baseline_test_top1": baseline["test_top1"],
                 "lift_over_ce": lift,
                 "lift_over_ce_mcnemar_p": vs_baseline.p_value,
+                **calibration,
                 **{f"leaderboard.{k}": v for k, v in test_numbers(board).items()},
             }
         )
@@ -120,7 +145,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
             },
             "leaderboard.json",
         )
-        for picture in ("confusion_matrix.png", "learning_curve.png", "landscape.png"):
+        for picture in ("confusion_matrix.png", "reliability.png", "learning_curve.png", "landscape.png"):
             if (plots_dir / picture).is_file():
                 mlflow.log_artifact(str(plots_dir / picture), artifact_path="plots")
         registered, onnx_check = model_version(client, name, best, predictor, test, Path(tmp))
@@ -139,6 +164,9 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
             "ce_baseline_test_top1": f"{baseline['test_top1']:.4f}",
             "lift_over_ce": f"{lift:+.4f}",
             "lift_over_ce_mcnemar_p": f"{vs_baseline.p_value:.3g}",
+            "temperature": f"{calibration['temperature']:.4f}",
+            "test_ece": f"{calibration['test_ece']:.4f}",
+            "test_ece_before_calibration": f"{calibration['test_ece_before']:.4f}",
             "selection_rule": tune_summary["selection"]["rule"],
             "data_sha256": tune_summary["data_sha256"],
             "best_trial": tune_summary["best_trial"],
@@ -167,6 +195,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
                 tune_summary["selection"],
                 vs_baseline,
                 pretrained,
+                calibration,
             )
             client.update_model_version(name, version, description=description)
             return description
@@ -209,6 +238,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         "lift_over_ce_high": vs_baseline.interval()[1],
         "champion_test_top1_before": champion_top1,
         "promoted": int(promote),
+        **calibration,
         **test_numbers(board),
     }
     registered = {"registered_model": name, "version": version, "champion_before": version_before, "decision": decision}
