@@ -237,6 +237,11 @@ def test_the_registry_and_runs_as_a_person_browses_them(project: Path) -> None:
     assert float(parent.data.params["best.lam"]) == pytest.approx(best["lam"])
     version = client.get_model_version_by_alias("drtune-digits", "champion")
     assert version.tags["method"] == "drtune" and float(version.tags["drtune.lam"]) == pytest.approx(best["lam"])
+    test = json.loads((project / "metrics" / "test.json").read_text())
+    assert test["temperature"] > 0 and 0 <= test["test_ece"] <= 1 and 0 <= test["test_ece_before"] <= 1
+    assert float(version.tags["temperature"]) == pytest.approx(test["temperature"], abs=1e-4)
+    assert "**Calibrated probabilities**: temperature" in version.description
+    assert (project / "plots" / "reliability.png").stat().st_size > 5000
     for text in (version.description, client.get_registered_model("drtune-digits").description):
         assert "test_efficientnet" in text and "DR-Tune" in text and "`drtune.lam`" in text
         assert "models:/drtune-digits@champion" in text and "mlflow models serve" in text
@@ -257,6 +262,13 @@ def test_registry_champion_loads_and_a_model_that_is_not_better_stays_challenger
     images = np.repeat(test.images[:8], 3, axis=-1)
     out = model.predict(images)
     assert len(out) == 8 and set(out["label"]) <= {str(d) for d in range(10)}
+    # its probabilities are the search's model's, temperature-scaled: softmax(logits / T)
+    from drtune.inference import load_predictor
+    from drtune.temperature import probabilities
+
+    plain = load_predictor(project / "models" / "best.safetensors").predict_proba(images)
+    temperature = json.loads((project / "metrics" / "test.json").read_text())["temperature"]
+    assert np.allclose(np.stack(out["probabilities"]), probabilities(np.log(plain), temperature), atol=1e-4)
     # `drtune predict` takes the registry URI and the pipeline's model file, and agrees with the pyfunc.
     from PIL import Image
 
