@@ -7,7 +7,8 @@ Ray's own ``TuneConfig(time_budget_s)`` starts counting again when a search is r
 interrupted twice could run three budgets. Here the time spent is stored beside the search
 (``drtune-time.json`` in its Ray experiment folder, local or on object storage) each time the stage
 stops, for whatever reason, and a resumed search is given what is left. A stage killed with SIGKILL
-cannot store it: that attempt's time is not counted.
+cannot store it: that attempt's time is not counted. A search whose budget ran out is finished (Tune
+marks its searcher done); a larger ``tune.time_budget_s`` names a new search, which starts afresh.
 """
 
 from __future__ import annotations

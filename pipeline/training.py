@@ -216,8 +216,7 @@ def run_name(kind: str, config: PipelineConfig, data_sha: str) -> str:
     stage starts a new run instead of restoring the old one's finished results. Both the search
     and the CE baseline are named here.
     """
-    # not the time budget either: a larger budget resumes the same search
-    keyed = config.model_dump(mode="json", exclude={"mlflow": True, "train": {"progress"}, "tune": {"time_budget_s"}})
+    keyed = config.model_dump(mode="json", exclude={"mlflow": True, "train": {"progress"}})
     digest = hashlib.sha256(json.dumps([keyed, data_sha, code_digest()], sort_keys=True).encode()).hexdigest()[:10]
     return f"{kind}-{config.data.dataset.split(':')[0]}-{digest}"
 
