@@ -98,26 +98,33 @@ def private_cpus(config: PipelineConfig) -> int:
     return config.ray.num_cpus or len(os.sched_getaffinity(0))
 
 
+def worker_environment(config: PipelineConfig) -> dict[str, str]:
+    """What every Ray worker of a stage needs in its environment: trials run in the project folder, not a
+    per-trial one, and a Train worker group that cannot start fails after ``ray.start_timeout_s``."""
+    return {
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(config.ray.start_timeout_s),
+    }
+
+
 def start_ray(config: PipelineConfig) -> None:
     """Join the cluster :func:`ray_address` names; otherwise start a private local instance with
     :func:`private_cpus` and the trial-driver resource."""
     if ray.is_initialized():
         return
-    env = {
-        "env_vars": {
-            "RAY_CHDIR_TO_TRIAL_DIR": "0",
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(config.ray.start_timeout_s),
-        }
-    }
+    env_vars = worker_environment(config)
     address = ray_address(config)
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    if address:  # workers on other nodes get the variables through the job's runtime environment
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
     else:
+        # A private Ray's processes inherit this one's environment. Setting the variables here, not in a
+        # runtime_env, lets each new actor (a trial driver, a Train worker) start in one of the workers Ray
+        # keeps pre-started, instead of a fresh process for the runtime_env (bench/worker_startup.py).
+        os.environ.update(env_vars)
         ray.init(
             address="local",  # never an existing head (ray.init() alone would join the one `ray start` recorded)
             num_cpus=private_cpus(config),
             resources={DRIVER_RESOURCE: 10_000},
-            runtime_env=env,
             log_to_driver=False,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

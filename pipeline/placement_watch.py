@@ -63,13 +63,16 @@ class PlacementGroupWatch(tune.Callback):
             and pg["state"] == "CREATED"
             and any(b.get("CPU", 0) > 0 or b.get("GPU", 0) > 0 for b in pg["bundles"].values())
         }
-        used = {
-            a.placement_group_id
-            for a in list_actors(
-                filters=[("state", "!=", "DEAD")], detail=True, limit=10_000, raise_on_missing_output=False
-            )
-            if a.placement_group_id
-        }
+        limit = 10_000
+        actors = list_actors(
+            filters=[("state", "!=", "DEAD"), ("job_id", "=", job)],
+            detail=True,
+            limit=limit,
+            raise_on_missing_output=False,
+        )
+        if len(actors) >= limit:  # a truncated list could miss a group's worker: judge nothing this time
+            return []
+        used = {a.placement_group_id for a in actors if a.placement_group_id}
         self.idle_since = {pg_id: self.idle_since.get(pg_id, now) for pg_id in reserving - used}
         leaked = [pg_id for pg_id, since in self.idle_since.items() if now - since >= self.idle_s]
         for pg_id in leaked:
