@@ -61,8 +61,10 @@ def tune_state_files(names: Iterable[str]) -> list[tuple[str, Callable[[bytes], 
     if f"basic-variant-state-{stamp}.json" in names:  # a grid without a searcher (the re-validation)
         return [*files, (f"basic-variant-state-{stamp}.json", pickle.loads)]
     searcher = [f"search_gen_state-{stamp}.json", f"searcher-state-{stamp}.pkl"]
-    if not set(searcher) & set(names):  # a grid that saves no state (lazily evaluated): nothing more to check
-        return files
+    if not any(n.startswith(("search_gen_state-", "searcher-state-")) for n in names):
+        return files  # a grid that saves no state (lazily evaluated): nothing more to check
+    # a searcher's search: the newest state's files must be there (a disk that filled after experiment_state
+    # was written would otherwise let Tune restore an older searcher state without a word)
     return [*files, *((name, pickle.loads) for name in searcher)]
 
 

@@ -171,7 +171,7 @@ class RayConfig(Section):
         if "://" not in v:
             return v
         split = urlsplit(v)
-        if not split.netloc:
+        if not split.netloc and split.scheme != "file":  # file:///abs/path has no host
             raise ValueError(f"no bucket or host after {split.scheme}://")
         if split.scheme == "s3":
             import pyarrow
@@ -186,7 +186,7 @@ class RayConfig(Section):
             try:
                 pyarrow.fs.FileSystem.from_uri(offline)
             except pyarrow.ArrowInvalid as err:
-                raise ValueError(f"not an S3 URI pyarrow reads: {err}") from None
+                raise ValueError(f"not an S3 URI pyarrow reads: {redact(str(err))}") from None  # arrow repeats the URI
         return v
 
 

@@ -1,8 +1,9 @@
 """A model version in the MLflow registry: the pyfunc (models-from-code), the model file, its ONNX export.
 
-Registering is idempotent: a version carries its model file's SHA-256 (``checkpoint_sha256``) from its
-creation on, so a rerun after an interruption finds that version (READY) and finishes it, instead of
-logging and registering the same model twice; the ONNX export, checked against PyTorch, is made once.
+Registering is idempotent: a version carries the SHA-256 of the search's model file it was made from
+(``checkpoint_sha256``; the registered file is that one with its calibration temperature) from its creation
+on, so a rerun after an interruption finds that version (READY) and finishes it, instead of logging and
+registering the same model twice; the ONNX export, checked against PyTorch, is made once.
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ def example_batch(split, n: int) -> np.ndarray:
     return images if images.shape[-1] == 3 else np.repeat(images, 3, axis=-1)
 
 
-def model_version(client: MlflowClient, name: str, best: ModelFile, predictor: Predictor, test, folder: Path):
+def model_version(
+    client: MlflowClient, name: str, best: ModelFile, predictor: Predictor, test, folder: Path, checksum: str
+):
     """(the version of ``name`` holding ``best``, registered now or before; the ONNX check when made now, else None).
-    Logged into the active MLflow run; ``folder`` is scratch space for the files it uploads."""
+    ``checksum`` identifies it: the SHA-256 of the search's model file it was made from (``best`` is that file
+    calibrated, whose bytes hold a fitted temperature). Logged into the active MLflow run; ``folder`` is scratch
+    space for the files it uploads."""
     weights = folder / "model.safetensors"
     weights.write_bytes(best.data)
     example = example_batch(test, 2)
-    checksum = best.sha256
     registered = registered_version(client, name, checksum)
     onnx_check = None  # a version registered before carries its checked export already
     if registered is None:

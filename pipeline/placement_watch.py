@@ -11,8 +11,8 @@ next trial's worker group then waits for resources nobody uses, times out after
 placement groups. One that reserves CPUs or GPUs, is created, and has had no live actor in it for
 ``idle_s`` seconds is leaked: a worker group fills its group within seconds of the reservation, and
 a restarting one removes its group first. The watch removes it and says so in one line. Tune's own
-groups for trial drivers reserve no CPU or GPU here (``pipeline.cluster.DRIVER_RESOURCE``) and are
-never touched.
+groups for trial drivers hold their driver actor while the trial runs (and reserve no CPU or GPU where the
+nodes offer ``pipeline.cluster.DRIVER_RESOURCE``), so they are never idle long enough to be touched.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class PlacementGroupWatch(tune.Callback):
         self.idle_since: dict[str, float] = {}
         self.last = -float("inf")
         self.disabled = False
+        self.failures = 0
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
         now = self.clock()
@@ -44,12 +45,15 @@ class PlacementGroupWatch(tune.Callback):
         self.last = now
         try:
             self.sweep(now)
-        except Exception as err:  # noqa: BLE001 - the state API may be missing (no dashboard): watch no more
-            self.disabled = True
-            warnings.warn(
-                f"placement groups are not watched for leaks in this search ({type(err).__name__}: {err})",
-                stacklevel=2,
-            )
+            self.failures = 0
+        except Exception as err:  # noqa: BLE001 - no state API (no dashboard), or it timed out: three in a row, stop
+            self.failures += 1
+            if self.failures >= 3:
+                self.disabled = True
+                warnings.warn(
+                    f"placement groups are not watched for leaks in this search ({type(err).__name__}: {err})",
+                    stacklevel=2,
+                )
 
     def sweep(self, now: float) -> list[str]:
         """One look (see the class docstring); returns the ids of the groups it removed."""
@@ -68,6 +72,8 @@ class PlacementGroupWatch(tune.Callback):
             filters=[("state", "!=", "DEAD"), ("job_id", "=", job)],
             detail=True,
             limit=limit,
+            timeout=5,  # it runs in Tune's event loop: never hold the search up for long
+            address=ray.get_runtime_context().gcs_address,  # this Ray, whatever other Ray runs on the machine
             raise_on_missing_output=False,
         )
         if len(actors) >= limit:  # a truncated list could miss a group's worker: judge nothing this time

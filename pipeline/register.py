@@ -148,7 +148,9 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         for picture in ("confusion_matrix.png", "reliability.png", "learning_curve.png", "landscape.png"):
             if (plots_dir / picture).is_file():
                 mlflow.log_artifact(str(plots_dir / picture), artifact_path="plots")
-        registered, onnx_check = model_version(client, name, best, predictor, test, Path(tmp))
+        registered, onnx_check = model_version(
+            client, name, best, predictor, test, Path(tmp), tune_summary["best_sha256"]
+        )
         version = str(registered.version)
         faults.interrupt("interrupt_registration")
         client.set_registered_model_alias(name, "challenger", version)

@@ -30,6 +30,7 @@ class TimeBudget(tune.Stopper):
     def __init__(self, budget_s: float, spent_s: float = 0.0) -> None:
         self.budget_s, self.spent_before = budget_s, spent_s
         self.started = time.monotonic()
+        self.fired = False  # whether it stopped the search (not merely: whether time has run out since)
 
     def spent(self) -> float:
         """Seconds spent on this search, this attempt included."""
@@ -42,7 +43,8 @@ class TimeBudget(tune.Stopper):
         return False  # no single trial is stopped by the budget; stop_all stops them together
 
     def stop_all(self) -> bool:
-        return self.exhausted()
+        self.fired = self.fired or self.exhausted()
+        return self.fired
 
 
 def read_spent(experiment: str) -> float:

@@ -147,7 +147,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 trial_runs.close_open_runs()
                 if budget is not None:
                     write_spent(experiment_path, budget.spent())
-            out_of_time = budget is not None and budget.exhausted()
+            out_of_time = budget is not None and budget.fired  # the budget stopped it, not a Ctrl-C near its end
             if not out_of_time:  # the budget's end is the search's end; anything else that stops it is an interrupt
                 require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {shown}")
             budget_record = (
@@ -178,7 +178,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 raise RuntimeError(
                     f"the time budget (tune.time_budget_s = {p.tune.time_budget_s:g} s) ran out before any of the "
                     f"{len(results)} trials completed all {p.train.epochs} epochs, so there is nothing to pick and "
-                    "nothing is written: raise tune.time_budget_s and run the stage again (the search resumes)"
+                    "nothing is written: raise tune.time_budget_s (a new search) or lower train.epochs"
                 )
             if not rank(candidates):
                 raise RuntimeError(

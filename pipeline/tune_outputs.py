@@ -1,8 +1,9 @@
 """The ``tune`` stage's outputs: its files (models, metrics, plots) and the pick on the search's parent run.
 
 The files are written into a scratch folder (:func:`staged`) and moved into place only once all of them
-are written, ``models/best.json`` last: an interrupt or a full disk while writing leaves the previous
-outputs as they were, never a new model beside an old description. :func:`write_outputs` writes
+are written, ``models/best.json`` last: an interrupt or a full disk while writing never leaves a new model
+beside an old description (run alone, the previous outputs stay; ``dvc repro`` removes a stage's outputs
+before it runs, so there none are left, and DVC does not record the stage). :func:`write_outputs` writes
 everything but ``models/best.json``, which the stage writes with the SHA-256 of the
 ``models/best.safetensors`` it describes (``register`` checks it); :func:`log_pick` records the winner,
 the rule that chose it, the finalists and the leaderboard on the MLflow parent run.

@@ -31,6 +31,15 @@ def test_a_planted_over_confidence_is_recovered() -> None:
     assert (probabilities(sharp, t).argmax(1) == sharp.argmax(1)).all()
 
 
+def test_a_split_with_no_mistake_gives_no_temperature_and_the_fit_stays_bounded() -> None:
+    """Every validation image right: the loss falls as T → 0 and says nothing about over-confidence, so T stays 1.
+    One mistake among confident answers: T is fitted, finite and within its bounds."""
+    logits = np.array([[9.0, 0.0], [0.0, 9.0], [7.0, 1.0]])
+    assert fit_temperature(logits, np.array([0, 1, 0])) == 1.0
+    t = fit_temperature(logits, np.array([0, 1, 1]))
+    assert 1.0 < t <= 20.0 and np.isfinite(t)
+
+
 def test_ece_and_reliability_bins_by_hand() -> None:
     """Four images: two at confidence 0.95 (one right), two at 0.65 (both right); no value on a bin edge."""
     proba = np.array([[0.95, 0.05], [0.95, 0.05], [0.65, 0.35], [0.35, 0.65]])
