@@ -76,7 +76,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
