@@ -162,6 +162,13 @@ def stratified_take(
     return np.sort(np.concatenate(chosen))
 
 
+def held_out_fifth(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices): a seeded, stratified fifth held out as test, for a source without a test
+    split (an image folder or table without one, a named dataset without one)."""
+    test_idx = stratified_take(labels, fraction=0.2, seed=seed)
+    return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
+
+
 class BadImagesError(ValueError):
     """An image folder has problems: empty class folders and/or unreadable files; the message lists all of them."""
 
@@ -272,8 +279,7 @@ def load_image_folder(
         scan = _scan_classes(folder, empty, ignored)
         classes = [name for name, _ in scan]
         files, labels = _listing(scan, classes)
-        test_idx = stratified_take(labels, fraction=0.2, seed=seed)  # a seeded, stratified fifth
-        train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+        train_idx, test_idx = held_out_fifth(labels, seed)
         train_files, train_labels = [files[i] for i in train_idx], labels[train_idx]
         test_files, test_labels = [files[i] for i in test_idx], labels[test_idx]
     return _read_listing(
@@ -386,10 +392,9 @@ def load_image_table(
     labels = np.asarray([classes.index(label) for _, label, _ in listed], dtype=np.int64)
     is_test = np.asarray([t for _, _, t in listed], dtype=bool)
     if is_test.any():
-        test_idx = np.flatnonzero(is_test)
+        train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     else:
-        test_idx = stratified_take(labels, fraction=0.2, seed=seed)  # a seeded, stratified fifth
-    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+        train_idx, test_idx = held_out_fifth(labels, seed)
     missing = [classes[c] for c in range(len(classes)) if not (labels[train_idx] == c).any()]
     if missing:
         raise ValueError(f"{table}: label(s) {', '.join(missing)} have no training row")
@@ -411,8 +416,7 @@ KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", "csv:<file>",
 
 
 def _hold_out_test(train: ArraySplit, seed: int) -> tuple[ArraySplit, ArraySplit]:
-    test_idx = stratified_take(train.labels, fraction=0.2, seed=seed)
-    keep = np.setdiff1d(np.arange(len(train)), test_idx)
+    keep, test_idx = held_out_fifth(train.labels, seed)
     return ArraySplit(train.images[keep], train.labels[keep]), ArraySplit(
         train.images[test_idx], train.labels[test_idx]
     )

@@ -77,13 +77,12 @@ def reliability(proba: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list
     ]
 
 
+def calibration_error(bins: list[dict]) -> float:
+    """ECE from :func:`reliability`'s bins (see the module docstring); 0.0 for no images."""
+    n = sum(b["n"] for b in bins)
+    return float(sum(b["n"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"])) if n else 0.0
+
+
 def expected_calibration_error(proba: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
-    """ECE (see the module docstring); 0.0 for no images."""
-    n = len(labels)
-    return (
-        float(
-            sum(b["n"] / n * abs(b["accuracy"] - b["confidence"]) for b in reliability(proba, labels, bins) if b["n"])
-        )
-        if n
-        else 0.0
-    )
+    """ECE of ``proba`` on ``labels`` (see the module docstring); 0.0 for no images."""
+    return calibration_error(reliability(proba, labels, bins))

@@ -39,7 +39,7 @@ import numpy as np
 from drtune.inference import load_predictor
 from drtune.model_file import read_model, with_temperature
 from drtune.prepared import load_prepared
-from drtune.temperature import expected_calibration_error, fit_temperature, probabilities, reliability
+from drtune.temperature import calibration_error, fit_temperature, probabilities, reliability
 from pipeline import faults, plots
 from pipeline.champion import champion_score, claim, decide
 from pipeline.config import PipelineConfig, redact
@@ -54,13 +54,14 @@ from pipeline.significance import paired_test
 from pipeline.stage import stage_main, write_csv
 
 
-def calibration_numbers(test_logits: np.ndarray, labels: np.ndarray, temperature: float, n_val: int) -> dict:
-    """The temperature and the test split's expected calibration error before and after it."""
+def calibration_numbers(before: list[dict], after: list[dict], temperature: float, n_val: int) -> dict:
+    """The temperature and the test split's expected calibration error before and after it, from the
+    reliability bins (:func:`drtune.temperature.reliability`) of both."""
     return {
         "temperature": temperature,
         "temperature_fit_images": n_val,
-        "test_ece_before": expected_calibration_error(probabilities(test_logits), labels),
-        "test_ece": expected_calibration_error(probabilities(test_logits, temperature), labels),
+        "test_ece_before": calibration_error(before),
+        "test_ece": calibration_error(after),
     }
 
 
@@ -95,10 +96,11 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     predictor.temperature = fit_temperature(predictor.score(data.val)["logits"], data.val.labels)
     best = with_temperature(best, predictor.temperature)
     scores = predictor.score(test)
-    calibration = calibration_numbers(scores["logits"], test.labels, predictor.temperature, len(data.val))
+    before, after = (reliability(probabilities(scores["logits"], t), test.labels) for t in (1.0, predictor.temperature))
+    calibration = calibration_numbers(before, after, predictor.temperature, len(data.val))
     plots.reliability_diagram(
-        reliability(probabilities(scores["logits"]), test.labels),
-        reliability(probabilities(scores["logits"], predictor.temperature), test.labels),
+        before,
+        after,
         plots_dir / "reliability.png",
         f"test ECE {calibration['test_ece_before']:.3f} → {calibration['test_ece']:.3f} (T = {predictor.temperature:.2f})",
     )
