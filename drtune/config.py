@@ -69,6 +69,18 @@ class DataConfig(Section):
     unlabelled_max: int | None = Field(
         None, ge=1, description="at most this many unlabelled images (a seeded sample): bounds memory for big folders"
     )
+    max_leakage: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="largest share of test images that may be copies of training or validation images; above it "
+        "prepare stops and names them (drtune.data_checks)",
+    )
+    near_copies_leak: bool = Field(
+        False,
+        description="count near copies (thumbnail correlation ≥ 0.995) of training or validation images in the test "
+        "split as leakage too; by default they are reported, not refused",
+    )
 
     @field_validator("unlabelled", mode="before")
     @classmethod

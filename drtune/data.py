@@ -9,7 +9,7 @@ interpolation come from the backbone's pretrained config, never hard-coded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,13 +46,20 @@ def check_image_size(width: int, height: int) -> None:
 
 @dataclass
 class ArraySplit:
-    """One split: ``images`` uint8 N × H × W × C (C = 1 or 3), ``labels`` int64 N."""
+    """One split: ``images`` uint8 N × H × W × C (C = 1 or 3), ``labels`` int64 N; ``names``: each image's
+    file, relative to its dataset, when it was read from files (the data checks name images by it)."""
 
     images: np.ndarray
     labels: np.ndarray
+    names: list[str] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def take(self, index: np.ndarray) -> ArraySplit:
+        """The images at ``index``, with their labels and names."""
+        names = None if self.names is None else [self.names[i] for i in index]
+        return ArraySplit(self.images[index], self.labels[index], names)
 
 
 class ImageArrayDataset(Dataset):

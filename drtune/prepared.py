@@ -7,7 +7,8 @@
       stats.json                     images per class per split, image shape, unreadable files
                                      skipped and non-image files ignored (listed), SHA-256 of each
                                      split and of the source arrays; ``unlabelled``: null, or its
-                                     source, count, duplicates dropped and SHA-256
+                                     source, count, duplicates dropped and SHA-256; ``checks``:
+                                     duplicates and leakage between the splits (drtune.data_checks)
 
 :func:`write_prepared` builds everything in a sibling temporary folder and swaps it in only when
 complete, so a failed run leaves the previous output intact. :func:`load_prepared` reads the
@@ -29,6 +30,7 @@ import numpy as np
 
 from drtune.config import DataConfig
 from drtune.data import ArraySplit
+from drtune.data_checks import check_splits
 from drtune.sources import load_splits, load_unlabelled_split, unlabelled_folder
 
 SPLITS = ("train", "val", "test")
@@ -75,6 +77,7 @@ def write_prepared(cfg: DataConfig) -> dict:
         "sha256": {name: _sha256(s) for name, s in splits.items()},
         "source_sha256": {"train": _sha256(raw.train), "test": _sha256(raw.test)},
         "unlabelled": None,
+        "checks": check_splits(splits, raw.classes, cfg.max_leakage, cfg.near_copies_leak),
     }
     if unlabelled is not None:
         stats["unlabelled"] = {

@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,7 +234,8 @@ def _listing(scanned: list[tuple[str, list[Path]]], classes: list[str]) -> tuple
     return files, labels
 
 
-def _read_files(files: list[Path], labels: np.ndarray, size: int, bad: list[Path]) -> ArraySplit:
+def _read_files(files: list[Path], labels: np.ndarray, size: int, bad: list[Path], base: Path) -> ArraySplit:
+    """Decode ``files`` (unreadable ones go to ``bad``); names are paths relative to ``base``."""
     images, kept = [], []
     for i, f in enumerate(tqdm(files, desc="reading images", disable=len(files) < 500, leave=False)):
         try:
@@ -241,7 +243,11 @@ def _read_files(files: list[Path], labels: np.ndarray, size: int, bad: list[Path
             kept.append(i)
         except (OSError, ValueError, Image.DecompressionBombError):
             bad.append(f)
-    return ArraySplit(np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), labels[kept])
+    return ArraySplit(
+        np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        labels[kept],
+        [os.path.relpath(files[i], base) for i in kept],
+    )
 
 
 def load_image_folder(
@@ -317,8 +323,9 @@ def _read_listing(
         kept = stratified_take(train_labels, per_class=budget[0], fraction=budget[1], seed=seed)
         rest = [train_files[i] for i in np.setdiff1d(np.arange(len(train_files)), kept)]
         train_files, train_labels = [train_files[i] for i in kept], train_labels[kept]
-    train_split = _read_files(train_files, train_labels, size, bad)
-    test_split = _read_files(test_files, test_labels, size, bad)
+    base = source if source.is_dir() else source.parent
+    train_split = _read_files(train_files, train_labels, size, bad, base)
+    test_split = _read_files(test_files, test_labels, size, bad, base)
     if empty or (bad and not skip_bad):
         raise BadImagesError(source, empty, bad)
     return RawDataset(
@@ -417,9 +424,7 @@ KNOWN_DATASETS = ("digits", "fashion-mnist", "imagefolder:<path>", "csv:<file>",
 
 def _hold_out_test(train: ArraySplit, seed: int) -> tuple[ArraySplit, ArraySplit]:
     keep, test_idx = held_out_fifth(train.labels, seed)
-    return ArraySplit(train.images[keep], train.labels[keep]), ArraySplit(
-        train.images[test_idx], train.labels[test_idx]
-    )
+    return train.take(keep), train.take(test_idx)
 
 
 def load_source(
@@ -471,10 +476,7 @@ def few_label_splits(
     val_idx = kept[val_local]
     train_idx = np.setdiff1d(kept, val_idx)
 
-    def pick(idx: np.ndarray) -> ArraySplit:
-        return ArraySplit(raw.train.images[idx], raw.train.labels[idx])
-
-    splits = pick(train_idx), pick(val_idx), raw.test
+    splits = raw.train.take(train_idx), raw.train.take(val_idx), raw.test
     for split_name, split in zip(("train", "validation", "test"), splits, strict=True):
         counts = np.bincount(split.labels, minlength=len(raw.classes))
         empty = [raw.classes[c] for c in np.flatnonzero(counts == 0)]

@@ -142,6 +142,7 @@ def revalidation(
             refits,
             len(finalists) * p.tune.finalist_folds,
             f"re-validation interrupted; its state is stored at {redact(join_uri(storage, name + '-finalists'))}",
+            p.train.epochs,
         )
         held_out = {
             fold: extra_fold(data.train, data.val, fold, p.data.seed)[1] for fold in range(1, p.tune.finalist_folds + 1)

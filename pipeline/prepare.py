@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = {k: stats["counts"][k] for k in ("train", "val", "test")}
         if stats.get("unlabelled") is not None:
             counts["unlabelled"] = stats["unlabelled"]["count"]
+        for warning in stats["checks"]["warnings"]:
+            print(f"prepare: warning: {warning}", file=sys.stderr)
         return json.dumps(counts)
 
     errors = (ConfigError, FileNotFoundError, ValueError)

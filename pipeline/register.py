@@ -147,6 +147,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
             },
             "leaderboard.json",
         )
+        mlflow.log_dict(data.stats["checks"], "data_checks.json")  # duplicates and leakage found by prepare
         for picture in ("confusion_matrix.png", "reliability.png", "learning_curve.png", "landscape.png"):
             if (plots_dir / picture).is_file():
                 mlflow.log_artifact(str(plots_dir / picture), artifact_path="plots")

@@ -146,14 +146,21 @@ def build_tuner(
     )
 
 
-def require_finished(results, expected: int | None, message: str) -> None:
+def require_finished(results, expected: int | None, message: str, epochs: int | None = None) -> None:
     """Raise KeyboardInterrupt(``message``) unless all ``expected`` trials ended (done or errored):
     a Tuner stopped by Ctrl-C saves its state and *returns*, and its partial results must never
     be taken for a finished search. A trial the interrupt cut short is neither: Tune counts it in
     ``num_terminated`` (every trial without an error), but its last result is not marked ``done``.
-    ``expected`` None (no trial count, a time budget): every trial Tune started must have ended."""
-    ended = sum(r.error is not None or bool((r.metrics or {}).get("done")) for r in results)
-    if ended < (len(results) if expected is None else expected):
+    A trial whose last result reached ``epochs`` finished its schedule, ``done`` or not: Tune marks a
+    trial that returned ``done`` only in memory, so a search state saved just before that (and
+    restored by the next run) lacks the mark. ``expected`` None (no trial count, a time budget): every
+    trial Tune started must have ended."""
+
+    def ended(r) -> bool:
+        m = r.metrics or {}
+        return r.error is not None or bool(m.get("done")) or (epochs is not None and m.get("epoch", 0) >= epochs)
+
+    if sum(map(ended, results)) < (len(results) if expected is None else expected):
         raise KeyboardInterrupt(message)
 
 

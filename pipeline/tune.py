@@ -149,7 +149,9 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                     write_spent(experiment_path, budget.spent())
             out_of_time = budget is not None and budget.fired  # the budget stopped it, not a Ctrl-C near its end
             if not out_of_time:  # the budget's end is the search's end; anything else that stops it is an interrupt
-                require_finished(results, p.tune.num_samples, f"search interrupted; its state is stored at {shown}")
+                require_finished(
+                    results, p.tune.num_samples, f"search interrupted; its state is stored at {shown}", p.train.epochs
+                )
             budget_record = (
                 {
                     "time_budget_s": p.tune.time_budget_s,

@@ -563,6 +563,10 @@ def test_a_search_stopped_before_all_its_trials_ended_is_not_taken_as_a_result()
     # Ctrl-C while the last trial ran: Tune counts it among the terminated, but it never finished
     with pytest.raises(KeyboardInterrupt):
         require_finished([trial(), trial(), trial(), SimpleNamespace(metrics={"trial_id": "t4"}, error=None)], 4, "cut")
+    # a finished trial restored from a search state saved before Tune marked it done: its last epoch is the last
+    require_finished([trial(), trial(), trial(), trial(False)], 4, "unused", epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        require_finished([trial(), trial(), trial(), trial(False)], 4, "cut", epochs=2)
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parent.parent / "bench").glob("*.py")))
