@@ -2,7 +2,8 @@
 
 A test image that is also a training or validation image measures memory, not generalisation;
 two copies of one image with different labels are label noise a model cannot fit. ``prepare``
-looks for both, within and across train / val / test:
+looks for both, within and across train / val / test (and it measures class imbalance, which calls
+for another ``tune.metric``):
 
 * **exact duplicates**: equal stored pixels (:func:`drtune.sources.image_hash`);
 * **near-duplicates**: two 32 × 32 grey thumbnails whose Pearson correlation reaches
@@ -40,6 +41,7 @@ from drtune.sources import image_hash
 # test 0.998; a JPEG re-encoding or a brightness shift of a photo keeps its copy above 0.999.
 NEAR_CORRELATION = 0.995
 EXAMPLES = 10  # example pairs kept per split pair in stats.json
+IMBALANCE = 3.0  # largest over smallest labelled class above which prepare suggests another tune.metric
 _SIDE = 32  # thumbnail side
 _CHUNK = 2048  # thumbnails correlated with all others at once (2048 × N float32)
 
@@ -152,6 +154,15 @@ def check_splits(
             f"or accept them with data.max_leakage ≥ {fraction:.4f}"
         )
     warnings = []
+    labelled = np.bincount(np.concatenate([splits["train"].labels, splits["val"].labels]), minlength=len(classes))
+    ratio = float(labelled.max() / max(labelled.min(), 1))
+    if ratio > IMBALANCE:
+        big, small = int(labelled.argmax()), int(labelled.argmin())
+        warnings.append(
+            f"the classes are imbalanced: {classes[big]} has {labelled[big]} labelled images, {classes[small]} "
+            f"{labelled[small]} ({ratio:.1f}×); top-1 then rewards the large classes: consider tune.metric: "
+            "macro_f1 (or balanced_accuracy)"
+        )
     near_only = {t: other for t, other in near_only.items() if t not in leaked}
     if near_only:
         first = min(near_only)
@@ -169,6 +180,7 @@ def check_splits(
     return {
         "near_duplicate": {"thumbnail_correlation": NEAR_CORRELATION, "counted_as_leakage": near_copies_leak},
         "pairs": counts,
+        "class_imbalance": ratio,  # largest labelled class over the smallest (train + validation)
         "conflicting_labels": len(conflicting),
         "conflicting_examples": conflicting[:EXAMPLES],
         "test_leakage": {"images": len(leaked), "fraction": fraction, "max": max_leakage, "near_only": len(near_only)},

@@ -19,10 +19,51 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+METRIC_NAMES = {"top1": "top-1", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1"}  # tune.metric
+
+
+def metric_scores(confusion: np.ndarray) -> dict[str, float]:
+    """Top-1, balanced accuracy and macro-F1 from a C × C confusion matrix (rows: true class), as
+    scikit-learn defines them: balanced accuracy is the mean recall over the classes present in the
+    split; macro-F1 the mean F1 over the classes present in the split or the predictions, an undefined
+    F1 (nothing predicted and nothing true) counting 0. With balanced classes the first two are equal."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    right, true, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    n = max(true.sum(), 1.0)
+    present = true > 0
+    recall = np.divide(right, true, out=np.zeros_like(right), where=present)
+    seen = present | (predicted > 0)
+    f1 = np.divide(2 * right, true + predicted, out=np.zeros_like(right), where=seen)
+    return {
+        "top1": float(right.sum() / n),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+    }
+
+
+def confusion_of(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """C × C counts of (true, predicted) pairs, rows: true class."""
+    flat = np.asarray(labels, np.int64) * num_classes + np.asarray(predicted, np.int64)
+    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def per_class(confusion: np.ndarray, classes: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support of every class: the table ``register`` logs with the test score."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    right, true, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    precision = np.divide(right, predicted, out=np.zeros_like(right), where=predicted > 0)
+    recall = np.divide(right, true, out=np.zeros_like(right), where=true > 0)
+    f1 = np.divide(2 * right, true + predicted, out=np.zeros_like(right), where=(true + predicted) > 0)
+    return [
+        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(t)}
+        for name, p, r, f, t in zip(classes, precision, recall, f1, true, strict=True)
+    ]
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = False, predictions: bool = False) -> dict:
-    """Top-1, top-5 accuracy, mean cross-entropy and the count ``n``, summed over all ranks.
+    """Top-1, top-5 accuracy, mean cross-entropy, the count ``n``, balanced accuracy and macro-F1
+    (:func:`metric_scores`), over all ranks.
 
     With ``predictions`` (single process only) the result also holds ``predicted`` (top-1 class
     per image, in loader order), ``confusion`` (C × C counts, rows: true class) and ``logits`` (N × C,
@@ -30,6 +71,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = Fals
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, n
+    confusion = None  # C × C counts, summed over ranks like ``sums`` (C is known at the first batch)
     predicted, labels, all_logits = [], [], []
     for x, y, *_ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -45,18 +87,25 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, amp: bool = Fals
                 torch.tensor(float(len(y)), dtype=torch.float64, device=device),
             ]
         )
+        num_classes = logits.shape[1]
+        if confusion is None:
+            confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+        confusion += torch.bincount(y * num_classes + top[:, 0], minlength=num_classes**2).double()
         if predictions:
             predicted.append(top[:, 0].cpu())
             labels.append(y.cpu())
             all_logits.append(logits.cpu())
-            num_classes = logits.shape[1]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
+        dist.all_reduce(confusion)  # every rank has seen a batch: the split is padded to the world size
     n = max(sums[3].item(), 1.0)
     out = {"top1": sums[0].item() / n, "top5": sums[1].item() / n, "loss": sums[2].item() / n, "n": int(sums[3].item())}
+    if confusion is not None:
+        counts = confusion.cpu().numpy().round().astype(np.int64).reshape(num_classes, num_classes)
+        out |= {k: v for k, v in metric_scores(counts).items() if k != "top1"}
+        if predictions:
+            out["confusion"] = counts
     if predictions and predicted:
-        pred, true = torch.cat(predicted).numpy(), torch.cat(labels).numpy()
-        out["predicted"] = pred
+        out["predicted"] = torch.cat(predicted).numpy()
         out["logits"] = torch.cat(all_logits).numpy()
-        out["confusion"] = np.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, -1)
     return out

@@ -347,6 +347,8 @@ def fit(
         steps = len(train_loader)
         metrics = {
             "val_top1": scores["top1"],
+            "val_balanced_accuracy": scores["balanced_accuracy"],
+            "val_macro_f1": scores["macro_f1"],
             "val_top5": scores["top5"],
             "val_loss": scores["loss"],
             "epoch": epoch + 1,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from drtune import methods
 from drtune.config import Config
+from drtune.evaluation import METRIC_NAMES
 from drtune.inference import load_predictor, save_inference_checkpoint
 from drtune.model_file import read_model
 from drtune.preflight import preflight
@@ -85,15 +86,14 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
             model = read_model(save_inference_checkpoint(checkpoint, models / "baseline.safetensors"))
         history, scores = model.history, load_predictor(model).score(data.test)
         log_history(client, run_id, history)
-        client.log_metric(run_id, "test_top1", scores["top1"])
-        client.log_metric(run_id, "test_top5", scores["top5"])
+        for metric in (*METRIC_NAMES, "top5"):
+            client.log_metric(run_id, f"test_{metric}", scores[metric])
     summary = {
         "lr_backbone": ce.train.lr_backbone,
         "lr_head": ce.train.lr_head,
         "epochs": ce.train.epochs,
         "val_top1": history[-1]["val_top1"],
-        "test_top1": scores["top1"],
-        "test_top5": scores["top5"],
+        **{f"test_{metric}": scores[metric] for metric in (*METRIC_NAMES, "top5")},
         "n_test": scores["n"],
         "wall_s": round(time.time() - start, 1),
     }
@@ -104,7 +104,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     (models / "baseline.json").write_text(
         json.dumps(
             {
-                "val_top1": history[-1]["val_top1"],
+                **{f"val_{metric}": history[-1][f"val_{metric}"] for metric in METRIC_NAMES},  # any tune.metric
                 "val_loss": history[-1]["val_loss"],
                 "epochs": ce.train.epochs,
                 "data_sha256": data.checksum,

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from ray.train import Checkpoint
 
 from drtune import methods
@@ -28,7 +27,7 @@ from drtune.prepared import PreparedData
 from pipeline.cluster import join_uri, storage_filesystem
 from pipeline.config import PRETRAINED_WEIGHTS, PipelineConfig, redact
 from pipeline.search import build_finalist_tuner, cross_validated, require_finished
-from pipeline.selection import BASELINE, Candidate, Pick, pick, rank, tied_with_best
+from pipeline.selection import BASELINE, Candidate, Outcomes, Pick, pick, rank, tied_with_best
 from pipeline.selection import finalists as selection_finalists
 from pipeline.training import SharedData, read_checkpoint
 
@@ -63,21 +62,26 @@ def baseline_candidate(
     return Candidate(
         id=BASELINE,
         method=methods.PLAIN,
-        val_top1=b["val_top1"],
+        val_score=b[f"val_{p.tune.metric}"],
         val_loss=b["val_loss"],
         n_val=n_val,
+        metric=p.tune.metric,
         config={"method": methods.PLAIN, "lr_backbone": b["lr_backbone"], "lr_head": b["lr_head"]},
         baseline=True,
         ref=model,
     )
 
 
-def predictions_on(model: Path | Checkpoint, split: ArraySplit) -> tuple[bool, ...]:
-    """Per image of ``split``, whether a final model gets it right (scored here, on the driver, with the
-    evaluation transform): a model file (the baseline's), or a trial's Ray checkpoint."""
+def predictions_on(model: Path | Checkpoint | None, split: ArraySplit, num_classes: int) -> Outcomes:
+    """Per image of ``split``, a final model's prediction (scored here, on the driver, with the evaluation
+    transform): a model file (the baseline's), or a trial's Ray checkpoint; None, a model that diverged,
+    gets every image wrong."""
+    labels = tuple(int(y) for y in split.labels)
+    if model is None:
+        return Outcomes(labels, tuple((y + 1) % num_classes for y in labels), num_classes)
     with tempfile.TemporaryDirectory() as tmp:
         predicted = load_predictor(write_model_file(model, Path(tmp) / "m.safetensors")).score(split)["predicted"]
-    return tuple(bool(x) for x in np.asarray(predicted) == split.labels)
+    return Outcomes(labels, tuple(int(x) for x in predicted), num_classes)
 
 
 def write_model_file(ref: Path | Checkpoint, target: Path) -> Path:
@@ -89,17 +93,19 @@ def write_model_file(ref: Path | Checkpoint, target: Path) -> Path:
         return save_inference_checkpoint(read_checkpoint(ref, Path(tmp) / "last.pt"), target)
 
 
-def scored_on(candidate: Candidate, split: ArraySplit) -> Candidate:
+def scored_on(candidate: Candidate, split: ArraySplit, num_classes: int) -> Candidate:
     """``candidate`` with its per-image results on ``split`` (kept when it has them already)."""
-    return candidate if candidate.right is not None else candidate.with_right(predictions_on(candidate.ref, split))
+    if candidate.outcomes is not None:
+        return candidate
+    return candidate.with_outcomes(predictions_on(candidate.ref, split, num_classes))
 
 
-def near_the_top(candidates: list[Candidate], val: ArraySplit) -> list[Candidate]:
+def near_the_top(candidates: list[Candidate], val: ArraySplit, num_classes: int) -> list[Candidate]:
     """``candidates`` with per-image validation results for those the unpaired interval cannot separate from
     the best (the only ones a paired comparison could matter for), so that :mod:`pipeline.selection` compares
     them image by image; scoring a handful of models on the validation split costs seconds."""
     close = {c.id for c in tied_with_best(rank(candidates))}
-    return [scored_on(c, val) if c.id in close and len(close) > 1 else c for c in candidates]
+    return [scored_on(c, val, num_classes) if c.id in close and len(close) > 1 else c for c in candidates]
 
 
 def choose(
@@ -132,7 +138,8 @@ def revalidation(
     fs = storage_filesystem(storage)
 
     def revalidate(finalists: list[Candidate]) -> list[Candidate]:
-        finalists = [scored_on(c, data.val) for c in finalists]  # tune.revalidate: always may add unscored ones
+        classes = len(data.classes)
+        finalists = [scored_on(c, data.val, classes) for c in finalists]  # revalidate: always may add unscored ones
         print(
             f"re-validating {', '.join(c.id for c in finalists)} on {p.tune.finalist_folds} more held-out folds",
             flush=True,
@@ -148,12 +155,11 @@ def revalidation(
             fold: extra_fold(data.train, data.val, fold, p.data.seed)[1] for fold in range(1, p.tune.finalist_folds + 1)
         }
 
-        def right(refit) -> tuple[bool, ...]:
-            return predictions_on(
-                Checkpoint(refit.metrics["checkpoint_path"], filesystem=fs), held_out[refit.config["fold"]]
-            )
+        def outcomes(fold: int, refit) -> Outcomes:
+            model = None if refit is None else Checkpoint(refit.metrics["checkpoint_path"], filesystem=fs)
+            return predictions_on(model, held_out[fold], classes)
 
-        return cross_validated(finalists, refits, p.train.epochs, right)
+        return cross_validated(finalists, refits, p.train.epochs, p.tune.metric, outcomes)
 
     return revalidate
 

@@ -65,6 +65,11 @@ class TuneConfig(Section):
         "'DR-Tune's home regime'); it is the one to try when the backbone is self-supervised and CE-tuning falls "
         "below the linear probe. Include ce and linear_probe so the leaderboard shows which wins on your data",
     )
+    metric: Literal["top1", "balanced_accuracy", "macro_f1"] = Field(
+        "top1",
+        description="what chooses: ASHA's rungs, TPE, the pick, the leaderboard and the champion gate all use this "
+        "score (validation, then test); balanced_accuracy or macro_f1 when the classes are imbalanced",
+    )
     seed: int = Field(0, ge=0, description="seed of Optuna's TPE sampler")
     startup_trials: int = Field(3, ge=1, le=10_000, description="random trials before TPE starts modelling")
     max_concurrent_trials: int = Field(0, ge=0, le=10_000, description="0 = as many as the cluster's resources fit")
@@ -255,6 +260,10 @@ class PipelineConfig(Config):
                     stacklevel=2,
                 )
         return self
+
+    def tune_metric(self) -> str:
+        """The result key Tune judges trials by: ``val_`` + ``tune.metric`` (every epoch reports all three)."""
+        return f"val_{self.tune.metric}"
 
     def search_methods(self) -> list[str]:
         """The methods the search tries: ``tune.methods``, or ``train.method`` alone."""

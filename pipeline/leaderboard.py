@@ -19,7 +19,9 @@ from pipeline.selection import Candidate, Pick
 
 def leaderboard(candidates: list[Candidate], chosen: Pick, shown: list[str]) -> dict[str, dict]:
     """Per method: its candidates counted by status and its best, the first of its candidates in the
-    pick's order (so the overall pick is its method's entry); ``best`` None when none completed."""
+    pick's order (so the overall pick is its method's entry); ``best`` None when none completed. Scores
+    are named by the metric they are (``best_val_top1``, ``best_val_macro_f1``, …: ``tune.metric``)."""
+    metric = chosen.chosen.metric
     board, grouped, first = {}, defaultdict(list), {}
     for c in candidates:
         grouped[c.method].append(c)
@@ -33,8 +35,8 @@ def leaderboard(candidates: list[Candidate], chosen: Pick, shown: list[str]) -> 
             "stopped_early": sum(c.status == "stopped" for c in mine),
             "failed": sum(c.status == "failed" for c in mine),
             "best_trial": best.id if best else None,
-            "best_val_top1": best.val_top1 if best else None,
-            **({"best_cv_top1": best.cv_top1} if best and best.cv_top1 is not None else {}),
+            f"best_val_{metric}": best.val_score if best else None,
+            **({f"best_cv_{metric}": best.cv_score} if best and best.cv_score is not None else {}),
         }
     return board
 
@@ -46,42 +48,45 @@ def lift(scores: dict[str, float | None], method: str = methods.PROPOSED) -> flo
     return None if mine is None or not others else mine - max(others)
 
 
-def validation_numbers(board: dict[str, dict]) -> dict[str, float]:
+def validation_numbers(board: dict[str, dict], metric: str) -> dict[str, float]:
     """The leaderboard as flat numbers (a DVC metrics file, MLflow metrics): per method its best validation
-    top-1 and trial counts, and DR-Tune's lift over the best other method when both ran (negative when it lost)."""
-    out = {}
+    ``metric`` and trial counts, and DR-Tune's lift over the best other method when both ran (negative when it
+    lost)."""
+    out, key = {}, f"best_val_{metric}"
     for method, e in board.items():
         out |= {
             f"{method}.trials": e["trials"],
             f"{method}.completed": e["completed"],
             f"{method}.stopped_early": e["stopped_early"],
         }
-        if e["best_val_top1"] is not None:
-            out[f"{method}.best_val_top1"] = e["best_val_top1"]
-    val_lift = lift({m: e["best_val_top1"] for m, e in board.items()})
+        if e[key] is not None:
+            out[f"{method}.{key}"] = e[key]
+    val_lift = lift({m: e[key] for m, e in board.items()})
     if val_lift is not None:
         out["drtune_val_lift_over_best_other"] = val_lift
     return out
 
 
-def tested(board: dict[str, dict], folder: Path, test, known: dict[str, float]) -> dict[str, dict]:
-    """The search's leaderboard with each method's best model tested once on ``test`` (``test_top1``);
-    ``known`` maps trial ids already tested (the champion candidate) to their test top-1."""
-    out = {}
+def tested(board: dict[str, dict], folder: Path, test, known: dict[str, float], metric: str) -> dict[str, dict]:
+    """The search's leaderboard with each method's best model tested once on ``test`` (``test_<metric>``);
+    ``known`` maps trial ids already tested (the champion candidate) to their test ``metric``."""
+    out, key = {}, f"test_{metric}"
     for method, entry in board.items():
         trial, checkpoint = entry["best_trial"], folder / f"{method}.safetensors"
         if trial in known:
-            entry = entry | {"test_top1": known[trial]}
+            entry = entry | {key: known[trial]}
         elif trial and checkpoint.is_file():
-            entry = entry | {"test_top1": load_predictor(checkpoint).score(test)["top1"]}
+            entry = entry | {key: load_predictor(checkpoint).score(test)[metric]}
         out[method] = entry
     return out
 
 
-def test_numbers(board: dict[str, dict]) -> dict[str, float]:
-    """Per method its best model's test top-1, and DR-Tune's test lift over the best other method (can be negative)."""
-    out = {f"{m}.test_top1": e["test_top1"] for m, e in board.items() if "test_top1" in e}
-    test_lift = lift({m: e.get("test_top1") for m, e in board.items()})
+def test_numbers(board: dict[str, dict], metric: str) -> dict[str, float]:
+    """Per method its best model's test ``metric``, and DR-Tune's test lift over the best other method (can be
+    negative)."""
+    key = f"test_{metric}"
+    out = {f"{m}.{key}": e[key] for m, e in board.items() if key in e}
+    test_lift = lift({m: e.get(key) for m, e in board.items()})
     if test_lift is not None:
         out["drtune_test_lift_over_best_other"] = test_lift
     return out

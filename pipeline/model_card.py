@@ -8,6 +8,7 @@ how to load and serve it. :mod:`pipeline.register` writes it as the version's de
 from __future__ import annotations
 
 from drtune import methods
+from drtune.evaluation import METRIC_NAMES
 from pipeline.significance import PairedTest
 
 # What every version states besides its method's knobs (resolved: the numbers that trained it).
@@ -38,15 +39,17 @@ def model_description(
     classes: list[str],
     stats: dict,
     scores: dict,
-    baseline_top1: float,
+    baseline_score: float,
     decision: str,
     experiment_id: str | None = None,
     selection: dict | None = None,
     vs_baseline: PairedTest | None = None,
     pretrained: dict | None = None,
     calibration: dict | None = None,
+    metric: str = "top1",
 ) -> str:
-    """The Markdown a person reads on the registry page: what the model is, how good, how to call it."""
+    """The Markdown a person reads on the registry page: what the model is, how good, how to call it.
+    ``baseline_score`` is the CE baseline's test ``metric`` (``tune.metric``), the score the search chose by."""
     method = methods.get(params["train"]["method"]).long_name
     rows = "\n".join(
         f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |"
@@ -55,7 +58,8 @@ def model_description(
     counts = {split: sum(stats["counts"][split]) for split in ("train", "val", "test")}
     shown = ", ".join(classes[:12]) + (f", … ({len(classes)} in all)" if len(classes) > 12 else "")
     size = params["train"]["image_size"]
-    lift = scores["top1"] - baseline_top1
+    lift = scores[metric] - baseline_score
+    name_of = METRIC_NAMES[metric]
     # MLflow 3.17's UI picks the experiment view from its GenAI / Model training switch, not from the
     # experiment's kind tag; this link opens the training runs directly.
     paired = ""
@@ -63,13 +67,17 @@ def model_description(
         low, high = vs_baseline.interval()
         paired = (
             f" (paired on the same images: {vs_baseline.only_a} right only by this model, {vs_baseline.only_b} only "
-            f"by CE-tuning's; 95 % interval [{low:+.4f}, {high:+.4f}], McNemar p = {vs_baseline.p_value:.3g})"
+            f"by CE-tuning's; 95 % interval [{low:+.4f}, {high:+.4f}], {vs_baseline.test} p = {vs_baseline.p_value:.3g})"
         )
     runs = (
         f"\n\nThe search's trials and the CE baseline: [training runs](#/experiments/{experiment_id}/runs"
         "?workflowType=machine_learning)."
         if experiment_id
         else ""
+    )
+    others = ", ".join(
+        f"{label} {scores[key]:.4f}"
+        for key, label in (*((k, v) for k, v in METRIC_NAMES.items() if k != metric), ("top5", "top-5"))
     )
     start = f"\n\n**Self-supervised start**: {pretrain_summary(pretrained)}." if pretrained else ""
     calibrated = (
@@ -92,8 +100,8 @@ def model_description(
 
 **Why this model** ({selection["rule"] if selection else "validation"} pick): {selection["reason"] if selection else "best on validation"}.
 
-**Test top-1 {scores["top1"]:.4f}** (top-5 {scores["top5"]:.4f}, {scores["n"]} images) against the CE-tuning
-baseline's {baseline_top1:.4f}: lift **{lift:+.4f}**{paired}. Champion decision for version {version}: {decision}.{calibrated}{runs}
+**Test {name_of} {scores[metric]:.4f}** ({others}, {scores["n"]} images) against the CE-tuning
+baseline's {baseline_score:.4f}: lift **{lift:+.4f}**{paired}. Champion decision for version {version}: {decision}.{calibrated}{runs}
 
 ```python
 import mlflow

@@ -14,13 +14,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from drtune.evaluation import METRIC_NAMES
 
-def learning_curves(history: list[dict], path: Path, title: str) -> Path:
-    """Validation top-1 and train/validation loss per epoch of one run."""
+
+def learning_curves(history: list[dict], path: Path, title: str, metric: str = "top1") -> Path:
+    """Validation score (``metric``: ``val_score`` in ``history``) and train/validation loss per epoch of one run."""
     epochs = [h["epoch"] for h in history]
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(9, 3.5))
-    acc.plot(epochs, [h["val_top1"] for h in history], marker="o", label="validation top-1")
-    acc.set(xlabel="epoch", ylabel="accuracy", title=title)
+    acc.plot(epochs, [h["val_score"] for h in history], marker="o", label=f"validation {METRIC_NAMES[metric]}")
+    acc.set(xlabel="epoch", ylabel=METRIC_NAMES[metric], title=title)
     acc.grid(alpha=0.3)
     loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss (CE + λ·R_DR)")
     loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation CE")
@@ -33,20 +35,21 @@ def learning_curves(history: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def search_landscape(rows: list[dict], keys: list[str], path: Path) -> Path:
-    """Each searched hyperparameter against the trial's validation top-1; stopped and failed trials marked."""
+def search_landscape(rows: list[dict], keys: list[str], path: Path, metric: str = "top1") -> Path:
+    """Each searched hyperparameter against the trial's validation score (``val_score``: ``metric``); stopped
+    and failed trials marked."""
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
     styles = {"completed": ("tab:blue", "o"), "stopped": ("tab:gray", "v"), "failed": ("tab:red", "x")}
     for ax, key in zip(axes[0], keys, strict=True):
         for status, (color, marker) in styles.items():
             pts = [
-                (r[key], r["val_top1"] if np.isfinite(r["val_top1"]) else 0.0) for r in rows if r["status"] == status
+                (r[key], r["val_score"] if np.isfinite(r["val_score"]) else 0.0) for r in rows if r["status"] == status
             ]
             if pts:
                 ax.scatter(*zip(*pts, strict=True), c=color, marker=marker, label=status)
         if key != "queue_size":
             ax.set_xscale("log")
-        ax.set(xlabel=key, ylabel="validation top-1")
+        ax.set(xlabel=key, ylabel=f"validation {METRIC_NAMES[metric]}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from ray.tune import Callback
 
-from pipeline.searcher import METRIC
+from drtune.evaluation import METRIC_NAMES
 
 
 class Progress(Callback):
     """The driver's output: one line per trial epoch (rank 0's all-reduced metrics, wherever the
     workers run) and one per finished trial (what the user, and the resume test, watch for)."""
 
-    def __init__(self, max_epochs: int) -> None:
+    def __init__(self, max_epochs: int, metric: str = "top1") -> None:
         self.max_epochs = max_epochs
+        self.key, self.name = f"val_{metric}", METRIC_NAMES[metric]
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "resumed_from_epoch" in result:
@@ -23,8 +24,8 @@ class Progress(Callback):
         if result.get("diverged"):
             return
         print(
-            f"trial {trial.trial_id} epoch {result.get('epoch')}/{self.max_epochs}: val top-1 "
-            f"{result.get(METRIC, float('nan')):.4f}, val loss {result.get('val_loss', float('nan')):.4f}, train CE "
+            f"trial {trial.trial_id} epoch {result.get('epoch')}/{self.max_epochs}: val {self.name} "
+            f"{result.get(self.key, float('nan')):.4f}, val loss {result.get('val_loss', float('nan')):.4f}, train CE "
             f"{result.get('train_ce', float('nan')):.4f} + reg {result.get('train_reg', float('nan')):.4f}, "
             f"{result.get('epoch_s', float('nan')):.1f} s, {result.get('images_per_s', float('nan')):.0f} images/s",
             flush=True,
@@ -39,7 +40,8 @@ class Progress(Callback):
             return
         how = "completed" if r.get("epoch", 0) >= self.max_epochs else "stopped by ASHA"
         print(
-            f"trial {trial.trial_id} {how} after {r.get('epoch')} epochs: val top-1 {r.get(METRIC, float('nan')):.4f}",
+            f"trial {trial.trial_id} {how} after {r.get('epoch')} epochs: val {self.name} "
+            f"{r.get(self.key, float('nan')):.4f}",
             flush=True,
         )
 

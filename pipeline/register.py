@@ -34,8 +34,9 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
+import pandas as pd
 
+from drtune.evaluation import METRIC_NAMES, per_class
 from drtune.inference import load_predictor
 from drtune.model_file import read_model, with_temperature
 from drtune.prepared import load_prepared
@@ -50,7 +51,7 @@ from pipeline.model_card import hyperparameters, model_description, pretrain_sum
 from pipeline.model_version import model_version
 from pipeline.pretrained import pretrain_record
 from pipeline.selection import BASELINE
-from pipeline.significance import paired_test
+from pipeline.significance import paired
 from pipeline.stage import stage_main, write_csv
 
 
@@ -104,48 +105,51 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         plots_dir / "reliability.png",
         f"test ECE {calibration['test_ece_before']:.3f} → {calibration['test_ece']:.3f} (T = {predictor.temperature:.2f})",
     )
-    lift = scores["top1"] - baseline["test_top1"]
+    m = tune_summary["metric"]  # tune.metric, as the search chose by it: the gate and the leaderboard judge by it too
+    lift = scores[m] - baseline[f"test_{m}"]
     baseline_predicted = load_predictor(root / "models" / "baseline.safetensors").score(test)["predicted"]
-    vs_baseline = paired_test(
-        list(np.asarray(scores["predicted"]) == test.labels), list(np.asarray(baseline_predicted) == test.labels)
-    )
+    vs_baseline = paired(test.labels, scores["predicted"], baseline_predicted, m, len(classes))
     plots.confusion_matrix(
         scores["confusion"],
         classes,
         plots_dir / "confusion_matrix.png",
         f"test top-1 {scores['top1']:.3f} ({scores['n']} images)",
     )
-    version_before, champion_top1, note, champion_loads = champion_score(
-        client, name, test, classes, tune_summary["data_sha256"]
+    version_before, champion_before, note, champion_loads = champion_score(
+        client, name, test, classes, tune_summary["data_sha256"], m
     )
     board = tested(
         tune_summary.get("leaderboard", {}),
         root / "models" / "leaderboard",
         test,
-        {tune_summary["best_trial"]: scores["top1"], BASELINE: baseline["test_top1"]},
+        {tune_summary["best_trial"]: scores[m], BASELINE: baseline[f"test_{m}"]},
+        m,
     )
 
     with mlflow.start_run(run_id=parent), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics(
             {
-                "test_top1": scores["top1"],
-                "test_top5": scores["top5"],
-                "ce_baseline_test_top1": baseline["test_top1"],
+                **{f"test_{k}": scores[k] for k in (*METRIC_NAMES, "top5")},
+                f"ce_baseline_test_{m}": baseline[f"test_{m}"],
                 "lift_over_ce": lift,
-                "lift_over_ce_mcnemar_p": vs_baseline.p_value,
+                "lift_over_ce_p": vs_baseline.p_value,
                 **calibration,
-                **{f"leaderboard.{k}": v for k, v in test_numbers(board).items()},
+                **{f"leaderboard.{k}": v for k, v in test_numbers(board, m).items()},
             }
         )
         mlflow.log_dict(
             {
-                "columns": ["method", "trials", "completed", "best_trial", "best_val_top1", "test_top1"],
+                "columns": ["method", "trials", "completed", "best_trial", f"best_val_{m}", f"test_{m}"],
                 "data": [
-                    [m, e["trials"], e["completed"], e["best_trial"], e["best_val_top1"], e.get("test_top1")]
-                    for m, e in board.items()
+                    [method, e["trials"], e["completed"], e["best_trial"], e[f"best_val_{m}"], e.get(f"test_{m}")]
+                    for method, e in board.items()
                 ],
             },
             "leaderboard.json",
+        )
+        # precision, recall and F1 per class, in the table format of log_table, written whole (log_table appends)
+        mlflow.log_dict(
+            pd.DataFrame(per_class(scores["confusion"], classes)).to_dict(orient="split"), "per_class_test.json"
         )
         mlflow.log_dict(data.stats["checks"], "data_checks.json")  # duplicates and leakage found by prepare
         for picture in ("confusion_matrix.png", "reliability.png", "learning_curve.png", "landscape.png"):
@@ -161,14 +165,15 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         def judge(champion: tuple) -> tuple[bool, str]:
             if champion[0] == version:  # this very model is the champion already (a rerun)
                 return True, "already champion: this model was registered and promoted before"
-            return decide(scores["top1"], champion[1], champion[2], champion[3], vs_baseline)
+            return decide(scores[m], champion[1], champion[2], champion[3], vs_baseline, m)
 
         params = best.params
         tags = {
-            "test_top1": f"{scores['top1']:.4f}",
-            "ce_baseline_test_top1": f"{baseline['test_top1']:.4f}",
+            **{f"test_{k}": f"{scores[k]:.4f}" for k in METRIC_NAMES},
+            "metric": m,
+            f"ce_baseline_test_{m}": f"{baseline[f'test_{m}']:.4f}",
             "lift_over_ce": f"{lift:+.4f}",
-            "lift_over_ce_mcnemar_p": f"{vs_baseline.p_value:.3g}",
+            "lift_over_ce_p": f"{vs_baseline.p_value:.3g}",
             "temperature": f"{calibration['temperature']:.4f}",
             "test_ece": f"{calibration['test_ece']:.4f}",
             "test_ece_before_calibration": f"{calibration['test_ece_before']:.4f}",
@@ -194,18 +199,19 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
                 classes,
                 data.stats,
                 scores,
-                baseline["test_top1"],
+                baseline[f"test_{m}"],
                 decision,
                 tune_summary["mlflow_experiment_id"],
                 tune_summary["selection"],
                 vs_baseline,
                 pretrained,
                 calibration,
+                m,
             )
             client.update_model_version(name, version, description=description)
             return description
 
-        promote, decision = judge((version_before, champion_top1, note, champion_loads))
+        promote, decision = judge((version_before, champion_before, note, champion_loads))
         description = record(decision)
         faults.interrupt("interrupt_before_alias")
         if promote:  # the alias moves last, and only if the champion read above still holds it (or is beaten again)
@@ -214,7 +220,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
                 name,
                 version,
                 version_before,
-                lambda: champion_score(client, name, test, classes, tune_summary["data_sha256"]),
+                lambda: champion_score(client, name, test, classes, tune_summary["data_sha256"], m),
                 judge,
             )
             if changed:
@@ -222,8 +228,8 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         if promote:
             client.update_registered_model(name, description=f"Champion: version {version}.\n\n{description}")
         mlflow.set_tags({"registered_version": version, "champion_decision": decision})
-        if champion_top1 is not None:
-            mlflow.log_metric("champion_test_top1_before", champion_top1)
+        if champion_before is not None:
+            mlflow.log_metric(f"champion_test_{m}_before", champion_before)
 
     write_csv(
         root / "metrics" / "test_predictions.csv",
@@ -233,20 +239,25 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         ],
     )
     metrics = {
-        "test_top1": scores["top1"],
-        "test_top5": scores["top5"],
+        **{f"test_{k}": scores[k] for k in (*METRIC_NAMES, "top5")},
         "n_test": scores["n"],
-        "ce_baseline_test_top1": baseline["test_top1"],
+        f"ce_baseline_test_{m}": baseline[f"test_{m}"],
         "lift_over_ce": lift,
-        "lift_over_ce_mcnemar_p": vs_baseline.p_value,
+        "lift_over_ce_p": vs_baseline.p_value,
         "lift_over_ce_low": vs_baseline.interval()[0],
         "lift_over_ce_high": vs_baseline.interval()[1],
-        "champion_test_top1_before": champion_top1,
+        f"champion_test_{m}_before": champion_before,
         "promoted": int(promote),
         **calibration,
-        **test_numbers(board),
+        **test_numbers(board, m),
     }
-    registered = {"registered_model": name, "version": version, "champion_before": version_before, "decision": decision}
+    registered = {
+        "metric": m,
+        "registered_model": name,
+        "version": version,
+        "champion_before": version_before,
+        "decision": decision,
+    }
     (root / "metrics" / "test.json").write_text(json.dumps(metrics, indent=2))  # numbers only: a DVC metrics file
     (root / "models" / "registered.json").write_text(json.dumps(registered, indent=2))
     return metrics | registered
@@ -254,9 +265,10 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     def summary(s: dict) -> str:
+        m = s["metric"]
         return (
-            f"test top-1 {s['test_top1']:.4f} (CE-tuning {s['ce_baseline_test_top1']:.4f}, lift {s['lift_over_ce']:+.4f}); "
-            f"{s['registered_model']} v{s['version']} @challenger; {s['decision']}"
+            f"test {METRIC_NAMES[m]} {s[f'test_{m}']:.4f} (CE-tuning {s[f'ce_baseline_test_{m}']:.4f}, lift "
+            f"{s['lift_over_ce']:+.4f}); {s['registered_model']} v{s['version']} @challenger; {s['decision']}"
         )
 
     return stage_main("register", __doc__, argv, run, summary)

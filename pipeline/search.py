@@ -40,8 +40,8 @@ from pipeline.cluster import join_uri, trial_resources
 from pipeline.config import PipelineConfig
 from pipeline.early_stopping import replay_rungs, scheduler
 from pipeline.experiment_state import restore_tuner
-from pipeline.searcher import METRIC, MethodSpace, PruningOptunaSearch, search_space
-from pipeline.selection import Candidate
+from pipeline.searcher import MethodSpace, PruningOptunaSearch, search_space
+from pipeline.selection import Candidate, Outcomes
 from pipeline.space import across_methods, starting_points, trial_config
 from pipeline.training import ReportToTune, SharedData, run_training
 
@@ -81,7 +81,7 @@ def _tuner(
         concurrency = None
     restored = restore_tuner(join_uri(storage, name), trainable)
     if restored is not None:
-        replay_rungs(compat.tuner_scheduler(restored), restored.get_results(), METRIC)
+        replay_rungs(compat.tuner_scheduler(restored), restored.get_results(), config.tune_metric())
         if stop is not None:
             compat.set_tuner_stopper(restored, stop)
         return restored
@@ -120,7 +120,8 @@ def build_tuner(
         n_startup_trials=t.startup_trials,
         group=across_methods(config),
     )
-    space = {"space": MethodSpace(config), "metric": METRIC, "mode": "max"} if across_methods(config) else {}
+    metric = config.tune_metric()
+    space = {"space": MethodSpace(config), "metric": metric, "mode": "max"} if across_methods(config) else {}
     searcher = PruningOptunaSearch(
         points_to_evaluate=starting_points(config) or None, sampler=sampler, max_epochs=config.train.epochs, **space
     )
@@ -138,7 +139,7 @@ def build_tuner(
         callbacks,
         search_space(config),
         stop=budget,
-        metric=METRIC,
+        metric=metric,
         mode="max",
         search_alg=searcher,
         scheduler=scheduler(config),
@@ -165,28 +166,35 @@ def require_finished(results, expected: int | None, message: str, epochs: int | 
 
 
 def trial_candidates(
-    results, max_epochs: int, n_val: int, method: str, filesystem: pyarrow.fs.FileSystem | None = None
+    results,
+    max_epochs: int,
+    n_val: int,
+    method: str,
+    metric: str = "top1",
+    filesystem: pyarrow.fs.FileSystem | None = None,
 ) -> list[Candidate]:
     """Every trial of a search as a :class:`~pipeline.selection.Candidate`, in Tune's order: completed
     (every epoch, a finite score), stopped (by ASHA) or failed (an error or a divergence). ``method`` is
-    the one a trial without a sampled method trained; ``ref`` is its last checkpoint.
+    the one a trial without a sampled method trained; ``metric`` is ``tune.metric``, the score read from
+    each trial's last validation; ``ref`` is its last checkpoint.
 
     ``filesystem`` is the storage's (:func:`pipeline.cluster.storage_filesystem`): the checkpoint
     path Tune reports is relative to it."""
     out = []
     for r in results:
         m = r.metrics or {}
-        score = float(m.get(METRIC, math.nan))
+        score = float(m.get(f"val_{metric}", math.nan))
         failed = r.error is not None or bool(m.get("diverged")) or not math.isfinite(score)
         status = "failed" if failed else ("completed" if m.get("epoch", 0) >= max_epochs else "stopped")
         out.append(
             Candidate(
                 id=m.get("trial_id") or str(r.path).rsplit("/", 1)[-1],
                 method=r.config.get("method", method),
-                val_top1=score,
+                val_score=score,
                 val_loss=float(m.get("val_loss", math.nan)),
                 n_val=n_val,
                 status=status,
+                metric=metric,
                 config=dict(r.config),
                 ref=Checkpoint(m["checkpoint_path"], filesystem=filesystem) if status == "completed" else None,
             )
@@ -231,17 +239,22 @@ def build_finalist_tuner(
 
 
 def cross_validated(
-    finalists: list[Candidate], refits, max_epochs: int, right: Callable[[object], tuple[bool, ...]] | None = None
+    finalists: list[Candidate],
+    refits,
+    max_epochs: int,
+    metric: str = "top1",
+    outcomes: Callable[[int, object | None], Outcomes] | None = None,
 ) -> list[Candidate]:
-    """The finalists with their extra folds pooled in (:meth:`Candidate.revalidated`): ``cv_top1`` is the mean
-    validation top-1 over their own split and every extra fold (the folds are the same size, so it is their
-    accuracy over all of those images). ``right(refit)``, when given, scores a finished refit's model image by
-    image on its fold, so the finalists can be compared paired on all of those images.
+    """The finalists with their extra folds pooled in (:meth:`Candidate.revalidated`): ``cv_score`` is the mean
+    validation ``metric`` over their own split and every extra fold (for top-1 the folds are the same size, so
+    it is their accuracy over all of those images). ``outcomes(fold, refit)``, when given, scores a finished
+    refit's model image by image on its fold (``refit`` None: it diverged, every image wrong), so the finalists
+    can be compared paired on all of those images.
 
     A finalist that diverges on a fold scores 0 there (every image wrong): a setting that trains only on some
     splits is fragile. A refit that failed or did not finish is an error: its fold would be missing from the mean."""
     folds: dict[int, dict[int, float]] = {i: {} for i in range(len(finalists))}
-    rights: dict[int, dict[int, tuple[bool, ...]]] = {i: {} for i in range(len(finalists))}
+    per_image: dict[int, dict[int, Outcomes]] = {i: {} for i in range(len(finalists))}
     for r in refits:
         m = r.metrics or {}
         if r.error is not None or not (m.get("diverged") or m.get("epoch", 0) >= max_epochs):
@@ -250,13 +263,13 @@ def cross_validated(
                 "did not finish; run the stage again: it continues from its last checkpoint"
             )
         i, fold = r.config["finalist"], r.config["fold"]
-        folds[i][fold] = 0.0 if m.get("diverged") else float(m[METRIC])
-        if right is not None:
-            rights[i][fold] = (False,) * finalists[i].n_val if m.get("diverged") else right(r)
+        folds[i][fold] = 0.0 if m.get("diverged") else float(m[f"val_{metric}"])
+        if outcomes is not None:
+            per_image[i][fold] = outcomes(fold, None if m.get("diverged") else r)
     return [
         c.revalidated(
             [folds[i][f] for f in sorted(folds[i])],
-            [rights[i][f] for f in sorted(rights[i])] if right is not None else None,
+            [per_image[i][f] for f in sorted(per_image[i])] if outcomes is not None else None,
         )
         for i, c in enumerate(finalists)
     ]

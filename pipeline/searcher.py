@@ -19,8 +19,6 @@ from ray.tune.search.optuna import OptunaSearch
 from pipeline.config import PipelineConfig
 from pipeline.space import across_methods, ranges
 
-METRIC = "val_top1"
-
 
 class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch that tells ASHA-stopped trials as PRUNED and errored trials as FAIL, learns from a
@@ -54,7 +52,7 @@ class PruningOptunaSearch(OptunaSearch):
     def _state(self, result: dict | None, error: bool) -> tuple[dict | None, bool]:
         """(the result to tell, error): FAIL for an error or no finite score, PRUNED (no result, no error)
         for a trial ASHA stopped before the last epoch, else COMPLETE with its score."""
-        if error or result is None or not math.isfinite(result.get(METRIC, float("nan"))):
+        if error or result is None or not math.isfinite(result.get(self._metric, float("nan"))):
             return None, True
         return (None, False) if result.get("epoch", 0) < self.max_epochs else (result, False)
 
@@ -69,7 +67,7 @@ class PruningOptunaSearch(OptunaSearch):
                 optuna.trial.create_trial(
                     params=told.params,
                     distributions=told.distributions,
-                    value=None if result is None else result[METRIC],
+                    value=None if result is None else result[self._metric],
                     state=optuna.trial.TrialState.PRUNED if result is None else optuna.trial.TrialState.COMPLETE,
                 )
             )

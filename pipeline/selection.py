@@ -14,7 +14,11 @@ and under "equally good" each is a fair coin's toss (McNemar's exact test). Two 
 *within the noise* when that test's two-sided p-value is 0.05 or more. Pairing matters: two models
 that agree on most images are told apart by a gap that two independent samples would not resolve.
 
-Per-image results are known only for the candidates given them (:meth:`Candidate.with_right`; the stage
+With ``tune.metric`` balanced accuracy or macro-F1 the score is that metric and the paired test is a
+permutation test on the two models' predictions (:mod:`pipeline.significance`), which McNemar's is the
+top-1 case of.
+
+Per-image results are known only for the candidates given them (:meth:`Candidate.with_outcomes`; the stage
 gets them for the candidates near the top). Otherwise the comparison falls back to the unpaired
 95 % interval of Agresti–Caffo (add one right and one wrong answer to each, then the normal
 interval), which is wider, so it calls a tie more often, never less::
@@ -23,7 +27,7 @@ interval), which is wider, so it calls a tie more often, never less::
 
 **The pick** (:func:`pick`):
 
-1. Rank by score (validation top-1; the mean over all folds once a candidate was re-validated),
+1. Rank by score (validation ``tune.metric``; the mean over all folds once a candidate was re-validated),
    ties by lower validation loss, then the given order.
 2. *Clear*: the best is outside the noise of every other candidate: it wins.
 3. Otherwise the tied candidates are re-validated on more held-out folds of the same labels
@@ -43,9 +47,25 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipeline.significance import Comparison, agresti_caffo, paired_test
+from pipeline.significance import Comparison, agresti_caffo, paired
 
 BASELINE = "baseline"  # the CE baseline's candidate id
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Per held-out image behind a score: its true class and the model's prediction (in the split's order)."""
+
+    labels: tuple[int, ...]
+    predicted: tuple[int, ...]
+    num_classes: int
+
+    def __add__(self, other: Outcomes) -> Outcomes:
+        """These images, then ``other``'s (a candidate's validation split, then its extra folds)."""
+        return Outcomes(self.labels + other.labels, self.predicted + other.predicted, self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 @dataclass(frozen=True)
@@ -58,49 +78,52 @@ class Candidate:
 
     id: str
     method: str
-    val_top1: float
+    val_score: float  # validation ``metric``
     val_loss: float
     n_val: int
     status: str = "completed"  # completed | stopped | failed
     config: dict = field(default_factory=dict)
     baseline: bool = False
-    cv_top1: float | None = None  # mean top-1 over its own split and the extra folds, once re-validated
+    cv_score: float | None = None  # mean ``metric`` over its own split and the extra folds, once re-validated
     folds: int = 1  # held-out splits pooled in its score
     ref: Any = None
-    right: tuple[bool, ...] | None = None  # per image behind its score: validation, then each extra fold in order
+    outcomes: Outcomes | None = None  # per image behind its score: validation, then each extra fold in order
+    metric: str = "top1"  # tune.metric: what the scores are
 
     @property
     def score(self) -> float:
-        return self.cv_top1 if self.cv_top1 is not None else self.val_top1
+        return self.cv_score if self.cv_score is not None else self.val_score
 
     @property
     def n(self) -> int:
         """Held-out images behind :attr:`score`."""
         return self.n_val * self.folds
 
-    def revalidated(self, fold_top1: list[float], fold_right: list[tuple[bool, ...]] | None = None) -> Candidate:
-        """This candidate with ``fold_top1`` (its top-1 on each extra fold, each of ``n_val`` images) pooled in,
-        and ``fold_right`` (per image, each fold in order) appended to its validation results when both are known."""
-        scores = [self.val_top1, *fold_top1]
-        right = (
-            self.right + tuple(x for fold in fold_right for x in fold)
-            if self.right is not None and fold_right is not None
-            else None
-        )
-        return replace(self, cv_top1=sum(scores) / len(scores), folds=len(scores), right=right)
+    def revalidated(self, fold_scores: list[float], fold_outcomes: list[Outcomes] | None = None) -> Candidate:
+        """This candidate with ``fold_scores`` (its score on each extra fold, each of ``n_val`` images) pooled in,
+        and ``fold_outcomes`` (each fold in order) appended to its validation outcomes when both are known."""
+        scores = [self.val_score, *fold_scores]
+        outcomes = self.outcomes
+        if outcomes is not None and fold_outcomes is not None:
+            for fold in fold_outcomes:
+                outcomes = outcomes + fold
+        else:
+            outcomes = None
+        return replace(self, cv_score=sum(scores) / len(scores), folds=len(scores), outcomes=outcomes)
 
-    def with_right(self, right: list[bool] | tuple[bool, ...]) -> Candidate:
-        """This candidate with its per-image results on the validation split (in the split's order)."""
-        return replace(self, right=tuple(bool(x) for x in right))
+    def with_outcomes(self, outcomes: Outcomes) -> Candidate:
+        """This candidate with its per-image results on the validation split."""
+        return replace(self, outcomes=outcomes)
 
 
 def compare(a: Candidate, b: Candidate) -> Comparison:
     """``a`` against ``b``: paired on their per-image results when both have them for the same images,
     else on their scores (Agresti–Caffo); see the module docstring."""
-    if a.right is not None and b.right is not None and len(a.right) == len(b.right):
-        t = paired_test(a.right, b.right)
+    if a.outcomes is not None and b.outcomes is not None and a.outcomes.labels == b.outcomes.labels:
+        t = paired(a.outcomes.labels, a.outcomes.predicted, b.outcomes.predicted, a.metric, a.outcomes.num_classes)
         low, high = t.interval()
-        return Comparison(a.id, b.id, t.difference, float(t.only_a - t.only_b), low, high, t.p_value)
+        # in images: exact for top-1 (only a right minus only b right), the score's gap × images otherwise
+        return Comparison(a.id, b.id, t.difference, t.difference * t.n, low, high, t.p_value, t.test)
 
     gap = a.score - b.score
     low, high = agresti_caffo(a.score, a.n, b.score, b.n)
@@ -157,12 +180,12 @@ class Pick:
 
 
 def pick(candidates: list[Candidate]) -> Pick:
-    """The pick of the module docstring. Candidates with ``cv_top1`` were re-validated: when there are
+    """The pick of the module docstring. Candidates with ``cv_score`` were re-validated: when there are
     any, the deciding round is among them alone (the others were already clearly behind on validation)."""
     everyone = rank(candidates)
     if not everyone:
         raise ValueError("no candidate completed its schedule")
-    scoped = [c for c in everyone if c.cv_top1 is not None] or everyone
+    scoped = [c for c in everyone if c.cv_score is not None] or everyone
     again = scoped is not everyone
     tied = tied_with_best(scoped)
     comparison = compare(scoped[0], scoped[1]) if len(scoped) > 1 else None

@@ -1,14 +1,26 @@
-"""How sure a difference between two models is: McNemar's exact test on paired per-image results, and
-the Agresti–Caffo interval when only their scores are known (see :mod:`pipeline.selection`)."""
+"""How sure a difference between two models is: on paired per-image results, McNemar's exact test for top-1
+and a paired permutation test for balanced accuracy and macro-F1 (``tune.metric``); the Agresti–Caffo interval
+when only their scores are known (see :mod:`pipeline.selection`).
+
+The permutation test is McNemar's idea for a score that is not a sum over images: under "equally good"
+the two models' predictions of an image are exchangeable, so each image on which they differ swaps
+them with probability ½ and the score difference is recomputed (:data:`ROUNDS` draws, seeded: the same
+p-value on every machine). Its interval is the paired bootstrap's over images.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from scipy.stats import binomtest
 
+from drtune.evaluation import confusion_of, metric_scores
+
 Z95 = 1.959964  # two-sided 95 % normal quantile
+ROUNDS = 2000  # permutation and bootstrap draws: a p-value near 0.05 is known to about ± 0.005
+TESTS = {"top1": "McNemar"}  # the paired test of each metric; the others use the permutation test
 
 
 def agresti_caffo(score_a: float, n_a: int, score_b: float, n_b: int) -> tuple[float, float]:
@@ -31,13 +43,14 @@ class Comparison:
     low: float
     high: float
     p_value: float | None = None  # paired comparisons only
+    test: str = "McNemar"  # the paired test behind p_value
 
     @property
     def within_noise(self) -> bool:
         return self.p_value >= 0.05 if self.p_value is not None else self.low <= 0.0
 
     def words(self) -> str:
-        how = f"paired, McNemar p = {self.p_value:.2g}" if self.p_value is not None else "unpaired"
+        how = f"paired, {self.test} p = {self.p_value:.2g}" if self.p_value is not None else "unpaired"
         return (
             f"{self.best} − {self.other}: {self.gap:+.4f} ({self.gap_images:+.1f} images), 95 % interval "
             f"[{self.low:+.4f}, {self.high:+.4f}], {how}" + (", within the noise" if self.within_noise else "")
@@ -51,27 +64,39 @@ class Comparison:
             "gap_images": self.gap_images,
             "interval": [self.low, self.high],
             "paired": self.p_value is not None,
-            "mcnemar_p": self.p_value,
+            "test": self.test if self.p_value is not None else "Agresti-Caffo",
+            "p_value": self.p_value,
             "within_noise": self.within_noise,
         }
 
 
 @dataclass(frozen=True)
 class PairedTest:
-    """Two models on the same test images: how many each alone got right, and McNemar's exact p-value."""
+    """Two models on the same images: how many each alone got right, the difference of their ``metric``
+    (a's minus b's), its 95 % interval and the paired test's p-value (McNemar's for top-1)."""
 
     n: int
     only_a: int  # images a got right and b wrong
     only_b: int
     p_value: float
+    metric: str = "top1"
+    # balanced accuracy and macro-F1 only: their difference and its bootstrap interval
+    score_difference: float | None = None
+    bounds: tuple[float, float] | None = field(default=None)
+
+    @property
+    def test(self) -> str:
+        return TESTS.get(self.metric, "permutation")
 
     @property
     def difference(self) -> float:
-        """a's top-1 minus b's."""
-        return (self.only_a - self.only_b) / self.n
+        """a's score minus b's."""
+        return (self.only_a - self.only_b) / self.n if self.score_difference is None else self.score_difference
 
     def interval(self) -> tuple[float, float]:
-        """95 % interval of :attr:`difference` (paired, normal approximation)."""
+        """95 % interval of :attr:`difference` (top-1: paired, normal approximation; otherwise the bootstrap's)."""
+        if self.bounds is not None:
+            return self.bounds
         d = self.difference
         half = Z95 * math.sqrt(max(self.only_a + self.only_b - self.n * d * d, 0.0)) / self.n
         return d - half, d + half
@@ -80,11 +105,13 @@ class PairedTest:
         low, high = self.interval()
         return {
             "n": self.n,
+            "metric": self.metric,
             "only_challenger_right": self.only_a,
             "only_baseline_right": self.only_b,
             "difference": self.difference,
             "interval": [low, high],
-            "mcnemar_p": self.p_value,
+            "test": self.test,
+            "p_value": self.p_value,
         }
 
 
@@ -97,3 +124,40 @@ def paired_test(a_right: list[bool], b_right: list[bool]) -> PairedTest:
     only_b = sum(bool(y) and not bool(x) for x, y in zip(a_right, b_right, strict=True))
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     return PairedTest(len(a_right), only_a, only_b, float(p))
+
+
+def paired(labels, a_predicted, b_predicted, metric: str, num_classes: int) -> PairedTest:
+    """Two models' predictions of the same images compared on ``metric`` (``tune.metric``): McNemar's exact
+    test for top-1 (:func:`paired_test`), else the permutation test of the module docstring."""
+    labels, a, b = (np.asarray(x, dtype=np.int64) for x in (labels, a_predicted, b_predicted))
+    if metric == "top1":
+        return paired_test(list(a == labels), list(b == labels))
+    if len(a) != len(b) or len(a) != len(labels) or not len(a):
+        raise ValueError(f"paired test needs the same, non-empty images: {len(a)} and {len(b)}")
+
+    def score(predicted: np.ndarray, rows: np.ndarray | slice = slice(None)) -> float:
+        return metric_scores(confusion_of(labels[rows], predicted[rows], num_classes))[metric]
+
+    difference = score(a) - score(b)
+    rng = np.random.default_rng(0)
+    differ = np.flatnonzero(a != b)
+    extreme = 0
+    for _ in range(ROUNDS):
+        swap = differ[rng.random(len(differ)) < 0.5]
+        a2, b2 = a.copy(), b.copy()
+        a2[swap], b2[swap] = b[swap], a[swap]
+        extreme += abs(score(a2) - score(b2)) >= abs(difference) - 1e-12
+    boot = []
+    for _ in range(ROUNDS):
+        rows = rng.integers(0, len(labels), len(labels))
+        boot.append(score(a, rows) - score(b, rows))
+    right_a, right_b = a == labels, b == labels
+    return PairedTest(
+        n=len(labels),
+        only_a=int((right_a & ~right_b).sum()),
+        only_b=int((right_b & ~right_a).sum()),
+        p_value=(1 + extreme) / (1 + ROUNDS) if len(differ) else 1.0,
+        metric=metric,
+        score_difference=difference,
+        bounds=(float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))),
+    )

@@ -41,6 +41,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 import drtune
 from drtune import methods
 from drtune.config import Config
+from drtune.evaluation import METRIC_NAMES
 from drtune.folds import extra_fold
 from drtune.prepared import PreparedData
 from drtune.train import DivergedError, fit
@@ -112,7 +113,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             fit(config, train, val, data["classes"], scratch, report=report, device=device, weights=data["weights"])
         except DivergedError as err:
             ray.train.report(
-                {"epoch": err.epoch, "val_top1": math.nan, "val_loss": math.nan, "diverged": 1.0, "error": str(err)}
+                {
+                    "epoch": err.epoch,
+                    **{f"val_{metric}": math.nan for metric in METRIC_NAMES},
+                    "val_loss": math.nan,
+                    "diverged": 1.0,
+                    "error": str(err),
+                }
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -129,7 +129,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             inputs = dataset_inputs(data, p.data.prepared_dir)
             client.log_inputs(parent, datasets=inputs)
             trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs, base=p)
-            progress = Progress(p.train.epochs)
+            progress = Progress(p.train.epochs, p.tune.metric)
             shared = share_data(data, backbone.content)
             watch = PlacementGroupWatch()  # removes a trial's leaked worker reservation (see its module)
             budget = None
@@ -166,7 +166,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 results
             )  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
             candidates = trial_candidates(
-                results, p.train.epochs, len(data.val), p.train.method, storage_filesystem(storage)
+                results, p.train.epochs, len(data.val), p.train.method, p.tune.metric, storage_filesystem(storage)
             )
             errored = [c.id for c, r in zip(candidates, results, strict=True) if r.error is not None]
             if errored and not p.tune.allow_partial:
@@ -189,17 +189,17 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                     "runs); fix the cause and run the stage again: failed trials are retried from their last "
                     "checkpoints"
                 )
-            candidates = near_the_top(candidates, data.val)
+            candidates = near_the_top(candidates, data.val, len(data.classes))
             chosen, scored = choose(p, candidates, revalidation(p, data, shared, storage, ray_run, [progress, watch]))
             for c in scored:
                 if c.baseline:
                     client.log_metric(
                         json.loads((root / "models" / "baseline.json").read_text())["mlflow_run_id"],
-                        "cv_top1",
-                        c.cv_top1,
+                        f"cv_{p.tune.metric}",
+                        c.cv_score,
                     )
                 else:
-                    trial_runs.log_final(c.id, {"cv_top1": c.cv_top1})
+                    trial_runs.log_final(c.id, {f"cv_{p.tune.metric}": c.cv_score})
             trial_runs.flush()
             print(f"pick: {chosen.chosen.id} ({chosen.chosen.method}), rule {chosen.rule}: {chosen.reason}", flush=True)
             landscape = [
@@ -233,7 +233,10 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> int:
     def summary(s: dict) -> str:
         return json.dumps(
-            {k: s[k] for k in ("best_trial", "best_val_top1", "completed", "stopped_early", "failed", "wall_s")}
+            {
+                k: s[k]
+                for k in ("best_trial", f"best_val_{s['metric']}", "completed", "stopped_early", "failed", "wall_s")
+            }
         )
 
     def search(p: PipelineConfig, fresh: bool = False) -> dict:

@@ -77,6 +77,7 @@ def write_outputs(
     for d in (models, metrics_dir, plots_dir):
         d.mkdir(parents=True, exist_ok=True)
     best = chosen.chosen
+    m = best.metric  # tune.metric: the scores below are named by it (best_val_top1, best_val_macro_f1, …)
     shown = list(dict.fromkeys(p.search_methods() + [c.method for c in candidates if c.baseline]))
     keys = sorted({name for m in p.search_methods() for name in searched_names(p, m)})
     rows = [
@@ -84,7 +85,7 @@ def write_outputs(
             "trial": c.id,
             "method": c.method,
             **{k: unprefixed(c.config).get(k) for k in keys},
-            "val_top1": c.val_top1,
+            "val_score": c.val_score,  # tune.metric on validation: what the DVC plots draw
             **t,
         }
         for c, t in zip(candidates[: len(trials)], trials, strict=True)
@@ -94,17 +95,21 @@ def write_outputs(
     assert board[best.method]["best_trial"] == best.id, (board, best.id)  # the pick is its method's entry
     shutil.copy(models / "leaderboard" / f"{best.method}.safetensors", models / "best.safetensors")
     history = read_metadata(models / "best.safetensors")["history"]  # every epoch, resumes included
-    curve = [{k: h[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_loss")} for h in history]
+    curve = [
+        {"epoch": h["epoch"], "val_score": h[f"val_{m}"], **{k: h[k] for k in ("val_top1", "val_loss", "train_loss")}}
+        for h in history
+    ]
     write_csv(metrics_dir / "tune_curve.csv", curve)
     write_csv(metrics_dir / "landscape.csv", rows)
-    plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best: {best.id}")
-    plots.search_landscape(rows, keys, plots_dir / "landscape.png")
+    plots.learning_curves(curve, plots_dir / "learning_curve.png", f"best: {best.id}", m)
+    plots.search_landscape(rows, keys, plots_dir / "landscape.png", m)
     record = chosen.record()
     gap = record["comparison"] or {}
     count = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped", "failed")}
     # Numbers go to the DVC metrics file; what identifies the winner goes beside its model.
     metrics = {
-        "best_val_top1": best.val_top1,
+        "metric": m,
+        f"best_val_{m}": best.val_score,
         "best_val_loss": best.val_loss,
         "trials": len(rows),
         "completed": count["completed"],
@@ -119,18 +124,19 @@ def write_outputs(
             else {}
         ),
         "best": unprefixed(best.config),
-        **({"best_cv_top1": best.cv_top1} if best.cv_top1 is not None else {}),
+        **({f"best_cv_{m}": best.cv_score} if best.cv_score is not None else {}),
         **{k: int(v) if isinstance(v, bool) else v for k, v in (budget or {}).items()},
     }
     (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
-    (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board), indent=2))
-    finalist_rows = [{"trial": c.id, "val_top1": c.val_top1, "cv_top1": c.cv_top1, "folds": c.folds} for c in scored]
+    (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board, m), indent=2))
+    finalist_rows = [{"trial": c.id, f"val_{m}": c.val_score, f"cv_{m}": c.cv_score, "folds": c.folds} for c in scored]
     return metrics, {
         "best_sha256": hashlib.sha256((models / "best.safetensors").read_bytes()).hexdigest(),  # the file it describes
         "best_trial": best.id,
         "best_method": best.method,
         "best_is_baseline": best.baseline,
         "best_config": best.config,
+        "metric": m,
         "leaderboard": board,
         "selection": record,
         "finalists": finalist_rows,
@@ -141,7 +147,7 @@ def write_outputs(
 def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> None:
     """The pick on the search's parent run: the winner, the rule and its reason, the finalists, the leaderboard."""
     best, selection, board = chosen.chosen, record["selection"], record["leaderboard"]
-    client.log_metric(parent, "best_val_top1", best.val_top1)
+    client.log_metric(parent, f"best_val_{best.metric}", best.val_score)
     for tag, value in {
         "best_trial": best.id,
         "best_method": best.method,
@@ -151,8 +157,8 @@ def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> N
         client.set_tag(parent, tag, value)
     if selection["comparison"]:
         client.log_metric(parent, "selection_gap_images", selection["comparison"]["gap_images"])
-    if best.cv_top1 is not None:
-        client.log_metric(parent, "best_cv_top1", best.cv_top1)
+    if best.cv_score is not None:
+        client.log_metric(parent, f"best_cv_{best.metric}", best.cv_score)
     if record["finalists"]:
         client.log_dict(parent, pd.DataFrame(record["finalists"]).to_dict(orient="split"), "finalists.json")
     for key, value in record.get("budget", {}).items():
@@ -164,7 +170,7 @@ def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> N
         pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
         "leaderboard_val.json",
     )
-    for key, value in validation_numbers(board).items():
+    for key, value in validation_numbers(board, best.metric).items():
         client.log_metric(parent, f"leaderboard.{key}", value)
     # The parent's own params are the base params.yaml values; the winner's are logged beside them.
     log_params(client, parent, {f"best.{k}": v for k, v in best.config.items()})

@@ -128,7 +128,8 @@ def _trial_runs(uri: str, parent_id: str) -> list:
 def phases(tmp_path_factory) -> dict:
     root = _copy_project(
         tmp_path_factory.mktemp("faults") / "project",
-        tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1},
+        # no re-validation: its refits would double every phase's training (tested in test_pipeline_e2e)
+        tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1, "revalidate": "never"},
     )
     server = TrackingServer(root)
     server.start()

@@ -129,7 +129,7 @@ def test_dvc_repro_writes_metrics_plots_and_model(project: Path) -> None:
     plots = subprocess.run(
         ["dvc", "plots", "show", "--json"], cwd=project, env=env, capture_output=True, text=True, check=True
     )
-    assert "lambda_vs_val_top1" in plots.stdout and "metrics/tune_curve.csv" in plots.stdout
+    assert "lambda_vs_val_score" in plots.stdout and "metrics/tune_curve.csv" in plots.stdout
     status = subprocess.run(["dvc", "status", "--json"], cwd=project, env=env, capture_output=True, text=True)
     assert json.loads(status.stdout) == {"tracking": ["always changed"]}  # it reads the environment on every repro
     for name in ("baseline.json", "tune.json", "test.json"):  # DVC metrics files hold numbers only
@@ -358,7 +358,8 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
     ):
         subprocess.run(cmd, cwd=project, check=True, capture_output=True)
     # No early stopping: one trial per method (each method's starting point), and the top two candidates
-    # (of the two trials and the CE baseline) are always re-validated on one more fold.
+    # (of the two trials and the CE baseline) are always re-validated on one more fold; chosen by macro-F1,
+    # so every judge (the pick's permutation test, the leaderboard, the gate) works on a metric other than top-1.
     exp = subprocess.run(
         [
             "dvc",
@@ -376,6 +377,8 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
             "tune.finalists=2",
             "-S",
             "tune.finalist_folds=1",
+            "-S",
+            "tune.metric=macro_f1",
         ],
         cwd=project,
         env=env,
@@ -394,21 +397,27 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
     )
     assert board["ce.trials"] == 0 and board["ce.completed"] == 1  # the baseline, on the leaderboard as CE-tuning
     test = json.loads((project / "metrics" / "test.json").read_text())
-    assert {"drtune.test_top1", "linear_probe.test_top1", "ce.test_top1", "drtune_test_lift_over_best_other"} <= set(
-        test
-    )
+    assert {
+        "drtune.test_macro_f1",
+        "linear_probe.test_macro_f1",
+        "ce.test_macro_f1",
+        "drtune_test_lift_over_best_other",
+    } <= set(test)
     baseline = json.loads((project / "metrics" / "baseline.json").read_text())
-    assert test["ce.test_top1"] == baseline["test_top1"]
+    assert test["ce.test_macro_f1"] == baseline["test_macro_f1"]
+    assert test["lift_over_ce"] == pytest.approx(test["test_macro_f1"] - baseline["test_macro_f1"])
+    assert "drtune.best_val_macro_f1" in board
     chosen = json.loads((project / "models" / "best.json").read_text())
     selection = chosen["selection"]
     assert selection["rule"] in ("revalidated", "conservative") and len(chosen["finalists"]) == 2
     n_val = sum(json.loads((project / "data" / "prepared" / "stats.json").read_text())["counts"]["val"])
     assert selection["scored_on_images"] == 2 * n_val  # its own split and one more fold
     assert selection["comparison"]["paired"]  # the finalists compared image by image on all 2 × n_val images
+    assert selection["comparison"]["test"] == "permutation"
     scores = {row["trial"]: row for row in chosen["finalists"]}
     assert all(row["folds"] == 2 for row in scores.values())
     if selection["rule"] == "revalidated":
-        assert chosen["best_trial"] == max(scores, key=lambda t: scores[t]["cv_top1"])
+        assert chosen["best_trial"] == max(scores, key=lambda t: scores[t]["cv_macro_f1"])
     else:
         assert "baseline" not in scores or chosen["best_trial"] == "baseline"
     assert chosen["leaderboard"][chosen["best_method"]]["best_trial"] == chosen["best_trial"]
@@ -429,8 +438,9 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     assert {
-        t.data.tags["drtune.trial_id"]: t.data.metrics["cv_top1"] for t in trials if "cv_top1" in t.data.metrics
-    } == pytest.approx({trial: row["cv_top1"] for trial, row in scores.items() if trial != "baseline"})
+        t.data.tags["drtune.trial_id"]: t.data.metrics["cv_macro_f1"] for t in trials if "cv_macro_f1" in t.data.metrics
+    } == pytest.approx({trial: row["cv_macro_f1"] for trial, row in scores.items() if trial != "baseline"})
+    assert "per_class_test.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     probes = [t for t in trials if t.data.params.get("method") == "linear_probe"]
     assert probes and all(set(t.data.params) == {"method", "linear_probe.lr_head"} for t in probes)  # never λ
 
@@ -521,7 +531,7 @@ def test_a_search_on_s3_with_a_tracking_server_resumes_and_never_reads_the_drive
     endpoint = aws["AWS_ENDPOINT_URL"].removeprefix("http://")
     root = _copy_project(
         tmp_path / "project",
-        tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1},
+        tune={"num_samples": 2, "early_stopping": False, "max_concurrent_trials": 1, "revalidate": "never"},
         ray={"storage_path": f"s3://drtune/runs?endpoint_override={endpoint}&scheme=http"},
     )
     env = _env(root) | {k: v for k, v in aws.items() if k != "AWS_ENDPOINT_URL"} | {"MLFLOW_TRACKING_URI": tracking}
@@ -601,7 +611,8 @@ def test_a_search_on_s3_with_a_tracking_server_resumes_and_never_reads_the_drive
 
 
 def test_ray_job_submit_runs_the_pipeline_on_a_head_started_here(tmp_path) -> None:
-    root = _copy_project(tmp_path / "project", tune={"num_samples": 1})  # one trial: the job's path, not the search
+    # one trial, no re-validation: the job's path, not the search
+    root = _copy_project(tmp_path / "project", tune={"num_samples": 1, "revalidate": "never"})
     env = _env(root) | {"RAY_AUTH_MODE": "disabled"}
     dashboard, gcs = _free_port(), _free_port()
     start = f"start --head --block --port={gcs} --num-cpus=2 --dashboard-host=127.0.0.1 --dashboard-port={dashboard}"

@@ -308,7 +308,7 @@ def test_model_description_states_what_the_model_is_and_how_to_call_it(method, s
         params,
         [f"c{i}" for i in range(10)],
         stats,
-        {"top1": 0.8, "top5": 0.99, "n": 10000},
+        {"top1": 0.8, "balanced_accuracy": 0.79, "macro_f1": 0.78, "top5": 0.99, "n": 10000},
         0.75,
         "promoted: no champion yet",
     )

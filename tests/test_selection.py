@@ -15,8 +15,13 @@ from pipeline.config import load
 from pipeline.early_stopping import MethodASHA, scheduler
 from pipeline.leaderboard import leaderboard, lift
 from pipeline.search import cross_validated, trial_candidates
-from pipeline.selection import BASELINE, Candidate, compare, finalists, pick, rank
-from pipeline.significance import paired_test
+from pipeline.selection import BASELINE, Candidate, Outcomes, compare, finalists, pick, rank
+from pipeline.significance import paired, paired_test
+
+
+def outcomes(right) -> Outcomes:
+    """Per-image results as two-class outcomes: class 0 every time, predicted 0 when right."""
+    return Outcomes(tuple(0 for _ in right), tuple(0 if r else 1 for r in right), 2)
 
 
 def cand(
@@ -80,7 +85,7 @@ def test_a_near_tie_asks_for_re_validation_of_the_tied_keeping_the_baseline_and_
     # re-validated on 2 more folds: b is clearly best over 360 images
     again = {"a": [0.85, 0.86], "b": [0.97, 0.96], BASELINE: [0.90, 0.91]}
     scored = [c.revalidated(again[c.id]) for c in chosen]
-    assert scored[1].cv_top1 == pytest.approx((0.95 + 0.97 + 0.96) / 3) and scored[1].n == 360
+    assert scored[1].cv_score == pytest.approx((0.95 + 0.97 + 0.96) / 3) and scored[1].n == 360
     by_id = {c.id: c for c in scored}
     result = pick([by_id.get(c.id, c) for c in cands])
     assert result.chosen.id == "b" and result.rule == "revalidated" and "3 held-out folds (360 images)" in result.reason
@@ -90,7 +95,7 @@ def test_a_near_tie_asks_for_re_validation_of_the_tied_keeping_the_baseline_and_
     assert not record["comparison"]["within_noise"]
     assert record["comparison"]["gap_images"] == pytest.approx((0.96 - (0.925 + 0.90 + 0.91) / 3) * 360)  # 17.4
     # still tied on the pooled folds: the conservative rule decides, among the re-validated only
-    close = [c.revalidated([c.val_top1, c.val_top1]) for c in chosen]
+    close = [c.revalidated([c.val_score, c.val_score]) for c in chosen]
     by_id = {c.id: c for c in close}
     assert pick([by_id.get(c.id, c) for c in cands]).chosen.id == BASELINE
 
@@ -229,23 +234,28 @@ def test_refits_pool_into_the_finalists_scores_and_a_fold_they_diverge_on_scores
     refits = [refit(0, 1, 0.70), refit(0, 2, 0.74), refit(1, 1, 0.80), refit(1, 2, 0.81)]
     scored = cross_validated(chosen, refits, max_epochs=10)
     assert [c.id for c in scored] == ["b", "a"] and [c.folds for c in scored] == [3, 3]
-    assert scored[0].cv_top1 == pytest.approx((0.82 + 0.70 + 0.74) / 3)
-    assert scored[1].cv_top1 == pytest.approx((0.80 + 0.80 + 0.81) / 3)
+    assert scored[0].cv_score == pytest.approx((0.82 + 0.70 + 0.74) / 3)
+    assert scored[1].cv_score == pytest.approx((0.80 + 0.80 + 0.81) / 3)
     diverged = cross_validated(chosen, refits[:3] + [refit(1, 2, float("nan"), diverged=True, epoch=2)], 10)
-    assert diverged[1].cv_top1 == pytest.approx((0.80 + 0.80 + 0.0) / 3)
+    assert diverged[1].cv_score == pytest.approx((0.80 + 0.80 + 0.0) / 3)
     with pytest.raises(RuntimeError, match="finalist a on extra fold 2 did not finish"):
         cross_validated(chosen, refits[:3] + [refit(1, 2, 0.5, epoch=6)], max_epochs=10)
     # per image: each fold's results appended in fold order; a fold it diverged on is every image wrong
-    paired = [c.with_right((True, False)) for c in chosen]
+    scored_on_val = [c.with_outcomes(outcomes((True, False))) for c in chosen]
     images = {(0, 1): (True, True), (0, 2): (False, False), (1, 1): (True, False), (1, 2): (False, True)}
+
+    def on_fold(fold: int, refit) -> Outcomes:
+        return outcomes((False, False) if refit is None else images[refit.config["finalist"], fold])
+
     scored = cross_validated(
-        [replace(c, n_val=2) for c in paired],
+        [replace(c, n_val=2) for c in scored_on_val],
         refits[:3] + [refit(1, 2, float("nan"), True, 2)],
         10,
-        lambda r: images[r.config["finalist"], r.config["fold"]],
+        "top1",
+        on_fold,
     )
-    assert scored[0].right == (True, False, True, True, False, False)
-    assert scored[1].right == (True, False, True, False, False, False)
+    assert scored[0].outcomes == outcomes((True, False, True, True, False, False))
+    assert scored[1].outcomes == outcomes((True, False, True, False, False, False))
 
 
 def test_revalidation_settings_name_the_field() -> None:
@@ -282,7 +292,7 @@ def test_the_baseline_candidate_must_share_the_searchs_data_and_schedule(tmp_pat
     }
     (tmp_path / "models" / "baseline.json").write_text(json.dumps(record))
     c = baseline_candidate(tmp_path, p, "abc", 120)
-    assert c.baseline and c.id == BASELINE and c.method == "ce" and c.n_val == 120 and c.val_top1 == 0.7
+    assert c.baseline and c.id == BASELINE and c.method == "ce" and c.n_val == 120 and c.val_score == 0.7
     assert c.config == {"method": "ce", "lr_backbone": 0.01, "lr_head": 0.1}  # retrains as itself on a fold
     with pytest.raises(ConfigError, match="other data or for 10 epochs.*run the baseline stage again"):
         baseline_candidate(tmp_path, p, "other data", 120)
@@ -322,18 +332,19 @@ def test_a_paired_comparison_separates_what_the_unpaired_interval_cannot() -> No
     disagreements favour a: p = 2 · 0.5¹² (exact), a clear winner, though the unpaired interval calls it a tie.
     With the same scores but 52 disagreements (32 for a, 20 for b) it is noise (p ≈ 0.13)."""
     a_right = [True] * 100 + [False] * 20
-    a, b = cand("a", 100 / 120).with_right(a_right), cand("b", 88 / 120).with_right([True] * 88 + [False] * 32)
+    a = cand("a", 100 / 120).with_outcomes(outcomes(a_right))
+    b = cand("b", 88 / 120).with_outcomes(outcomes([True] * 88 + [False] * 32))
     assert compare(cand("a", 100 / 120), cand("b", 88 / 120)).within_noise  # unpaired
     paired = compare(a, b)
     assert paired.p_value == pytest.approx(2 * 0.5**12) and not paired.within_noise
     assert paired.gap_images == 12 and paired.gap == pytest.approx(0.1) and "paired" in paired.words()
-    assert pick([a, b, base(0.70).with_right([True] * 84 + [False] * 36)]).rule == "clear"
-    noisy = compare(a, cand("b", 88 / 120).with_right([False] * 32 + [True] * 88))
+    assert pick([a, b, base(0.70).with_outcomes(outcomes([True] * 84 + [False] * 36))]).rule == "clear"
+    noisy = compare(a, cand("b", 88 / 120).with_outcomes(outcomes([False] * 32 + [True] * 88)))
     assert noisy.within_noise and noisy.p_value == pytest.approx(0.1263, abs=1e-3)
     # re-validation appends each fold's images after the validation split's
-    again = a.revalidated([0.5], [(True, False)])
-    assert again.right == tuple(a_right) + (True, False) and again.folds == 2
-    assert cand("x", 0.5).revalidated([0.5], [(True,)]).right is None  # no per-image validation results: none after
+    again = a.revalidated([0.5], [outcomes((True, False))])
+    assert again.outcomes == outcomes((*a_right, True, False)) and again.folds == 2
+    assert cand("x", 0.5).revalidated([0.5], [outcomes((True,))]).outcomes is None  # none on validation: none after
 
 
 def test_a_restored_search_stops_the_weak_trial_its_uninterrupted_self_stops() -> None:
@@ -430,3 +441,52 @@ def test_a_search_interrupted_and_restored_by_ray_stops_the_weak_trial_as_uninte
         assert epochs_run("not-replayed", interrupt=True)[0.01] == 4
     finally:
         ray.shutdown()
+
+
+def _imbalanced_candidates(metric: str) -> list[Candidate]:
+    """100 validation images, 90 of class 0 and 10 of class 1. ``a`` calls everything class 0 (top-1 0.90,
+    balanced accuracy 0.50); ``b`` finds every class-1 image but misses 15 class-0 ones (top-1 0.85, balanced
+    accuracy 0.92). Their validation scores come from their predictions, as a trial's report does."""
+    from drtune.evaluation import confusion_of, metric_scores
+
+    labels = np.array([0] * 90 + [1] * 10)
+    predicted = {"a": np.zeros(100, int), "b": np.array([0] * 75 + [1] * 15 + [1] * 10)}
+    results = []
+    for trial, guess in predicted.items():
+        scores = metric_scores(confusion_of(labels, guess, 2))
+        results.append(_result(trial, scores["top1"], 10))
+        results[-1].metrics |= {f"val_{k}": v for k, v in scores.items()}
+    cands = trial_candidates(results, max_epochs=10, n_val=100, method="drtune", metric=metric)
+    return [c.with_outcomes(Outcomes(tuple(labels), tuple(predicted[c.id]), 2)) for c in cands]
+
+
+@pytest.mark.parametrize(("metric", "winner"), [("top1", "a"), ("balanced_accuracy", "b"), ("macro_f1", "b")])
+def test_the_metric_changes_the_pick_on_an_imbalanced_validation_split(metric: str, winner: str) -> None:
+    cands = _imbalanced_candidates(metric)
+    chosen = pick(cands)
+    assert chosen.chosen.id == winner
+    if metric == "top1":  # 15 against 10 images: McNemar calls it noise, and the top score stands
+        assert chosen.rule == "conservative" and "McNemar" in chosen.comparison.words()
+    else:  # the minority class decides, beyond the noise of a permutation test
+        assert chosen.rule == "clear" and chosen.comparison.p_value < 0.05
+        assert "permutation" in chosen.comparison.words() and chosen.record()["comparison"]["test"] == "permutation"
+
+
+def test_the_permutation_test_is_seeded_symmetric_and_calls_identical_models_equal() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 300)
+    a = np.where(rng.random(300) < 0.7, labels, rng.integers(0, 4, 300))
+    b = np.where(rng.random(300) < 0.7, labels, rng.integers(0, 4, 300))
+    first, again = paired(labels, a, b, "macro_f1", 4), paired(labels, a, b, "macro_f1", 4)
+    assert first == again  # seeded: the same p-value on every run
+    flipped = paired(labels, b, a, "macro_f1", 4)
+    assert flipped.difference == pytest.approx(-first.difference) and flipped.p_value == pytest.approx(first.p_value)
+    low, high = first.interval()
+    assert low < first.difference < high
+    same = paired(labels, a, a, "balanced_accuracy", 4)
+    assert same.p_value == 1.0 and same.difference == 0.0
+    assert paired(labels, a, b, "top1", 4) == paired_test(list(a == labels), list(b == labels))  # top-1: McNemar
+    gate = decide(
+        0.5, None, "no champion yet", vs_baseline=paired(labels, labels * 0, labels, "macro_f1", 4), metric="macro_f1"
+    )
+    assert not gate[0] and "macro-F1" in gate[1] and "permutation p" in gate[1]
