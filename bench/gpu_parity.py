@@ -2,9 +2,9 @@
 
     python bench/gpu_parity.py [--out bench/results/gpu_parity.json]
 
-For K × D banks (2048 × 2048, 8192 × 2048, 2048 × 768; C = 100) it times ``semantic_calibrate``
-with rotation on CUDA in float32 (the path a training step takes: SVD with the ``gesvda`` driver,
-or the K × K reduced path when K < 0.8 D) and compares the result with the authors' algorithm
+For K × D banks (2048 × 2048, 1024 × 1280, 8192 × 2048, 2048 × 768; C = 100) it times ``semantic_calibrate``
+with rotation on CUDA in float32 (the path a training step takes: thin QRs and a K × K SVD when
+K ≤ D, else the D × D SVD; SVDs by the ``gesvda`` driver) and compares the result with the authors' algorithm
 run in float64 on the same banks. The goal: an error no larger than the float32 CPU path's
 (about 1e-6 where the problem is well-conditioned). Needs only torch and this repository.
 """
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
-    for k, d in ((2048, 2048), (8192, 2048), (2048, 768)):
+    for k, d in ((2048, 2048), (1024, 1280), (8192, 2048), (2048, 768)):
         gen = torch.Generator().manual_seed(0)
         labels = torch.arange(k) % 100
         pre = torch.randn(100, d, generator=gen)[labels] + 0.7 * torch.randn(k, d, generator=gen)

@@ -13,7 +13,11 @@ semantic calibration, the linear head: on the batch, and for DR-Tune also on the
 and the backward pass; "trainable forward + optimiser" is the rest. On CUDA each timed piece is
 synchronised, the step runs under bf16 autocast with channels_last, and the table adds model
 FLOP utilisation (forward + backward FLOPs counted once by torch's FlopCounterMode, over the
-card's dense bf16 peak given by --peak-tflops). Prints a table and writes bench/results/step.json.
+card's dense bf16 peak given by --peak-tflops). Two more rows rotate every step with the full
+D × D rotation (``rotation_between: reuse``), computed at once or overlapped with the backward
+pass on a side CUDA stream (``rotation_timing: overlapped``); they are timed without the
+breakdown, whose synchronisation would serialise the side stream, so only against each other.
+Prints a table and writes bench/results/step.json.
 """
 
 from __future__ import annotations
@@ -75,19 +79,29 @@ def variant(method: str = "drtune", **drtune) -> Config:
     return Config(train={"method": method}, drtune=drtune).resolved()
 
 
-def run(model_name: str, pretrained: str, config: Config, batches: list, warmup: int, device: torch.device) -> dict:
+def run(
+    model_name: str,
+    pretrained: str,
+    config: Config,
+    batches: list,
+    warmup: int,
+    device: torch.device,
+    breakdown: bool = True,
+) -> dict:
     torch.manual_seed(0)
     task = FineTuneTask(create_backbone(model_name, pretrained), 10, config).to(device)
     amp = device.type == "cuda"
     if amp:
         task.to(memory_format=torch.channels_last)
     timers = Timers(device)
-    timers.wrap(task.model.head, "forward", "head")
     backward = torch.Tensor.backward
-    timers.wrap(torch.Tensor, "backward", "backward")
+    if breakdown:
+        timers.wrap(task.model.head, "forward", "head")
+        timers.wrap(torch.Tensor, "backward", "backward")
     if task.frozen is not None:
-        timers.wrap(task.frozen, "forward", "frozen forward")
-        timers.wrap(task, "calibrated_bank", "calibration")
+        if breakdown:
+            timers.wrap(task.frozen, "forward", "frozen forward")
+            timers.wrap(task, "calibrated_bank", "calibration")
         if task.cached_features:  # built once before training; not part of the step
             task.cache_pretrained_features(
                 DataLoader(TensorDataset(*map(torch.cat, zip(*batches, strict=True))), batch_size=64), device
@@ -110,7 +124,8 @@ def run(model_name: str, pretrained: str, config: Config, batches: list, warmup:
         torch.Tensor.backward = backward
     step = (time.perf_counter() - start) / steps
     parts = {k: v / steps for k, v in timers.total.items()}
-    parts["trainable forward + optimiser"] = step - sum(parts.values())
+    if breakdown:
+        parts["trainable forward + optimiser"] = step - sum(parts.values())
     return {"step_s": step, "images_per_s": len(batches[0][0]) / step, "parts_s": parts, "flops": flops}
 
 
@@ -149,15 +164,25 @@ def main() -> None:
         for name in args.models:
             pretrained = "bundled" if name == "tf_efficientnet_lite0" else "none"
             k = args.queue_size
-            variants = {
-                "CE-tuning": variant("ce"),
-                "DR-Tune, rotation every 10th step": variant(queue_size=k, rotation_every=10),
-                "DR-Tune, rotation every step": variant(queue_size=k, rotation_every=1),
-                "DR-Tune, cached features, rot. /10": variant(
-                    queue_size=k, rotation_every=10, pretrained_features="cached"
+            reused = dict(queue_size=k, rotation_every=1, rotation_between="reuse")
+            variants = {  # label: (config, timed with the breakdown)
+                "CE-tuning": (variant("ce"), True),
+                "DR-Tune, rotation every 10th step": (variant(queue_size=k, rotation_every=10), True),
+                "DR-Tune, rotation every step": (variant(queue_size=k, rotation_every=1), True),
+                "DR-Tune, cached features, rot. /10": (
+                    variant(queue_size=k, rotation_every=10, pretrained_features="cached"),
+                    True,
+                ),
+                "DR-Tune, D×D rot. every step, no parts": (variant(**reused), False),
+                "DR-Tune, overlapped rot. every step, no parts": (
+                    variant(**reused, rotation_timing="overlapped"),
+                    False,
                 ),
             }
-            results = {label: run(name, pretrained, s, batches, 2, device) for label, s in variants.items()}
+            results = {
+                label: run(name, pretrained, s, batches, 2, device, breakdown=parts)
+                for label, (s, parts) in variants.items()
+            }
             ce = results["CE-tuning"]
             for label, r in results.items():
                 mfu = r["flops"] / r["step_s"] / (args.peak_tflops * 1e12) if r["flops"] else None
@@ -173,12 +198,12 @@ def main() -> None:
                     }
                 )
     print(f"{name_of}; {args.image_size} px, K = {args.queue_size}; seconds per step")
-    print(f"{'model':22s} {'batch':>5s} {'method':36s} {'step':>7s} {'img/s':>8s} {'× CE':>6s} {'MFU':>6s}  breakdown")
+    print(f"{'model':22s} {'batch':>5s} {'method':46s} {'step':>7s} {'img/s':>8s} {'× CE':>6s} {'MFU':>6s}  breakdown")
     for r in rows:
         parts = ", ".join(f"{k} {v:.4f}" for k, v in r["parts_s"].items())
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(
-            f"{r['model']:22s} {r['batch']:5d} {r['method']:36s} {r['step_s']:7.4f} {r['images_per_s']:8.1f} "
+            f"{r['model']:22s} {r['batch']:5d} {r['method']:46s} {r['step_s']:7.4f} {r['images_per_s']:8.1f} "
             f"{r['ratio_to_ce']:6.2f} {mfu:>6s}  {parts}"
         )
     out = Path(args.out)

@@ -21,21 +21,52 @@ full D×D SVD:
   classes, and a class with a single entry gets the exact translation; the passes run over row
   blocks that stay in cache, the confidence weights are a sampled dense-dense product, and the
   result can go into a buffer the caller reuses, so no ``K × D`` temporary is allocated;
-* only the rotated *features* are needed, ``X_c Rᵀ = X_c · polar(S)``. When ``K < D`` the
+* only the rotated *features* are needed, ``X_c Rᵀ = X_c · polar(S)``. When ``K ≤ D`` the
   centred banks span at most ``K − 1`` dimensions, so thin QRs of both banks reduce the problem
   to a ``K × K`` SVD, which gives the same rotated features (the rotation itself is not unique
   when ``S`` is rank-deficient; the rotated features are).
+
+The calibration functions compute in float32 with autocast off, whatever the caller's autocast,
+and return float32: torch has no bf16 SVD, QR or determinant, and the small singular values that
+decide the rotation would not survive bf16's 8 mantissa bits.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+Fn = TypeVar("Fn", bound=Callable[..., Tensor])
 
+
+def _float32(fn: Fn) -> Fn:
+    """Run ``fn`` with autocast off and its floating tensor arguments in float32 (``out`` is written as given).
+
+    A caller inside a bf16 autocast region would otherwise get bf16 matrix products and then
+    ``NotImplementedError: "lu_cpu" not implemented for 'BFloat16'`` from the determinant.
+    """
+
+    @functools.wraps(fn)
+    def in_float32(first: Tensor, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            args = [_as_float32(a) for a in (first, *args)]
+            kwargs = {k: v if k == "out" else _as_float32(v) for k, v in kwargs.items()}
+            return fn(*args, **kwargs)
+
+    return in_float32
+
+
+def _as_float32(value):
+    return value.float() if isinstance(value, Tensor) and value.is_floating_point() else value
+
+
+@_float32
 def procrustes_rotate(pre: Tensor, down: Tensor) -> Tensor:
     """Centre both banks and rotate the pretrained rows onto the downstream rows (Kabsch).
 
@@ -48,11 +79,16 @@ def procrustes_rotate(pre: Tensor, down: Tensor) -> Tensor:
     k, d = pre.shape
     x = pre - pre.mean(dim=0)
     y = down - down.mean(dim=0)
-    if k < _REDUCED_RATIO * d:
+    if k <= d:
         # X_cᵀ = Qₓ Rₓ and Y_cᵀ = Q_y R_y (thin QR): S = Qₓ (Rₓ R_yᵀ) Q_yᵀ, so
         # X_c · polar(S) = Rₓᵀ · polar(Rₓ R_yᵀ) · Q_yᵀ — a K × K SVD instead of D × D. The centred
         # bank has rank ≤ K − 1 < D, so the reflection fix would only flip a null direction of X_c
-        # and changes no rotated feature.
+        # and changes no rotated feature. Taken up to K = D: S has D − K + 1 zero singular values,
+        # the kind of spectrum gesvda was seen failing on (see _svd); the K × K matrix has one.
+        # Measured on this CPU (1 thread, float32, bench/calibration.py's banks with C = 100, median
+        # of 3, one run at 2048; error of the rotated features against float64): K = 1024, D = 1280:
+        # 0.60 s and 2.5e-6 here, 0.66 s and 3.8e-6 by the D × D SVD; K = D = 2048: 4.6 s and
+        # 4.8e-6 here, 3.3 s and 2.7e-4 by the D × D SVD.
         _, r_x = torch.linalg.qr(x.T, mode="reduced")
         q_y, r_y = torch.linalg.qr(y.T, mode="reduced")
         u, _, vh = _svd(r_x @ r_y.T)
@@ -60,9 +96,8 @@ def procrustes_rotate(pre: Tensor, down: Tensor) -> Tensor:
     s = x.T @ y
     u, _, vh = _svd(s)
     # Reflection fix: det(V Uᵀ) = sign det S; flip the direction of the smallest singular value.
-    # Kept even for K ≤ D, where that direction is a null direction of X_c in exact arithmetic:
-    # in float32 the two smallest singular pairs of S sit at rounding level and mix, and
-    # skipping the flip moves the output 3e-4 away from the reference's (K = D = 2048).
+    # Here K > D, the centred bank has full rank D in general, and det S < 0 is a real reflection
+    # (a downstream bank that mirrors the pretrained one): the fix is what keeps R a rotation.
     u[:, -1] *= torch.sign(torch.linalg.det(s))
     # polar(S) first (D³) and one K × D × D product, rather than two K × D × D products.
     return x @ (u @ vh)
@@ -79,41 +114,56 @@ def _svd(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``gesvd`` (QR iteration) always converges, so it takes over when ``gesvda`` reports failure.
     The CPU has one LAPACK path and no choice to make.
     """
-    return first_converging_svd(s, ("gesvda", "gesvd")) if s.is_cuda else torch.linalg.svd(s)
+    drivers = _SVD_DRIVERS.get(s.device.type)
+    return first_converging_svd(s, drivers) if drivers else torch.linalg.svd(s)
+
+
+# The drivers _svd tries, in order, per device type; a type not listed takes torch's only path.
+_SVD_DRIVERS = {"cuda": ("gesvda", "gesvd")}
+
+
+# (driver, device, shape) of every SVD that failed to converge in this process: first_converging_svd
+# does not try that driver on that shape again.
+_FAILED: set[tuple[str, str, tuple[int, ...]]] = set()
 
 
 def first_converging_svd(s: Tensor, drivers: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """The SVD by the first of ``drivers`` that converges (the last one's error propagates)."""
+    """The SVD by the first of ``drivers`` that converges (the last one's error propagates).
+
+    A driver that failed once on a (device, shape) is skipped for that shape from then on: a bank
+    of few distinct images keeps its repeated and zero singular values for the whole run, so a
+    failed ``gesvda`` would fail again every step and cost its own time before ``gesvd`` runs.
+    """
+    where = (str(s.device), tuple(s.shape))
     for driver in drivers[:-1]:
+        if (driver, *where) in _FAILED:
+            continue
         try:
             return torch.linalg.svd(s, driver=driver)
         except torch.linalg.LinAlgError:
-            pass
+            _FAILED.add((driver, *where))
     return torch.linalg.svd(s, driver=drivers[-1])
 
 
-# Below this K/D ratio the two thin QRs and the K × K SVD beat one D × D SVD (measured on CPU:
-# 4× at K = 1024, D = 2048; even at K/D = 0.8; slower at K = D).
-_REDUCED_RATIO = 0.8
-
-
+@_float32
 def procrustes_rotation_matrix(pre: Tensor, down: Tensor) -> Tensor:
     """The full ``D × D`` Kabsch rotation ``R`` (reference formula, via SVD), for reuse.
 
     Used when a rotation computed every ``rotation_every`` steps is applied to the banks of the
     steps in between: there the new rows may leave the subspace the old bank spanned, so the
     rotation must be a complete orthogonal matrix, which only the full decomposition gives.
+    Computed in float64, returned in float32.
     """
-    dtype = pre.dtype
     pre, down = pre.double(), down.double()
     s = (pre - pre.mean(dim=0)).T @ (down - down.mean(dim=0))
     u, _, vh = _svd(s)
     v = vh.T
     fix = torch.ones(s.shape[0], dtype=s.dtype, device=s.device)
     fix[-1] = torch.sign(torch.linalg.det(v @ u.T))
-    return ((v * fix) @ u.T).to(dtype)
+    return ((v * fix) @ u.T).float()
 
 
+@_float32
 def class_shifts(pre: Tensor, down: Tensor, labels: Tensor, head_weight: Tensor, *, confidence: bool = True) -> Tensor:
     """``μ_d(c) − μ_p(c)`` for every class (Eq. 12-13): a ``C × D`` table, one pass over the banks.
 
@@ -160,6 +210,7 @@ def _row_dots(rows: Tensor, table: Tensor, index: Tensor) -> Tensor:
     return torch.linalg.vecdot(rows, table.index_select(0, index))
 
 
+@_float32
 def class_translation(
     pre: Tensor, down: Tensor, labels: Tensor, head_weight: Tensor, *, confidence: bool = True
 ) -> Tensor:
@@ -197,6 +248,7 @@ def _blocks(rows: Tensor) -> list[slice]:
 
 
 @torch.no_grad()
+@_float32
 def semantic_calibrate(
     pre_bank: Tensor,
     down_bank: Tensor,
@@ -226,7 +278,7 @@ def semantic_calibrate(
             skips two K × D normalisations.
         rotation: a precomputed D × D rotation ``R`` to apply instead of computing one (used to
             reuse the last rotation between recomputations). Ignored when ``rotate`` is False.
-        out: a K × D tensor to write the result into (a training loop reuses one every step:
+        out: a float32 K × D tensor to write the result into (a training loop reuses one every step:
             a fresh K × D result costs a page fault per 4 KiB on first write, 16 ms at
             K = 8192, D = 2048 on a 2-core CPU). It must not alias the banks.
     """

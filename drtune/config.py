@@ -168,6 +168,12 @@ class DRTuneConfig(Section):
     confidence: bool = True
     rotation_every: int = Field(10, ge=0, le=1_000_000, description="0 = never rotate")
     rotation_between: Literal["skip", "reuse"] = "skip"
+    rotation_timing: Literal["now", "overlapped"] = Field(
+        "now",
+        description="now: a rotation is computed at the step that first applies it; overlapped: from a copy of the "
+        "step's banks after its update (on CUDA on a side stream, alongside the backward pass) and applied from the "
+        "next step on, one step stale (needs rotation_between = reuse)",
+    )
     rotation_schedule: Literal["global", "epoch"] = Field(
         "global",
         description="global: rotate when the run's step count is a multiple of rotation_every; epoch: when the "
@@ -178,6 +184,16 @@ class DRTuneConfig(Section):
         description="online: the frozen encoder sees each augmented batch (the paper); cached: "
         "features of the un-augmented training images, computed once (no extra forward pass per step)",
     )
+
+    @model_validator(mode="after")
+    def _overlapped_rotation_is_reused(self) -> DRTuneConfig:
+        if self.rotation_timing == "overlapped" and self.rotation_between != "reuse":
+            raise ValueError(
+                f"drtune.rotation_timing = overlapped needs drtune.rotation_between = reuse, not "
+                f"{self.rotation_between}: a rotation is applied from the step after the one that computes it, so "
+                "every step applies the last one computed"
+            )
+        return self
 
 
 class BaselinesConfig(Section):

@@ -13,6 +13,10 @@ One training step of DR-Tune (paper Sec. 3, Alg. 1) reads, top to bottom, in :me
 5. backward and the optimiser step;
 6. ``(z_p, z_d, y)`` are enqueued, after the update, as in the reference code.
 
+With ``drtune.rotation_timing: overlapped`` a step that recomputes the rotation computes it after
+step 6, from a copy of the banks its step 3 saw, and the steps after it apply it: one step stale.
+On CUDA it runs on a side stream beside the step's backward pass (:meth:`FineTuneTask._rotate_snapshot`).
+
 Mixed precision: only the two encoders' forward passes (steps 1–2) run under bf16 autocast.
 The banks store float32 unit-norm rows, and the calibration (SVD, determinant, class sums), the
 DR term's head pass and the baselines' regularisers (BSS's singular values) all run in float32
@@ -83,6 +87,11 @@ class FineTuneTask(nn.Module):
             self.register_buffer("has_rotation", torch.zeros((), dtype=torch.bool))
         else:
             self.rotation = None
+        self.overlapped = self.rotation is not None and dr.rotation_timing == "overlapped"
+        # rotation_timing = overlapped: the banks a step's SC saw (:meth:`_snapshot_banks`), kept until the
+        # rotation is computed from them after the update.
+        self._snapshot: tuple[Tensor, Tensor, torch.cuda.Event | None] | None = None
+        self._side_stream: torch.cuda.Stream | None = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         # The step count at the start of the current epoch (:meth:`start_epoch`); not stored: a checkpoint
         # ends an epoch, and the loop marks the next epoch's start after resuming from it.
@@ -120,7 +129,8 @@ class FineTuneTask(nn.Module):
         model: nn.Module | None = None,
         amp: bool = False,
     ) -> dict[str, float]:
-        """One whole training step, in its only order: forward, loss, backward, update, enqueue.
+        """One whole training step, in its only order: forward, loss, backward, update, enqueue (and, with an
+        overlapped rotation, the rotation the next steps apply).
 
         ``model`` is ``self.model`` (the default) or its DDP wrapper; ``index`` (the images'
         positions in the training split) is needed only with cached features; ``amp`` runs the
@@ -142,6 +152,8 @@ class FineTuneTask(nn.Module):
         optimizer.step()
         if self.bank is not None:
             self.bank.enqueue(z_p, features.detach(), y)
+        if self._snapshot is not None:
+            self._rotate_snapshot()
         self.steps += 1
         return {"loss": loss.item(), "ce": ce.item(), "reg": reg.item()}
 
@@ -155,28 +167,74 @@ class FineTuneTask(nn.Module):
         # global: the run's step count; epoch (the reference code's rule): the batch index within the epoch
         step = int(self.steps) - (self.epoch_start_step if s.rotation_schedule == "epoch" else 0)
         due = rotating and step % s.rotation_every == 0
-        rotation = None
-        if rotating and self.rotation is not None:
+        rotate, rotation = due, None
+        if rotating and self.overlapped:
+            # The rotation of an earlier step's banks, once there is one; this step's comes after the update.
+            rotate, rotation = bool(self.has_rotation), self.rotation
+        elif rotating and self.rotation is not None:
             if due or not bool(self.has_rotation):
                 self.rotation.copy_(procrustes_rotation_matrix(bank.pre, bank.down))
                 self.has_rotation.fill_(True)
-            rotation = self.rotation
+            rotate, rotation = True, self.rotation
         if self._calibrated is None or self._calibrated.device != bank.pre.device:
             self._calibrated = torch.empty_like(bank.pre)
         # The previous step's backward, which read this buffer, has already run.
-        return semantic_calibrate(
+        calibrated = semantic_calibrate(
             bank.pre,
             bank.down,
             bank.labels,
             self.model.head.weight.detach(),
             scale,
-            rotate=(due or rotation is not None),
+            rotate=rotate,
             translate=s.translate,
             confidence=s.confidence,
             normalized=True,
             rotation=rotation,
             out=self._calibrated,
         )
+        if self.overlapped and due:
+            self._snapshot = self._snapshot_banks()
+        return calibrated
+
+    def _snapshot_banks(self) -> tuple[Tensor, Tensor, torch.cuda.Event | None]:
+        """Copies of the banks as SC saw them at this step and, on CUDA, an event recorded after them.
+
+        The event also follows SC's read of ``rotation``, which the side stream overwrites.
+        """
+        pre, down = self.bank.pre.clone(), self.bank.down.clone()
+        if not pre.is_cuda:
+            return pre, down, None
+        taken = torch.cuda.Event()
+        taken.record()
+        return pre, down, taken
+
+    def _rotate_snapshot(self) -> None:
+        """``rotation`` := the Procrustes rotation of the banks SC saw at this step, for the steps after it.
+
+        Called at the end of the step, after the enqueue. On CUDA the main stream then already holds
+        this step's backward pass, optimiser step and enqueue, and the rotation runs beside them on a
+        side stream that waits only for the snapshot's event; it reads the copies (the enqueue
+        overwrites the banks in place), and the main stream waits for it before the next step.
+        torch reads the SVD's convergence flag on the host, so this call returns once the SVD is
+        done. On the CPU the same computation runs inline: the algorithm is the same, one step stale.
+        """
+        pre, down, taken = self._snapshot
+        self._snapshot = None
+        if taken is None:
+            self.rotation.copy_(procrustes_rotation_matrix(pre, down))
+        else:
+            main = torch.cuda.current_stream(pre.device)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(pre.device)
+            side = self._side_stream
+            side.wait_event(taken)
+            with torch.cuda.stream(side):
+                self.rotation.copy_(procrustes_rotation_matrix(pre, down))
+            # The copies were made on the main stream: their memory is not reused until the side stream is done.
+            pre.record_stream(side)
+            down.record_stream(side)
+            main.wait_stream(side)
+        self.has_rotation.fill_(True)
 
     @torch.no_grad()
     def cache_pretrained_features(self, loader, device: torch.device) -> int:

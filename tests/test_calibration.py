@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from drtune import calibration
 from drtune.calibration import (
+    class_shifts,
     class_translation,
     first_converging_svd,
     procrustes_rotate,
@@ -54,7 +56,7 @@ def _banks(k: int, d: int, c: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return pre, down, labels, head
 
 
-@pytest.mark.parametrize("k,d,c", [(300, 40, 7), (64, 200, 5), (150, 160, 12), (41, 40, 3)])
+@pytest.mark.parametrize("k,d,c", [(300, 40, 7), (64, 200, 5), (150, 160, 12), (40, 40, 3), (41, 40, 3)])
 @pytest.mark.parametrize(
     "rotate,translate,confidence",
     [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (False, False, False)],
@@ -62,7 +64,7 @@ def _banks(k: int, d: int, c: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
 def test_matches_loop_and_svd_reference(
     k: int, d: int, c: int, rotate: bool, translate: bool, confidence: bool
 ) -> None:
-    """Both rotation paths (K ≥ 0.8 D: D × D SVD with reflection fix; K < 0.8 D: thin QRs) and every switch."""
+    """Both rotation paths (K > D: D × D SVD with reflection fix; K ≤ D: thin QRs, K = D included) and every switch."""
     pre, down, labels, head = _banks(k, d, c)
     kw = dict(rotate=rotate, translate=translate, confidence=confidence)
     ours = semantic_calibrate(pre, down, labels, head, 2.5, **kw)
@@ -88,15 +90,15 @@ def test_reflection_fix_is_applied() -> None:
     assert rel_err(rotated, y - y.mean(0)) > 0.05
 
 
-@pytest.mark.parametrize("k,d", [(60, 48), (44, 48)])
-def test_mirrored_bank_on_the_full_svd_path_matches_reference(k: int, d: int) -> None:
-    """A downstream bank that mirrors the pretrained one, on the full-SVD path (K ≥ 0.8 D).
+@pytest.mark.parametrize("k,d", [(60, 48), (48, 48), (44, 48)])
+def test_mirrored_bank_matches_reference_on_both_paths(k: int, d: int) -> None:
+    """A downstream bank that mirrors the pretrained one.
 
-    With K > D the centred bank has full rank D, so ``S = X_cᵀ Y_c ≈ X_cᵀ X_c · M`` has
-    ``det S < 0`` by construction (det M = −1, ``X_cᵀ X_c`` positive definite), and the reflection
-    fix is what makes the result a rotation: deleting it breaks this case. With K < D, ``S`` is
-    singular and the flipped direction is a null direction of ``X_c``: whichever one LAPACK
-    returns, the rotated features must still equal the reference's.
+    With K > D (the full-SVD path) the centred bank has full rank D, so ``S = X_cᵀ Y_c ≈ X_cᵀ X_c · M``
+    has ``det S < 0`` by construction (det M = −1, ``X_cᵀ X_c`` positive definite), and the reflection
+    fix is what makes the result a rotation: deleting it breaks this case. With K ≤ D (the thin-QR
+    path, which has no fix) ``S`` is singular and the reference flips a null direction of ``X_c``:
+    whichever one LAPACK returns, the rotated features must still equal the reference's.
     """
     gen = torch.Generator().manual_seed(2)
     pre = torch.randn(k, d, generator=gen)
@@ -188,9 +190,54 @@ def test_an_svd_driver_that_does_not_converge_hands_over_to_the_next(monkeypatch
         return real(a)
 
     monkeypatch.setattr(torch.linalg, "svd", svd)
+    monkeypatch.setattr(calibration, "_FAILED", set())
     s = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
     u, sigma, vh = first_converging_svd(s, ("gesvda", "gesvd"))
     assert asked == ["gesvda", "gesvd"]
     assert torch.allclose((u * sigma) @ vh, s, atol=1e-5)
     with pytest.raises(torch.linalg.LinAlgError):
         first_converging_svd(s, ("gesvda",))
+
+
+def test_a_driver_that_failed_on_a_shape_is_not_tried_again_on_that_shape(monkeypatch) -> None:
+    """After gesvda fails on a (device, shape), the rotation's SVDs of that shape go straight to gesvd (a bank of
+    few images fails it every step); another shape tries gesvda again. The CPU is given the CUDA drivers, the
+    failure is simulated, and every SVD that runs is the CPU's own, so the rotations are the usual ones."""
+    wide, narrow = _banks(30, 8, 3), _banks(30, 6, 3)
+    expected = {8: procrustes_rotation_matrix(*wide[:2]), 6: procrustes_rotation_matrix(*narrow[:2])}
+    real, asked = torch.linalg.svd, []
+
+    def svd(a, driver=None):
+        asked.append((driver, a.shape[0]))
+        if driver == "gesvda":
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 1244)")
+        return real(a)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    monkeypatch.setattr(calibration, "_SVD_DRIVERS", {"cpu": ("gesvda", "gesvd")})
+    monkeypatch.setattr(calibration, "_FAILED", set())
+    for pre, down, *_ in (wide, wide, narrow, wide, narrow):
+        assert torch.equal(procrustes_rotation_matrix(pre, down), expected[pre.shape[1]])
+    assert asked == [("gesvda", 8), ("gesvd", 8), ("gesvd", 8), ("gesvda", 6), ("gesvd", 6), ("gesvd", 8), ("gesvd", 6)]
+
+
+# Each public calibration function, called on banks from _banks (K = 90 > D = 24; the thin-QR path on 20 rows).
+PUBLIC_CALLS = {
+    "semantic_calibrate": lambda pre, down, labels, head: semantic_calibrate(pre, down, labels, head, 1.5),
+    "procrustes_rotate-thin_qr": lambda pre, down, labels, head: procrustes_rotate(pre[:20], down[:20]),
+    "procrustes_rotate-full_svd": lambda pre, down, labels, head: procrustes_rotate(pre, down),
+    "procrustes_rotation_matrix": lambda pre, down, labels, head: procrustes_rotation_matrix(pre, down),
+    "class_shifts": lambda pre, down, labels, head: class_shifts(pre, down, labels, head),
+    "class_translation": lambda pre, down, labels, head: class_translation(pre, down, labels, head),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLIC_CALLS))
+def test_public_functions_compute_in_float32_inside_a_callers_bf16_autocast(name: str) -> None:
+    """A caller's bf16 autocast (on the CPU: CUDA's dtype rules, no bf16 determinant or SVD) changes nothing."""
+    banks = _banks(90, 24, 4)
+    plain = PUBLIC_CALLS[name](*banks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = PUBLIC_CALLS[name](*banks)
+    assert plain.dtype == autocast.dtype == torch.float32
+    assert rel_err(autocast, plain) <= 1e-4

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from drtune.bank import FeatureBank
+from drtune.calibration import procrustes_rotation_matrix, semantic_calibrate
 from drtune.config import Config, DRTuneConfig, load_config
 from drtune.objectives import bss_penalty, concatenated_cross_entropy, dr_tune_loss
 from drtune.task import FineTuneTask
@@ -211,6 +212,99 @@ def test_reused_rotation_is_recomputed_on_schedule(tiny_encoder) -> None:
     assert "rotation" in task.state_dict()
 
 
+OVERLAPPED = dict(rotation_between="reuse", rotation_timing="overlapped")
+_SKEW = 0.3 * torch.randn(16, 16, generator=torch.Generator().manual_seed(5))
+TURN = torch.linalg.matrix_exp(_SKEW - _SKEW.T)  # a rotation of the tiny encoder's 16 features
+
+
+def _turn_features(*tasks: FineTuneTask) -> None:
+    """Turn each task's downstream features by ``TURN``: from step to step the banks drift apart by a rotation,
+    so a step that applies a stale rotation, or none, shows it in its loss."""
+    for task in tasks:
+        proj = task.model.encoder.proj
+        with torch.no_grad():
+            proj.weight.copy_(TURN @ proj.weight)
+            proj.bias.copy_(TURN @ proj.bias)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_overlapped_rotation_is_the_synchronous_one_a_step_late(tiny_encoder, every: int) -> None:
+    """``rotation_timing: overlapped`` as it runs on the CPU: a step applies the Procrustes rotation of the banks SC
+    saw at the last earlier step that recomputed it (none before the first: translation only). The reference
+    below writes that out with the public functions. K = 24 > D = 16, so each rotation is unique."""
+    task = _task(tiny_encoder, rotation_every=every, **OVERLAPPED)
+    task.warm_up(_loader(), torch.device("cpu"))
+    ref, now = copy.deepcopy(task), _task(copy.deepcopy(tiny_encoder), rotation_every=every, rotation_between="reuse")
+    now.load_state_dict(task.state_dict())
+    opts = [torch.optim.SGD(t.model.parameters(), lr=0.2) for t in (task, ref, now)]
+    for t in (task, ref, now):
+        t.train()
+    batches = [batch for _ in range(2) for batch in _loader(n=12)]  # 6 steps
+    rotation, losses, now_losses = None, [], []
+    for step, (x, y) in enumerate(batches):
+        _turn_features(task, ref, now)
+        losses.append(task.train_step(opts[0], x, y)["loss"])
+        now_losses.append(now.train_step(opts[2], x, y)["loss"])
+        features, logits = ref.model(x, return_features=True)
+        bank, head = ref.bank, ref.model.head
+        scale = features.detach().norm(dim=1).mean()
+        calibrated = semantic_calibrate(
+            bank.pre,
+            bank.down,
+            bank.labels,
+            head.weight.detach(),
+            scale,
+            rotate=rotation is not None,
+            rotation=rotation,
+            normalized=True,
+        )
+        computed = procrustes_rotation_matrix(bank.pre, bank.down) if step % every == 0 else rotation
+        loss, _, _ = dr_tune_loss(logits, y, head(calibrated), bank.labels, ref.config.drtune.lam)
+        opts[1].zero_grad()
+        loss.backward()
+        opts[1].step()
+        with torch.no_grad():
+            bank.enqueue(ref.frozen(x), features, y)
+        rotation = computed
+        assert losses[-1] == pytest.approx(loss.item(), rel=1e-6), step
+    for (name, p), q in zip(task.model.named_parameters(), ref.model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name
+    assert torch.allclose(task.rotation, rotation, atol=1e-6)
+    # The delay is seen: the synchronous schedule (each rotation applied at the step that computes it) differs by
+    # more than ten times the tolerance above.
+    assert now_losses != pytest.approx(losses, rel=1e-5)
+
+
+def test_a_resumed_overlapped_run_applies_the_rotation_its_checkpoint_holds(tiny_encoder) -> None:
+    """The rotation computed at the last step before a checkpoint, which only the next step applies, is in the
+    state_dict: a task restored from it takes the uninterrupted run's steps (without it, the next step differs)."""
+    full = _task(tiny_encoder, rotation_every=1, **OVERLAPPED)
+    full.warm_up(_loader(), torch.device("cpu"))
+    cut = copy.deepcopy(full)
+    batches = list(_loader(n=16))  # 4 steps; SGD without momentum: the optimiser has no state to restore
+
+    def steps(task: FineTuneTask, batches: list) -> list[float]:
+        task.train()
+        opt = torch.optim.SGD(task.model.parameters(), lr=0.2)
+        losses = []
+        for x, y in batches:
+            _turn_features(task)
+            losses.append(task.train_step(opt, x, y)["loss"])
+        return losses
+
+    expected = steps(full, batches)
+    steps(cut, batches[:2])
+    state = cut.state_dict()
+    assert bool(state["has_rotation"])
+    losses = {}
+    for name, stored in (("stored", state), ("dropped", {**state, "has_rotation": torch.tensor(False)})):
+        resumed = _task(copy.deepcopy(tiny_encoder), rotation_every=1, **OVERLAPPED)
+        resumed.load_state_dict(stored)
+        losses[name] = steps(resumed, batches[2:])
+    assert losses["stored"] == pytest.approx(expected[2:], rel=1e-6)
+    assert losses["dropped"] != pytest.approx(expected[2:], rel=1e-5)
+
+
 def test_cached_features_replace_the_frozen_forward_pass(tiny_encoder) -> None:
     task = _task(tiny_encoder, queue_size=8, pretrained_features="cached")
     gen = torch.Generator().manual_seed(1)
@@ -240,6 +334,7 @@ SCHEDULES = [
     dict(rotation_every=1),
     dict(rotation_every=10),
     dict(rotation_every=3, rotation_between="reuse"),
+    dict(rotation_every=1, rotation_between="reuse", rotation_timing="overlapped"),
     dict(rotation_every=0),
     dict(sc=False),
     dict(pretrained_features="cached"),

@@ -179,6 +179,8 @@ def test_nan_loss_fails_with_a_clear_error(tmp_path) -> None:
         ("train.method=sgd", "train.method"),
         ("train.lr_head=0", "train.lr_head"),
         ("drtune.bogus=1", "drtune.bogus"),
+        ("drtune.rotation_timing=later", "drtune.rotation_timing"),
+        ("drtune.rotation_timing=overlapped", "drtune.rotation_timing = overlapped needs drtune.rotation_between"),
     ],
 )
 def test_config_errors_name_the_field(override: str, field: str) -> None:
