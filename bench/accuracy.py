@@ -93,7 +93,7 @@ def search(p: PipelineConfig, work: Path, name: str) -> dict:
     if not ranked:
         raise RuntimeError(f"search {name}: no trial completed all {p.train.epochs} epochs")
     best = ranked[0]  # the best validation score (ties: lower loss); the pipeline's rank
-    return {"config": best.config, "val_top1": best.val_top1, "wall_s": round(time.time() - started, 1)}
+    return {"config": best.config, "val_top1": best.val_score, "wall_s": round(time.time() - started, 1)}
 
 
 def train_and_test(config: Config, work: Path, out_name: str) -> dict:

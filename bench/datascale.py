@@ -174,7 +174,7 @@ def chosen_trial(trials: dict[str, dict]) -> str:
     order = sorted(trials, key=lambda k: int(k.rsplit("trial", 1)[1]))
     return rank(
         [
-            Candidate(id=k, method="", val_top1=trials[k]["val_top1"], val_loss=trials[k]["val_loss"], n_val=1)
+            Candidate(id=k, method="", val_score=trials[k]["val_top1"], val_loss=trials[k]["val_loss"], n_val=1)
             for k in order
         ]
     )[0].id

@@ -88,7 +88,7 @@ def scored(chosen: dict, rows: list[dict], right: dict) -> dict:
     """One search's numbers: the pick and the old rule against the best candidate on test and the baseline."""
     test = {r["trial"]: r["test_top1"] for r in rows}
     trials = [
-        Candidate(id=r["trial"], method=r["method"], val_top1=r["val_top1"], val_loss=r["val_loss"], n_val=1)
+        Candidate(id=r["trial"], method=r["method"], val_score=r["val_top1"], val_loss=r["val_loss"], n_val=1)
         for r in rows
         if r["trial"] != "baseline"
     ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -69,6 +69,11 @@ class TuneConfig(Section):
         "top1",
         description="what chooses: ASHA's rungs, TPE, the pick, the leaderboard and the champion gate all use this "
         "score (validation, then test); balanced_accuracy or macro_f1 when the classes are imbalanced",
+    )
+    soup: Literal["off", "greedy", "uniform"] = Field(
+        "off",
+        description="average the picked model with the search's other completed candidates (model soup): greedy adds "
+        "one at a time, best first, while validation does not fall; uniform averages them all (pipeline/soups.py)",
     )
     seed: int = Field(0, ge=0, description="seed of Optuna's TPE sampler")
     startup_trials: int = Field(3, ge=1, le=10_000, description="random trials before TPE starts modelling")
@@ -129,6 +134,11 @@ class TuneConfig(Section):
             raise ValueError("tune.num_samples is null (no limit) but tune.time_budget_s is not set: give one of them")
         return self
 
+    @field_validator("soup", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare off as false
+
     @field_validator("methods")
     @classmethod
     def _distinct(cls, v: list[str] | None) -> list[str] | None:
@@ -155,7 +165,13 @@ class RayConfig(Section):
     )
     workers_per_trial: int = Field(1, ge=1, le=4096, description="Ray Train data-parallel workers per trial")
     cpus_per_worker: float = Field(2.0, gt=0, le=1024, description="CPUs per Train worker (torch threads follow it)")
-    gpus_per_worker: float = Field(0.0, ge=0, le=64, description="GPUs per Train worker; > 0 uses nccl and CUDA")
+    gpus_per_worker: float = Field(
+        0.0,
+        ge=0,
+        le=64,
+        description="GPUs per Train worker; > 0 uses nccl and CUDA. A fraction (0.25: four trials share a GPU) or a "
+        "whole number; the trials that fit run at once",
+    )
     storage_path: str = Field(
         "runs/ray", description="Ray Tune/Train results and checkpoints; shared storage on a cluster"
     )
@@ -165,6 +181,21 @@ class RayConfig(Section):
     start_timeout_s: int = Field(
         300, ge=10, le=86_400, description="fail a trial whose worker group cannot start in time"
     )
+
+    @model_validator(mode="after")
+    def _gpu_shares(self) -> RayConfig:
+        g = self.gpus_per_worker
+        if g > 1 and g != int(g):
+            raise ValueError(
+                f"ray.gpus_per_worker = {g:g}: a worker takes a share of one GPU (0 < x ≤ 1, e.g. 0.25 for four "
+                "trials on a GPU) or whole GPUs (2, 4, …), not a fraction above one"
+            )
+        if 0 < g < 1 and self.workers_per_trial > 1:
+            raise ValueError(
+                f"ray.gpus_per_worker = {g:g} with ray.workers_per_trial = {self.workers_per_trial}: the ranks of one "
+                "trial could share a GPU, which NCCL cannot run; use whole GPUs per worker, or one worker per trial"
+            )
+        return self
 
     @field_validator("storage_path")
     @classmethod

@@ -47,6 +47,7 @@ def model_description(
     pretrained: dict | None = None,
     calibration: dict | None = None,
     metric: str = "top1",
+    soup: dict | None = None,
 ) -> str:
     """The Markdown a person reads on the registry page: what the model is, how good, how to call it.
     ``baseline_score`` is the CE baseline's test ``metric`` (``tune.metric``), the score the search chose by."""
@@ -79,6 +80,14 @@ def model_description(
         f"{label} {scores[key]:.4f}"
         for key, label in (*((k, v) for k, v in METRIC_NAMES.items() if k != metric), ("top5", "top-5"))
     )
+    souped = (
+        f"\n\n**Model soup** ({soup['recipe']}, chosen on {soup['chosen_on']}): the weight average of "
+        f"{len(soup['ingredients'])} fine-tuned models, {', '.join(soup['ingredients'])}; validation {name_of} "
+        f"{soup[f'val_{metric}']:.4f} against {soup[f'pick_val_{metric}']:.4f} for the pick alone. The "
+        "hyperparameters above are the first ingredient's."
+        if soup
+        else ""
+    )
     start = f"\n\n**Self-supervised start**: {pretrain_summary(pretrained)}." if pretrained else ""
     calibrated = (
         f"\n\n**Calibrated probabilities**: temperature {calibration['temperature']:.3f}, fitted on the "
@@ -88,7 +97,7 @@ def model_description(
         if calibration
         else ""
     )
-    return f"""**{params["model"]["name"]}** (weights: `{params["model"]["pretrained"]}`) fine-tuned with **{method}**.{start}
+    return f"""**{params["model"]["name"]}** (weights: `{params["model"]["pretrained"]}`) fine-tuned with **{method}**.{start}{souped}
 
 | hyperparameter | value |
 |---|---|

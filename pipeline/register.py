@@ -118,13 +118,9 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
     version_before, champion_before, note, champion_loads = champion_score(
         client, name, test, classes, tune_summary["data_sha256"], m
     )
-    board = tested(
-        tune_summary.get("leaderboard", {}),
-        root / "models" / "leaderboard",
-        test,
-        {tune_summary["best_trial"]: scores[m], BASELINE: baseline[f"test_{m}"]},
-        m,
-    )
+    souped = len(tune_summary.get("soup", {}).get("ingredients", [])) > 1  # the released model is a soup
+    known = {BASELINE: baseline[f"test_{m}"], **({} if souped else {tune_summary["best_trial"]: scores[m]})}
+    board = tested(tune_summary.get("leaderboard", {}), root / "models" / "leaderboard", test, known, m)
 
     with mlflow.start_run(run_id=parent), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics(
@@ -185,6 +181,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
             **({"onnx_max_abs_logit_diff": f"{onnx_check['max_abs_logit_diff']:.2e}"} if onnx_check else {}),
             **{k: str(v) for k, v in hyperparameters(params).items()},
             **({"pretrain": pretrain_summary(pretrained)} if pretrained else {}),
+            **({"soup": " + ".join(tune_summary["soup"]["ingredients"])} if souped else {}),
         }
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
@@ -207,6 +204,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
                 pretrained,
                 calibration,
                 m,
+                tune_summary["soup"] if souped else None,
             )
             client.update_model_version(name, version, description=description)
             return description

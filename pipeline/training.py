@@ -179,6 +179,14 @@ def run_training(
     return run_workers(train_loop_per_worker, loop_config, pipeline, storage, name, callbacks)
 
 
+def worker_resources(pipeline: PipelineConfig) -> dict[str, float]:
+    """What one Train worker reserves: ``ray.cpus_per_worker`` CPUs and ``ray.gpus_per_worker`` GPUs. A share of a
+    GPU (0.25) lets that many trials' workers run on one GPU at once; Ray sets each worker's
+    ``CUDA_VISIBLE_DEVICES`` to the GPU it was given, which ``ray.train.torch.get_device`` then returns."""
+    r = pipeline.ray
+    return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
+
+
 def run_workers(
     loop, loop_config: dict, pipeline: PipelineConfig, storage: str, name: str, callbacks: list = ()
 ) -> ray.train.Result:
@@ -187,7 +195,7 @@ def run_workers(
     ``ray.max_failures`` times."""
     r = pipeline.ray
     use_gpu = r.gpus_per_worker > 0
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    resources = worker_resources(pipeline)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,

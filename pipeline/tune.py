@@ -61,6 +61,7 @@ from pipeline.pretrained import start_weights
 from pipeline.progress import Progress
 from pipeline.search import build_tuner, require_finished, trial_candidates
 from pipeline.selection import rank
+from pipeline.soups import make_soup
 from pipeline.space import starting_points
 from pipeline.stage import flat, stage_main
 from pipeline.time_budget import TimeBudget, read_spent, write_spent
@@ -209,9 +210,17 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 }
                 for c, r in zip(candidates[: len(results)], results, strict=True)
             ]  # the baseline is no trial
+            soup = make_soup(p, chosen, data.val)
+            if soup[1] is not None:
+                s = soup[1]
+                print(
+                    f"soup ({s['recipe']}): {' + '.join(s['ingredients'])}, validation {p.tune.metric} "
+                    f"{s[f'val_{p.tune.metric}']:.4f} against the pick's {s[f'pick_val_{p.tune.metric}']:.4f}",
+                    flush=True,
+                )
             with staged(root) as scratch:  # moved into place only once every file is written
                 metrics, record = write_outputs(
-                    p, scratch, candidates, landscape, chosen, scored, time.time() - start, budget_record
+                    p, scratch, candidates, landscape, chosen, scored, time.time() - start, budget_record, soup
                 )
                 record |= {
                     "experiment_path": shown,

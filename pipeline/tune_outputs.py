@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from drtune.model_file import read_metadata
+from drtune.model_file import ModelFile, read_metadata
 from pipeline import plots
 from pipeline.choosing import write_models
 from pipeline.config import PipelineConfig
@@ -68,11 +68,13 @@ def write_outputs(
     scored: list[Candidate],
     wall_s: float,
     budget: dict | None = None,
+    soup: tuple[ModelFile | None, dict | None] = (None, None),
 ) -> tuple[dict, dict]:
     """The stage's files (see the module docstring) but ``models/best.json``; returns (the numbers of
     ``metrics/tune.json``, what identifies the winner). ``trials`` holds each trial's status and epochs run,
     in ``candidates``' order (the baseline, last, is no trial); ``budget``, the time budget's record
-    (:mod:`pipeline.time_budget`), goes to both."""
+    (:mod:`pipeline.time_budget`), goes to both, and so does ``soup``'s record (:mod:`pipeline.soups`); its
+    model, when there is one, is ``models/best.safetensors``."""
     models, metrics_dir, plots_dir = root / "models", root / "metrics", root / "plots"
     for d in (models, metrics_dir, plots_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,11 @@ def write_outputs(
     board = leaderboard(candidates, chosen, shown)
     write_models(board, candidates, models / "leaderboard")
     assert board[best.method]["best_trial"] == best.id, (board, best.id)  # the pick is its method's entry
-    shutil.copy(models / "leaderboard" / f"{best.method}.safetensors", models / "best.safetensors")
+    soup_model, soup_record = soup
+    if soup_model is None:
+        shutil.copy(models / "leaderboard" / f"{best.method}.safetensors", models / "best.safetensors")
+    else:  # the pick averaged with other candidates: the released model (the leaderboard keeps the single ones)
+        (models / "best.safetensors").write_bytes(soup_model.data)
     history = read_metadata(models / "best.safetensors")["history"]  # every epoch, resumes included
     curve = [
         {"epoch": h["epoch"], "val_score": h[f"val_{m}"], **{k: h[k] for k in ("val_top1", "val_loss", "train_loss")}}
@@ -108,7 +114,6 @@ def write_outputs(
     count = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped", "failed")}
     # Numbers go to the DVC metrics file; what identifies the winner goes beside its model.
     metrics = {
-        "metric": m,
         f"best_val_{m}": best.val_score,
         "best_val_loss": best.val_loss,
         "trials": len(rows),
@@ -126,6 +131,11 @@ def write_outputs(
         "best": unprefixed(best.config),
         **({f"best_cv_{m}": best.cv_score} if best.cv_score is not None else {}),
         **{k: int(v) if isinstance(v, bool) else v for k, v in (budget or {}).items()},
+        **(
+            {"soup_ingredients": len(soup_record["ingredients"]), f"soup_val_{m}": soup_record[f"val_{m}"]}
+            if soup_record
+            else {}
+        ),
     }
     (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
     (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board, m), indent=2))
@@ -141,6 +151,7 @@ def write_outputs(
         "selection": record,
         "finalists": finalist_rows,
         **({"budget": budget} if budget else {}),
+        **({"soup": soup_record} if soup_record else {}),
     }
 
 

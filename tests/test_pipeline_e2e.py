@@ -98,7 +98,8 @@ def project(tmp_path_factory) -> Path:
         data={"unlabelled": "rest", "unlabelled_max": 256},
         pretrain={"method": "moco", "epochs": 2},
         train={"lr_backbone": 0.0001, "lr_head": 0.001},
-        tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT], "time_budget_s": 3600},  # a budget that holds
+        # a budget that holds; a greedy soup of the finished candidates
+        tune={"num_samples": 3, "points_to_evaluate": [NAN_POINT], "time_budget_s": 3600, "soup": "greedy"},
     )
     start = time.time()
     done = subprocess.run(["dvc", "repro"], cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
@@ -118,6 +119,11 @@ def test_dvc_repro_writes_metrics_plots_and_model(project: Path) -> None:
     spent = json.loads((Path(best["experiment_path"]) / "drtune-time.json").read_text())["spent_s"]
     assert spent == pytest.approx(best["budget"]["search_s"], abs=0.2)  # stored beside the search for a resume
     assert 0.3 < tune_summary["best_val_top1"] <= 1 and 0.3 < test["test_top1"] <= 1  # 10 classes: chance is 0.1
+    soup = best["soup"]  # greedy: the pick first, and never below it on validation
+    assert soup["recipe"] == "greedy" and soup["ingredients"][0] == best["best_trial"]
+    assert soup["val_top1"] >= soup["pick_val_top1"]
+    assert len(soup["tried"]) == tune_summary["completed"] + 1  # every completed trial and the baseline
+    assert tune_summary["soup_ingredients"] == len(soup["ingredients"])
     assert test["lift_over_ce"] == pytest.approx(test["test_top1"] - baseline["test_top1"])
     for picture in ("learning_curve.png", "landscape.png", "confusion_matrix.png"):
         assert (project / "plots" / picture).stat().st_size > 5000
@@ -379,6 +385,8 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
             "tune.finalist_folds=1",
             "-S",
             "tune.metric=macro_f1",
+            "-S",
+            "tune.soup=uniform",
         ],
         cwd=project,
         env=env,
@@ -441,6 +449,22 @@ def test_dvc_exp_run_of_a_search_across_methods_reruns_only_tune_and_register_wi
         t.data.tags["drtune.trial_id"]: t.data.metrics["cv_macro_f1"] for t in trials if "cv_macro_f1" in t.data.metrics
     } == pytest.approx({trial: row["cv_macro_f1"] for trial, row in scores.items() if trial != "baseline"})
     assert "per_class_test.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the uniform soup of the pick and the two other completed candidates is the registered model, and loads
+    soup = chosen["soup"]
+    assert (
+        soup["recipe"] == "uniform" and len(soup["ingredients"]) == 3 and soup["ingredients"][0] == chosen["best_trial"]
+    )
+    registered = client.get_model_version("drtune-digits", version)
+    assert (
+        registered.tags["soup"] == " + ".join(soup["ingredients"])
+        and "**Model soup** (uniform" in registered.description
+    )
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    predicted = mlflow.pyfunc.load_model(f"models:/drtune-digits/{version}").predict(np.zeros((2, 8, 8, 3), np.uint8))
+    assert len(predicted) == 2
     probes = [t for t in trials if t.data.params.get("method") == "linear_probe"]
     assert probes and all(set(t.data.params) == {"method", "linear_probe.lr_head"} for t in probes)  # never λ
 

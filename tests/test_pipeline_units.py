@@ -753,3 +753,58 @@ def test_a_placement_group_left_reserved_with_no_worker_is_removed_and_a_used_on
         assert ray.get(placement_group([{"CPU": 2}]).ready(), timeout=30)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_trials_sharing_a_gpu_run_four_at_a_quarter_each_and_never_five(tmp_path, monkeypatch) -> None:
+    """Ray with one declared GPU (none real): at ray.gpus_per_worker 0.25 the search runs 4 trials at once,
+    each trial's worker holding its quarter of GPU 0, and never a fifth (the concurrency and Ray's accounting)."""
+    import json
+    import time
+
+    import ray
+    from ray import tune
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from pipeline import cluster, search
+    from pipeline.training import worker_resources
+
+    p = load(None, ["ray.gpus_per_worker=0.25", "ray.cpus_per_worker=1"])
+    log = tmp_path / "spans"
+    log.mkdir()
+
+    def trainable(config: dict) -> None:
+        @ray.remote
+        class Worker:  # stands in for a trial's Train worker: the same reservation
+            def run(self) -> dict:
+                start = time.time()
+                time.sleep(1.5)
+                return {"gpus": ray.get_gpu_ids(), "start": start, "end": time.time()}
+
+        # as Ray Train does: the worker's resources reserved in a placement group of their own, the worker in it
+        group = placement_group([worker_resources(p)])
+        ray.get(group.ready())
+        strategy = PlacementGroupSchedulingStrategy(group)
+        worker = Worker.options(
+            num_cpus=worker_resources(p)["CPU"], num_gpus=worker_resources(p)["GPU"], scheduling_strategy=strategy
+        ).remote()
+        span = ray.get(worker.run.remote())
+        ray.kill(worker)
+        remove_placement_group(group)
+        (log / f"{config['i']}.json").write_text(json.dumps(span))
+        tune.report({"epoch": 1, "val_top1": 0.5})
+
+    ray.init(address="local", num_cpus=8, num_gpus=1, resources={cluster.DRIVER_RESOURCE: 100})
+    monkeypatch.setitem(cluster._private, "ray", True)
+    try:
+        assert cluster.trial_resources(p)[1] == 4  # 1 GPU / 0.25: the CPUs (8 / 1) allow more
+        space = {"i": tune.grid_search(list(range(5)))}  # one more than fits
+        results = search._tuner(p, trainable, str(tmp_path / "ray"), "shared-gpu", [], space).fit()
+        assert not [r for r in results if r.error]
+    finally:
+        ray.shutdown()
+    spans = [json.loads(f.read_text()) for f in log.iterdir()]
+    assert len(spans) == 5 and all(s["gpus"] == [0] for s in spans)
+    at_once = [sum(t["start"] <= s["start"] < t["end"] for t in spans) for s in spans]
+    assert max(at_once) == 4  # four overlap, and no fifth ever started beside them
