@@ -9,7 +9,8 @@ its own (``OUT/share-<g>/``: Ray storage, MLflow store, outputs), with ``tune.ma
 1 / share and the host's CPUs split among the trials. Meanwhile ``nvidia-smi`` samples the GPU's
 utilisation twice a second. Recorded per share: the search's wall time, the GPU utilisation over time
 (mean and the series), each trial's training images/s (its epochs' ``images_per_s`` in MLflow), and the
-pick's validation score; the 1-trial search is the reference of the speed-up. Writes
+pick's validation score. Each search runs under ``tune.time_budget_s`` (``--budget``), so the speed-up is in
+trials completed per second of search, against the 1-trial search. Writes
 OUT/gpu_pipeline.json, a table, and OUT/gpu_pipeline.png (utilisation over time) when matplotlib is there.
 """
 
@@ -81,6 +82,9 @@ def search(args, share: float, cpus: int) -> dict:
         f"ray.cpus_per_worker={max(1, cpus // max(concurrent, 1)) if share > 0 else 1}",
         f"tune.max_concurrent_trials={concurrent}",
         "tune.revalidate=never",  # the search's own cost: re-validation would add refits after it
+        # a budget, not a kill: a search stopped by its budget picks among the trials that finished and writes
+        # its outputs (pipeline/time_budget.py); a killed one writes nothing
+        f"tune.time_budget_s={args.budget}",
         *args.set,
     ]
     env = dict(os.environ) | {
@@ -93,10 +97,10 @@ def search(args, share: float, cpus: int) -> dict:
     with GpuSampler() as gpu, (work / "tune.log").open("w") as log:
         stage = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = stage.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:  # Ctrl-C, as a user would: the stage and its private Ray stop
-            os.killpg(stage.pid, signal.SIGINT)
-            stage.wait(timeout=60)
+            code = stage.wait(timeout=args.budget + 120)  # the budget, Ray's start and the stage's outputs
+        except subprocess.TimeoutExpired:  # stuck: the stage and its private Ray are stopped, this share lost
+            os.killpg(stage.pid, signal.SIGKILL)
+            stage.wait()
             code = "timeout"
     wall = time.time() - started
     if code != 0:
@@ -151,30 +155,38 @@ def main() -> None:
     parser.add_argument("--prepared", required=True, help="a prepared data folder (python -m pipeline.prepare)")
     parser.add_argument("--shares", type=float, nargs="+", default=[1.0, 0.25, 0.125])
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--timeout", type=int, default=240, help="seconds per search")
+    parser.add_argument("--budget", type=float, default=100, help="tune.time_budget_s of each search (seconds)")
     parser.add_argument("--out", default="bench/results/gpu_pipeline")
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for share in args.shares:
         rows.append(search(args, share, cpus))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "gpu_samples"}), flush=True)
+        (out / "gpu_pipeline.json").write_text(json.dumps(rows, indent=1))  # kept if a later share is cut
     done = [r for r in rows if "error" not in r]
     reference = next((r for r in done if r["trials_at_once"] <= 1), None)
-    print(f"\n{'trials at once':>14} {'search s':>9} {'speed-up':>9} {'GPU util %':>11} {'img/s per trial':>16}  pick")
+
+    # Searches end when their budget does, so speed is trials completed per second of search, not wall time.
+    def rate(r: dict) -> float:
+        return r["completed"] / r["search_wall_s"]
+
+    print(
+        f"\n{'trials at once':>14} {'search s':>9} {'completed':>9} {'speed-up':>9} {'GPU util %':>11} "
+        f"{'img/s per trial':>16}  pick"
+    )
     for r in done:
-        speedup = reference["search_wall_s"] / r["search_wall_s"] if reference else float("nan")
+        speedup = rate(r) / rate(reference) if reference and reference["completed"] else float("nan")
         score = next(v for k, v in r.items() if k.startswith("best_val_"))
         util = r["gpu_utilisation_mean"]
         rate = r["mean_images_per_s_per_trial"]
         print(
-            f"{r['trials_at_once']:>14} {r['search_wall_s']:>9.1f} {speedup:>9.2f} "
+            f"{r['trials_at_once']:>14} {r['search_wall_s']:>9.1f} {r['completed']:>9} {speedup:>9.2f} "
             f"{util if util is not None else float('nan'):>11.1f} {rate if rate is not None else float('nan'):>16.0f}"
             f"  {r['best_trial']} ({score:.4f})"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_pipeline.json").write_text(json.dumps(rows, indent=1))
     plot(done, out / "gpu_pipeline.png")
 
 

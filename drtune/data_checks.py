@@ -25,6 +25,7 @@ of training or validation images (and near copies too with ``data.near_copies_le
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from itertools import combinations
@@ -49,11 +50,11 @@ _CHUNK = 2048  # thumbnails correlated with all others at once (2048 × N float3
 def grey_thumbnails(images: np.ndarray) -> np.ndarray:
     """N × 1024 float32 rows: 32 × 32 grey versions of uint8 N × H × W × C images (Lanczos), each
     centred and scaled to unit norm, so a dot product of two rows is their Pearson correlation."""
-    grey = images[..., 0] if images.shape[3] == 1 else images.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
     resample = Image.Resampling.LANCZOS
-    rows = np.stack(
-        [np.asarray(Image.fromarray(g.astype(np.uint8)).resize((_SIDE, _SIDE), resample), np.float32) for g in grey]
-    ).reshape(len(images), _SIDE * _SIDE)
+    rows = np.empty((len(images), _SIDE * _SIDE), np.float32)
+    for i, image in enumerate(images):  # one image at a time: no float copy of the whole split
+        grey = Image.fromarray(image[..., 0]) if image.shape[2] == 1 else Image.fromarray(image).convert("L")
+        rows[i] = np.asarray(grey.resize((_SIDE, _SIDE), resample), np.float32).ravel()
     rows -= rows.mean(axis=1, keepdims=True)
     # a flat image has no pattern to correlate: its zero row never reaches the threshold
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-6)
@@ -151,7 +152,7 @@ def check_splits(
             f"{len(leaked)} of {n_test} test images ({fraction:.2%}) are {'exact or near' if near_copies_leak else 'exact'} "
             "copies of training or validation images, "
             f"above data.max_leakage = {max_leakage:g}:\n" + "\n".join(shown) + "\nremove them from the test split, "
-            f"or accept them with data.max_leakage ≥ {fraction:.4f}"
+            f"or accept them with data.max_leakage ≥ {math.ceil(fraction * 1e4) / 1e4:.4f}"
         )
     warnings = []
     labelled = np.bincount(np.concatenate([splits["train"].labels, splits["val"].labels]), minlength=len(classes))

@@ -205,7 +205,7 @@ class FineTuneTask(nn.Module):
         if not pre.is_cuda:
             return pre, down, None
         taken = torch.cuda.Event()
-        taken.record()
+        taken.record(torch.cuda.current_stream(pre.device))
         return pre, down, taken
 
     def _rotate_snapshot(self) -> None:

@@ -104,7 +104,10 @@ def near_the_top(candidates: list[Candidate], val: ArraySplit, num_classes: int)
     """``candidates`` with per-image validation results for those the unpaired interval cannot separate from
     the best (the only ones a paired comparison could matter for), so that :mod:`pipeline.selection` compares
     them image by image; scoring a handful of models on the validation split costs seconds."""
-    close = {c.id for c in tied_with_best(rank(candidates))}
+    ranked = rank(candidates)
+    # Agresti–Caffo treats a score as a share of images: right for top-1 only. Balanced accuracy and macro-F1
+    # vary more (a few minority images move them), so every completed candidate is scored image by image.
+    close = {c.id for c in (tied_with_best(ranked) if ranked and ranked[0].metric == "top1" else ranked)}
     return [scored_on(c, val, num_classes) if c.id in close and len(close) > 1 else c for c in candidates]
 
 

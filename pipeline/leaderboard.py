@@ -3,7 +3,7 @@
 Built by the ``tune`` stage from the pick's order (so the overall pick is its method's entry), with
 each method's best model written as ``models/leaderboard/<method>.safetensors``
 (:func:`pipeline.choosing.write_models`); the ``register``
-stage tests those models once and adds their test top-1. DR-Tune's lift is its best score minus
+stage tests those models once and adds their test score (``tune.metric``). DR-Tune's lift is its best score minus
 the best other method's, on validation (tune) and on test (register).
 """
 

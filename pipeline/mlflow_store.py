@@ -39,6 +39,8 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # What every training run logs per epoch (a trial's run and the CE baseline's alike).
 METRIC_KEYS = (
     "val_top1",
+    "val_balanced_accuracy",  # tune.metric may choose by either of these two
+    "val_macro_f1",
     "val_top5",
     "val_loss",
     "train_loss",

@@ -159,7 +159,8 @@ def require_finished(results, expected: int | None, message: str, epochs: int | 
 
     def ended(r) -> bool:
         m = r.metrics or {}
-        return r.error is not None or bool(m.get("done")) or (epochs is not None and m.get("epoch", 0) >= epochs)
+        last = bool(m.get("diverged")) or (epochs is not None and m.get("epoch", 0) >= epochs)  # no more to run
+        return r.error is not None or bool(m.get("done")) or last
 
     if sum(map(ended, results)) < (len(results) if expected is None else expected):
         raise KeyboardInterrupt(message)

@@ -19,15 +19,17 @@ permutation test on the two models' predictions (:mod:`pipeline.significance`), 
 top-1 case of.
 
 Per-image results are known only for the candidates given them (:meth:`Candidate.with_outcomes`; the stage
-gets them for the candidates near the top). Otherwise the comparison falls back to the unpaired
-95 % interval of Agresti–Caffo (add one right and one wrong answer to each, then the normal
-interval), which is wider, so it calls a tie more often, never less::
+gets them for the candidates near the top, and for every completed candidate when ``tune.metric`` is not
+top-1). Otherwise the comparison falls back to the unpaired 95 % interval of Agresti–Caffo (add one right
+and one wrong answer to each, then the normal interval), which for top-1 is wider, so it calls a tie more
+often, never less::
 
     p̃ = (k + 1) / (n + 2)       gap ± 1.96 · sqrt(p̃₁(1 − p̃₁)/(n₁ + 2) + p̃₂(1 − p̃₂)/(n₂ + 2))
 
 **The pick** (:func:`pick`):
 
-1. Rank by score (validation ``tune.metric``; the mean over all folds once a candidate was re-validated),
+1. Rank by score (validation ``tune.metric``; once a candidate was re-validated, the mean over all folds for
+   top-1, the metric over the pooled images of all folds for the others),
    ties by lower validation loss, then the given order.
 2. *Clear*: the best is outside the noise of every other candidate: it wins.
 3. Otherwise the tied candidates are re-validated on more held-out folds of the same labels
@@ -36,9 +38,9 @@ interval), which is wider, so it calls a tie more often, never less::
 4. *Conservative rule*, when they are still tied or re-validation is off: plain fine-tuning (the
    CE baseline) wins if it is among the tied; otherwise the top score stands.
 
-**The gate** (:func:`pipeline.significance.paired_test`): on the test split, once, the challenger against the CE baseline
-image by image (McNemar's exact test). Test images never choose among candidates; they only decide
-whether the chosen one may become champion.
+**The gate** (:func:`pipeline.significance.paired`): on the test split, once, the challenger against the CE baseline
+image by image (McNemar's exact test; the permutation test for another ``tune.metric``). Test images never choose
+among candidates; they only decide whether the chosen one may become champion.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from drtune.evaluation import confusion_of, metric_scores
 from pipeline.significance import Comparison, agresti_caffo, paired
 
 BASELINE = "baseline"  # the CE baseline's candidate id
@@ -67,6 +70,10 @@ class Outcomes:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def score(self, metric: str) -> float:
+        """``metric`` (top1, balanced_accuracy, macro_f1) over these images."""
+        return metric_scores(confusion_of(self.labels, self.predicted, self.num_classes))[metric]
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -84,7 +91,7 @@ class Candidate:
     status: str = "completed"  # completed | stopped | failed
     config: dict = field(default_factory=dict)
     baseline: bool = False
-    cv_score: float | None = None  # mean ``metric`` over its own split and the extra folds, once re-validated
+    cv_score: float | None = None  # ``metric`` over its own split and the extra folds, once re-validated
     folds: int = 1  # held-out splits pooled in its score
     ref: Any = None
     outcomes: Outcomes | None = None  # per image behind its score: validation, then each extra fold in order
@@ -103,13 +110,15 @@ class Candidate:
         """This candidate with ``fold_scores`` (its score on each extra fold, each of ``n_val`` images) pooled in,
         and ``fold_outcomes`` (each fold in order) appended to its validation outcomes when both are known."""
         scores = [self.val_score, *fold_scores]
-        outcomes = self.outcomes
+        cv_score, outcomes = sum(scores) / len(scores), self.outcomes
         if outcomes is not None and fold_outcomes is not None:
             for fold in fold_outcomes:
                 outcomes = outcomes + fold
+            if self.metric != "top1":  # not a mean over images: scored on the pooled images, as compare() tests it
+                cv_score = outcomes.score(self.metric)
         else:
             outcomes = None
-        return replace(self, cv_score=sum(scores) / len(scores), folds=len(scores), outcomes=outcomes)
+        return replace(self, cv_score=cv_score, folds=len(scores), outcomes=outcomes)
 
     def with_outcomes(self, outcomes: Outcomes) -> Candidate:
         """This candidate with its per-image results on the validation split."""

@@ -31,10 +31,15 @@ from pipeline.selection import Pick
 
 def make_soup(p: PipelineConfig, chosen: Pick, val: ArraySplit) -> tuple[ModelFile | None, dict | None]:
     """(the soup's model file, its record) for ``tune.soup``; (None, the record) when greedy keeps the pick
-    alone; (None, None) with ``tune.soup: off`` or a single completed candidate."""
+    alone; (None, None) with ``tune.soup: off``, a single completed candidate, or a pick that is plain fine-tuning
+    by the conservative rule (a tie it won because it is the safe choice)."""
     recipe, metric = p.tune.soup, p.tune.metric
     order = [c for c in chosen.order if c.ref is not None]
     if recipe == "off" or len(order) < 2:
+        return None, None
+    if chosen.rule == "conservative" and chosen.chosen.baseline:
+        # the tie went to plain fine-tuning on purpose: mixing the tied trials back in would undo that choice
+        print("soup: none, plain fine-tuning won a tie by the conservative rule and stands alone", flush=True)
         return None, None
     with tempfile.TemporaryDirectory() as tmp:
         models = [read_model(write_model_file(c.ref, Path(tmp) / f"{i}.safetensors")) for i, c in enumerate(order)]

@@ -14,7 +14,8 @@ one: a clear best on validation wins; candidates within the validation noise of 
 re-validated (``tune.revalidate: auto``; at most ``tune.finalists`` of them, each trained again on
 ``tune.finalist_folds`` more held-out folds of the same labelled images, :mod:`drtune.folds`; a grid
 of Ray Train runs, resumable like the search) and, if still tied, the baseline wins the tie. The
-chosen model is always the candidate's own (the search trial's, or the baseline's).
+chosen model is the candidate's own (the search trial's, or the baseline's), or with ``tune.soup`` its
+average with other completed candidates (:mod:`pipeline.soups`).
 Outputs:
 
 * ``models/best.safetensors`` — the chosen model: encoder + head, params, classes, history (its last epoch:

@@ -758,8 +758,8 @@ def test_a_placement_group_left_reserved_with_no_worker_is_removed_and_a_used_on
 @pytest.mark.slow
 def test_trials_sharing_a_gpu_run_four_at_a_quarter_each_and_never_five(tmp_path, monkeypatch) -> None:
     """Ray with one declared GPU (none real): at ray.gpus_per_worker 0.25 the search runs 4 trials at once,
-    each trial's worker holding its quarter of GPU 0, and never a fifth (the concurrency and Ray's accounting)."""
-    import json
+    each trial's worker holding its quarter of GPU 0, and never a fifth. Each worker counts itself in on a gauge
+    and holds its GPU share until four are in (or 30 s pass), so the peak does not depend on start-up timing."""
     import time
 
     import ray
@@ -771,16 +771,34 @@ def test_trials_sharing_a_gpu_run_four_at_a_quarter_each_and_never_five(tmp_path
     from pipeline.training import worker_resources
 
     p = load(None, ["ray.gpus_per_worker=0.25", "ray.cpus_per_worker=1"])
-    log = tmp_path / "spans"
-    log.mkdir()
+
+    @ray.remote(num_cpus=0)
+    class Gauge:
+        def __init__(self) -> None:
+            self.now, self.peak, self.gpus = 0, 0, []
+
+        def enter(self, gpus: list) -> None:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            self.gpus.append(list(gpus))
+
+        def leave(self) -> None:
+            self.now -= 1
+
+        def read(self) -> tuple[int, list]:
+            return self.peak, self.gpus
 
     def trainable(config: dict) -> None:
         @ray.remote
         class Worker:  # stands in for a trial's Train worker: the same reservation
-            def run(self) -> dict:
-                start = time.time()
-                time.sleep(1.5)
-                return {"gpus": ray.get_gpu_ids(), "start": start, "end": time.time()}
+            def run(self) -> None:
+                gauge = ray.get_actor("gauge")
+                ray.get(gauge.enter.remote(ray.get_gpu_ids()))
+                deadline = time.time() + 30
+                while ray.get(gauge.read.remote())[0] < 4 and time.time() < deadline:
+                    time.sleep(0.1)
+                time.sleep(0.5)
+                ray.get(gauge.leave.remote())
 
         # as Ray Train does: the worker's resources reserved in a placement group of their own, the worker in it
         group = placement_group([worker_resources(p)])
@@ -789,22 +807,21 @@ def test_trials_sharing_a_gpu_run_four_at_a_quarter_each_and_never_five(tmp_path
         worker = Worker.options(
             num_cpus=worker_resources(p)["CPU"], num_gpus=worker_resources(p)["GPU"], scheduling_strategy=strategy
         ).remote()
-        span = ray.get(worker.run.remote())
+        ray.get(worker.run.remote())
         ray.kill(worker)
         remove_placement_group(group)
-        (log / f"{config['i']}.json").write_text(json.dumps(span))
         tune.report({"epoch": 1, "val_top1": 0.5})
 
     ray.init(address="local", num_cpus=8, num_gpus=1, resources={cluster.DRIVER_RESOURCE: 100})
     monkeypatch.setitem(cluster._private, "ray", True)
     try:
         assert cluster.trial_resources(p)[1] == 4  # 1 GPU / 0.25: the CPUs (8 / 1) allow more
-        space = {"i": tune.grid_search(list(range(5)))}  # one more than fits
+        gauge = Gauge.options(name="gauge").remote()
+        space = {"i": tune.grid_search(list(range(5)))}  # one more trial than fits
         results = search._tuner(p, trainable, str(tmp_path / "ray"), "shared-gpu", [], space).fit()
         assert not [r for r in results if r.error]
+        peak, gpus = ray.get(gauge.read.remote())
     finally:
         ray.shutdown()
-    spans = [json.loads(f.read_text()) for f in log.iterdir()]
-    assert len(spans) == 5 and all(s["gpus"] == [0] for s in spans)
-    at_once = [sum(t["start"] <= s["start"] < t["end"] for t in spans) for s in spans]
-    assert max(at_once) == 4  # four overlap, and no fifth ever started beside them
+    assert peak == 4  # four at once, and no fifth ever beside them
+    assert len(gpus) == 5 and all(g == [0] for g in gpus)  # each worker held a share of GPU 0
