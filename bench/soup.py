@@ -73,8 +73,8 @@ def main() -> None:
             scores.append((val[metric], val["loss"], len(scores)))
             del result
         order = [models[i] for *_, i in sorted(scores, key=lambda s: (-s[0], s[1], s[2]))]
-        kept, trace = greedy([m for _, m in order], lambda m: load_predictor(m).score(data.val)[metric])
-        pick, greedy_soup, uniform_soup = order[0][1], soup([order[i][1] for i in kept]), soup([m for _, m in order])
+        kept, trace, greedy_soup = greedy([m for _, m in order], lambda m: load_predictor(m).score(data.val)[metric])
+        pick, uniform_soup = order[0][1], soup([m for _, m in order])
         test = {
             k: load_predictor(m).score(data.test)[metric]
             for k, m in (("pick", pick), ("greedy", greedy_soup), ("uniform", uniform_soup))

@@ -22,22 +22,33 @@ from torch import nn
 METRIC_NAMES = {"top1": "top-1", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1"}  # tune.metric
 
 
+def _class_rates(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Per class of a C × C confusion matrix (rows: true class): images right, its support (true), how often it
+    was predicted, and precision, recall and F1 (0 where undefined)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    right, true, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    zero = np.zeros_like(right)
+    return {
+        "right": right,
+        "true": true,
+        "predicted": predicted,
+        "precision": np.divide(right, predicted, out=zero.copy(), where=predicted > 0),
+        "recall": np.divide(right, true, out=zero.copy(), where=true > 0),
+        "f1": np.divide(2 * right, true + predicted, out=zero.copy(), where=(true + predicted) > 0),
+    }
+
+
 def metric_scores(confusion: np.ndarray) -> dict[str, float]:
     """Top-1, balanced accuracy and macro-F1 from a C × C confusion matrix (rows: true class), as
     scikit-learn defines them: balanced accuracy is the mean recall over the classes present in the
     split; macro-F1 the mean F1 over the classes present in the split or the predictions, an undefined
     F1 (nothing predicted and nothing true) counting 0. With balanced classes the first two are equal."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    right, true, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
-    n = max(true.sum(), 1.0)
-    present = true > 0
-    recall = np.divide(right, true, out=np.zeros_like(right), where=present)
-    seen = present | (predicted > 0)
-    f1 = np.divide(2 * right, true + predicted, out=np.zeros_like(right), where=seen)
+    r = _class_rates(confusion)
+    present, seen = r["true"] > 0, (r["true"] + r["predicted"]) > 0
     return {
-        "top1": float(right.sum() / n),
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
-        "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+        "top1": float(r["right"].sum() / max(r["true"].sum(), 1.0)),
+        "balanced_accuracy": float(r["recall"][present].mean()) if present.any() else 0.0,
+        "macro_f1": float(r["f1"][seen].mean()) if seen.any() else 0.0,
     }
 
 
@@ -49,14 +60,10 @@ def confusion_of(labels: np.ndarray, predicted: np.ndarray, num_classes: int) ->
 
 def per_class(confusion: np.ndarray, classes: list[str]) -> list[dict]:
     """Precision, recall, F1 and support of every class: the table ``register`` logs with the test score."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    right, true, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
-    precision = np.divide(right, predicted, out=np.zeros_like(right), where=predicted > 0)
-    recall = np.divide(right, true, out=np.zeros_like(right), where=true > 0)
-    f1 = np.divide(2 * right, true + predicted, out=np.zeros_like(right), where=(true + predicted) > 0)
+    r = _class_rates(confusion)
     return [
-        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(t)}
-        for name, p, r, f, t in zip(classes, precision, recall, f1, true, strict=True)
+        {"class": name, "precision": float(p), "recall": float(rec), "f1": float(f), "support": int(t)}
+        for name, p, rec, f, t in zip(classes, r["precision"], r["recall"], r["f1"], r["true"], strict=True)
     ]
 
 

@@ -60,15 +60,17 @@ def soup(models: list[ModelFile]) -> ModelFile:
     return read_model(model_bytes(average(models), first.params, first.classes, first.history))
 
 
-def greedy(models: list[ModelFile], score: Callable[[ModelFile], float]) -> tuple[list[int], list[float]]:
+def greedy(models: list[ModelFile], score: Callable[[ModelFile], float]) -> tuple[list[int], list[float], ModelFile]:
     """Greedy soup over ``models`` (best first): (indices of the ingredients kept, the soup's score after each
-    model was tried). A model joins when the soup with it scores at least as high as without it."""
-    kept, best = [0], score(models[0])
+    model was tried, the soup kept: ``models[0]`` itself when nothing joined). A model joins when the soup
+    with it scores at least as high as without it."""
+    kept, result = [0], models[0]
+    best = score(result)
     trace = [best]
     for i in range(1, len(models)):
-        tried = score(soup([models[j] for j in kept] + [models[i]]))
-        trace.append(tried)
-        if tried >= best:
+        tried = soup([models[j] for j in kept] + [models[i]])
+        trace.append(score(tried))
+        if trace[-1] >= best:
             kept.append(i)
-            best = tried
-    return kept, trace
+            best, result = trace[-1], tried
+    return kept, trace, result

@@ -48,13 +48,13 @@ def make_soup(p: PipelineConfig, chosen: Pick, val: ArraySplit) -> tuple[ModelFi
         return load_predictor(model).score(val)[metric]
 
     if recipe == "greedy":
-        kept, trace = greedy(models, score)
+        kept, trace, result = greedy(models, score)
         single, soup_score = trace[0], trace[kept[-1]]
         tried = [{"candidate": c.id, f"val_{metric}_with_it": s} for c, s in zip(order, trace, strict=True)]
     else:
-        kept, tried = list(range(len(models))), []
-        single, soup_score = score(models[0]), score(soup(models))
-    result = soup([models[i] for i in kept]) if len(kept) > 1 else None
+        kept, tried, result = list(range(len(models))), [], soup(models)
+        single, soup_score = score(models[0]), score(result)
+    result = result if len(kept) > 1 else None
     record = {
         "recipe": recipe,
         "ingredients": [order[i].id for i in kept],

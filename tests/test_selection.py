@@ -490,3 +490,23 @@ def test_the_permutation_test_is_seeded_symmetric_and_calls_identical_models_equ
         0.5, None, "no champion yet", vs_baseline=paired(labels, labels * 0, labels, "macro_f1", 4), metric="macro_f1"
     )
     assert not gate[0] and "macro-F1" in gate[1] and "permutation p" in gate[1]
+
+
+def test_the_metrics_and_the_per_class_table_are_scikit_learns() -> None:
+    """On predictions where one class never occurs in the split and another is never predicted."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support
+
+    from drtune.evaluation import confusion_of, metric_scores, per_class
+
+    rng = np.random.default_rng(4)
+    labels = rng.choice([0, 1, 2, 4], 200)  # class 3 absent from the split
+    predicted = np.where(rng.random(200) < 0.6, labels, rng.choice([0, 1, 3, 4], 200))  # class 2 never predicted
+    scores = metric_scores(confusion_of(labels, predicted, 5))
+    assert scores["top1"] == pytest.approx(float(np.mean(labels == predicted)))
+    assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert scores["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro", zero_division=0))
+    table = per_class(confusion_of(labels, predicted, 5), list("abcde"))
+    p, r, f, support = precision_recall_fscore_support(labels, predicted, labels=range(5), zero_division=0)
+    assert [row["support"] for row in table] == list(support)
+    for row, *expected in zip(table, p, r, f, strict=True):
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx(tuple(expected))

@@ -47,8 +47,9 @@ def test_greedy_keeps_an_ingredient_only_when_the_score_does_not_fall() -> None:
         shift = (m.tensors[key] - base.tensors[key]).mean().item()
         return -abs(shift - 1.0)
 
-    kept, trace = greedy(models, score)
+    kept, trace, result = greedy(models, score)
     assert kept == [0, 1]
+    assert torch.equal(result.tensors[key], soup(models[:2]).tensors[key])  # the soup it kept, not rebuilt
     assert trace == pytest.approx(
         [-0.2, -0.05, -abs((0.8 + 1.3 + 5.0) / 3 - 1), -abs((0.8 + 1.3 + 1.1) / 3 - 1)], abs=1e-5
     )
