@@ -23,32 +23,33 @@ from drtune.backbones import CheckpointMismatchError, create_backbone
 from drtune.config import Config, ConfigError, ModelConfig
 
 
-def check_model(model: ModelConfig) -> torch.nn.Module:
+def check_model(model: ModelConfig, field: str = "model") -> torch.nn.Module:
     """Build the backbone exactly as a worker will (weights loaded, without downloading hub weights);
-    returns it. Raises :class:`ConfigError` naming ``model.name`` or ``model.pretrained``."""
+    returns it. Raises :class:`ConfigError` naming ``<field>.name`` or ``<field>.pretrained`` (``field``:
+    where the setting came from, ``model`` or one of the search's ``tune.models[i]``)."""
     if not timm.is_model(model.name):
         close = difflib.get_close_matches(model.name, timm.list_models(), n=3)
         hint = f" (closest: {', '.join(close)})" if close else ""
-        raise ConfigError(f"model.name = {model.name!r}: timm has no such model{hint}")
-    pretrained = model.pretrained
+        raise ConfigError(f"{field}.name = {model.name!r}: timm has no such model{hint}")
+    pretrained, named = model.pretrained, f"{field}.pretrained = {model.pretrained!r}"
     if pretrained == "hub":
         cfg = timm.models.get_pretrained_cfg(model.name)
         if cfg is None or not (cfg.hf_hub_id or cfg.url):
-            raise ConfigError(f"model.pretrained = 'hub': timm lists no pretrained weights for {model.name!r}")
+            raise ConfigError(f"{named}: timm lists no pretrained weights for {model.name!r}")
         pretrained = "none"  # the download itself happens in the worker
     try:
         return create_backbone(model.name, pretrained)
     except FileNotFoundError as err:
-        raise ConfigError(f"model.pretrained = {model.pretrained!r}: {err}") from None
+        raise ConfigError(f"{named}: {err}") from None
     except CheckpointMismatchError as err:
-        raise ConfigError(f"model.pretrained = {model.pretrained!r}: {err}") from None
+        raise ConfigError(f"{named}: {err}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         raise ConfigError(
-            f"model.pretrained = {model.pretrained!r}: not a checkpoint torch can load with "
+            f"{named}: not a checkpoint torch can load with "
             f"weights_only=True ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         ) from None
     except ValueError as err:  # bundled weights on another architecture
-        raise ConfigError(f"model.pretrained = {model.pretrained!r}: {err}") from None
+        raise ConfigError(f"{named}: {err}") from None
 
 
 def checkpoint_bytes(config: Config, backbone: torch.nn.Module, num_classes: int = 1000) -> int:
@@ -88,13 +89,21 @@ def check_disk(folder: str | Path, need: int, field: str) -> None:
         )
 
 
-def preflight(config: Config, output: str | Path | None, *, field: str = "--output", checkpoints: int = 2) -> None:
+def preflight(
+    config: Config,
+    output: str | Path | None,
+    *,
+    field: str = "--output",
+    checkpoints: int = 2,
+    model_field: str = "model",
+) -> None:
     """All of the above for one run (or a search writing ``checkpoints`` checkpoints) into ``output``.
 
     ``output`` is a local folder, or None when checkpoints go to remote storage (nothing to check here).
-    Two checkpoints per run: ``last.pt`` and the temporary file it is atomically replaced from.
+    Two checkpoints per run: ``last.pt`` and the temporary file it is atomically replaced from. A bad backbone
+    is named as ``model_field`` (``model``, or the search's ``tune.models[i]``).
     """
-    backbone = check_model(config.model)
+    backbone = check_model(config.model, model_field)
     if output is not None:
         folder = check_writable(output, field)
         check_disk(folder, checkpoints * checkpoint_bytes(config, backbone), field)

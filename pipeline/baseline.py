@@ -72,7 +72,7 @@ def run(p: PipelineConfig, root: Path = Path(".")) -> dict:
         client.log_inputs(run_id, datasets=dataset_inputs(data, p.data.prepared_dir))
         start = time.time()
         result = run_training(
-            ce, p, share_data(data, backbone.content), join_uri(storage_uri(p, root), "baseline"), name, []
+            ce, p, share_data(data, backbone.files()), join_uri(storage_uri(p, root), "baseline"), name, []
         )
         if result.metrics.get("diverged"):
             raise RuntimeError(

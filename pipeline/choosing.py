@@ -33,9 +33,10 @@ from pipeline.training import SharedData, read_checkpoint
 
 
 def baseline_candidate(
-    root: Path, p: PipelineConfig, data_sha256: str, n_val: int, backbone_sha256: str = ""
+    root: Path, p: PipelineConfig, data_sha256: str, n_val: int, backbone_sha256: str = "", backbone: str = ""
 ) -> Candidate | None:
-    """The CE baseline (the ``baseline`` stage's model) as a candidate, or None when that stage has not run here.
+    """The CE baseline (the ``baseline`` stage's model) as a candidate, or None when that stage has not run here;
+    ``backbone``: the label of what it fine-tuned (``model.*``'s, :meth:`PipelineConfig.default_backbone`).
 
     It must have trained on these splits for these epochs, from this backbone (``backbone_sha256``: the
     pretrain stage's weights, empty for ``model.pretrained`` as configured): a baseline of other data,
@@ -66,6 +67,7 @@ def baseline_candidate(
         val_loss=b["val_loss"],
         n_val=n_val,
         metric=p.tune.metric,
+        backbone=backbone,
         config={"method": methods.PLAIN, "lr_backbone": b["lr_backbone"], "lr_head": b["lr_head"]},
         baseline=True,
         ref=model,

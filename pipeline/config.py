@@ -25,6 +25,8 @@ from drtune.train import epochs_for_steps
 
 # The pretrain stage's output (relative to the project): the backbone baseline and tune start from.
 PRETRAINED_WEIGHTS = "models/pretrained/backbone.safetensors"
+# model.pretrained / tune.models[i].pretrained values that name no file.
+WEIGHT_SOURCES = ("bundled", "hub", "none", "pretrain")
 
 
 class Range(Section):
@@ -46,6 +48,20 @@ def _default(name: str) -> Range:
     return Range(low=knob.low, high=knob.high)
 
 
+class BackboneChoice(Section):
+    """One backbone the search may choose (``tune.models``): a timm model and the weights it starts from."""
+
+    name: str = Field(description="any timm model name")
+    pretrained: str = Field(
+        "none",
+        description="bundled (offline ImageNet Lite0) | hub | none | pretrain (the pretrain stage's output) | "
+        "path to a local checkpoint (it travels to the workers through Ray's object store)",
+    )
+    label: str | None = Field(
+        None, description="its name in the leaderboard and the trials' configs; null: the model name (made unique)"
+    )
+
+
 class TuneConfig(Section):
     num_samples: int | None = Field(
         8, ge=1, le=100_000, description="trials in the search; null: as many as tune.time_budget_s allows"
@@ -64,6 +80,11 @@ class TuneConfig(Section):
         "DR-Tune has not beaten CE-tuning beyond the noise on any backbone measured here (docs/evidence.md, "
         "'DR-Tune's home regime'); it is the one to try when the backbone is self-supervised and CE-tuning falls "
         "below the linear probe. Include ce and linear_probe so the leaderboard shows which wins on your data",
+    )
+    models: list[BackboneChoice] | None = Field(
+        None,
+        description="null: every trial fine-tunes model.*; a list of two or more: the search chooses the backbone "
+        "first, then the method and its knobs; each keeps its own preprocessing (timm's data config)",
     )
     metric: Literal["top1", "balanced_accuracy", "macro_f1"] = Field(
         "top1",
@@ -138,6 +159,27 @@ class TuneConfig(Section):
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML 1.1 reads a bare off as false
+
+    @field_validator("models")
+    @classmethod
+    def _labelled(cls, v: list[BackboneChoice] | None) -> list[BackboneChoice] | None:
+        """Give every choice a distinct label: its ``label``, else its model name, else the name and its weights."""
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError("list two or more backbones, or leave it null to fine-tune model.* alone")
+        names = [c.name for c in v]
+        for c in v:
+            if c.label is None:
+                weights = Path(c.pretrained).stem if c.pretrained not in WEIGHT_SOURCES else c.pretrained
+                c.label = c.name if names.count(c.name) == 1 else f"{c.name}/{weights}"
+        labels = [c.label for c in v]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"two choices share a label ({labels}): give each a distinct label")
+        bad = [label for label in labels if not label or "," in label]
+        if bad:
+            raise ValueError(f"labels must be non-empty and free of commas: {bad}")
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -257,6 +299,13 @@ class PipelineConfig(Config):
             )
         if self.train.steps is None:  # with a step budget: checked by with_steps_resolved, once the epochs are known
             self._check_grace_period()
+        for i, c in enumerate(self.tune.models or []):
+            if c.pretrained == "pretrain" and (self.pretrain.method == "none" or c.name != self.model.name):
+                raise ValueError(
+                    f"tune.models[{i}].pretrained = 'pretrain' names the pretrain stage's output, which needs "
+                    f"pretrain.method (now {self.pretrain.method}) and is a {self.model.name} (model.name), "
+                    f"not a {c.name}"
+                )
         return self
 
     def _check_grace_period(self) -> None:
@@ -295,6 +344,26 @@ class PipelineConfig(Config):
     def tune_metric(self) -> str:
         """The result key Tune judges trials by: ``val_`` + ``tune.metric`` (every epoch reports all three)."""
         return f"val_{self.tune.metric}"
+
+    def backbone_weights(self, choice: BackboneChoice) -> str:
+        """The ``model.pretrained`` a trial on ``choice`` trains with (``pretrain``: the pretrain stage's file)."""
+        return PRETRAINED_WEIGHTS if choice.pretrained == "pretrain" else choice.pretrained
+
+    def backbone(self, label: str) -> BackboneChoice:
+        """The ``tune.models`` choice called ``label``."""
+        return next(c for c in self.tune.models or [] if c.label == label)
+
+    def default_backbone(self) -> str:
+        """The label of ``model.*`` (what the CE baseline and a search without ``tune.models`` fine-tune): the
+        ``tune.models`` choice with the same model and weights, else the model's name (with the weights' name
+        when a choice of another start has that label)."""
+        model = self.library().model
+        for c in self.tune.models or []:
+            if c.name == model.name and self.backbone_weights(c) == model.pretrained:
+                return str(c.label)
+        taken = {c.label for c in self.tune.models or []}
+        weights = Path(model.pretrained).stem if model.pretrained not in WEIGHT_SOURCES else model.pretrained
+        return model.name if model.name not in taken else f"{model.name}/{weights}"
 
     def search_methods(self) -> list[str]:
         """The methods the search tries: ``tune.methods``, or ``train.method`` alone."""

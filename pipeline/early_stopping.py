@@ -1,8 +1,10 @@
-"""Early stopping for the search: none, one ASHA over every trial, or :class:`MethodASHA` across methods.
+"""Early stopping for the search: none, one ASHA over every trial, or :class:`MethodASHA` across methods
+or backbones.
 
 ASHA (time unit: epochs) stops a trial whose score at a rung is in the bottom of those that reached it.
 Across methods a shared rung would stop a method that starts slowly by its speed, not by where it ends:
-:class:`MethodASHA` gives each method its own rungs and runs each method's starting point to the end.
+:class:`MethodASHA` gives each method (and each backbone's method) its own rungs and runs each
+starting point to the end.
 
 Tune never saves a scheduler: a restored search gets the scheduler as it was created, with empty
 rungs, and a resumed trial would then run past a rung that had stopped it and record a later
@@ -18,16 +20,17 @@ from types import SimpleNamespace
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipeline.config import PipelineConfig
-from pipeline.space import across_methods, starting_points
+from pipeline.space import define_by_run, starting_points
 
 
 class MethodASHA(FIFOScheduler):
-    """ASHA with one set of rungs per method, and each method's starting point run to the end.
+    """ASHA with one set of rungs per method (per backbone and method across ``tune.models``), and each
+    starting point run to the end.
 
     Methods learn at different speeds early on (a regulariser slows the first epochs, a linear probe
-    is quick), so a rung shared across methods stops a slow starter by speed, not by where it ends.
-    Here a trial is compared only with trials of its own method: each method has its own
-    :class:`ASHAScheduler`. A trial whose config is one of ``anchors`` (the methods' starting points,
+    is quick), and so do backbones, so a rung shared across them stops a slow starter by speed, not by
+    where it ends. Here a trial is compared only with trials of its own method on its own backbone: each
+    has its own :class:`ASHAScheduler`. A trial whose config is one of ``anchors`` (the methods' starting points,
     their ``params.yaml`` values) is never stopped early; its scores still fill its method's rungs,
     so later trials of that method are measured against it.
     """
@@ -50,10 +53,10 @@ class MethodASHA(FIFOScheduler):
         return True
 
     def _of(self, trial) -> ASHAScheduler:
-        method = trial.config.get("method", "")
-        if method not in self._rungs:
-            self._rungs[method] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._asha_args)
-        return self._rungs[method]
+        arm = "/".join(filter(None, (trial.config.get("backbone"), trial.config.get("method", ""))))
+        if arm not in self._rungs:
+            self._rungs[arm] = ASHAScheduler(metric=self._metric, mode=self._mode, **self._asha_args)
+        return self._rungs[arm]
 
     def is_anchor(self, config: dict) -> bool:
         """Whether ``config`` is one of the starting points (the sampler returns them as given)."""
@@ -96,11 +99,11 @@ class ResumableASHA(ASHAScheduler):
 
 
 def scheduler(config: PipelineConfig):
-    """Early stopping: none, one ASHA over every trial (one method), or :class:`MethodASHA` (several)."""
+    """Early stopping: none, one ASHA over every trial (one method, one backbone), or :class:`MethodASHA`."""
     t = config.tune
     if not t.early_stopping:
         return FIFOScheduler()
-    if across_methods(config):
+    if define_by_run(config):
         return MethodASHA(
             max_t=config.train.epochs,
             grace_period=t.grace_period,

@@ -1,4 +1,5 @@
-"""The leaderboard: per method, its candidates counted by status and its best model.
+"""The leaderboard: per method, its candidates counted by status and its best model (and, when the search
+chose the backbone, the same per backbone: ``models/best.json: backbones``).
 
 Built by the ``tune`` stage from the pick's order (so the overall pick is its method's entry), with
 each method's best model written as ``models/leaderboard/<method>.safetensors``
@@ -10,6 +11,8 @@ the best other method's, on validation (tune) and on test (register).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from operator import attrgetter
 from pathlib import Path
 
 from drtune import methods
@@ -17,24 +20,29 @@ from drtune.inference import load_predictor
 from pipeline.selection import Candidate, Pick
 
 
-def leaderboard(candidates: list[Candidate], chosen: Pick, shown: list[str]) -> dict[str, dict]:
-    """Per method: its candidates counted by status and its best, the first of its candidates in the
-    pick's order (so the overall pick is its method's entry); ``best`` None when none completed. Scores
-    are named by the metric they are (``best_val_top1``, ``best_val_macro_f1``, …: ``tune.metric``)."""
+def leaderboard(
+    candidates: list[Candidate], chosen: Pick, shown: list[str], by: Callable[[Candidate], str] = attrgetter("method")
+) -> dict[str, dict]:
+    """Per method (or per what ``by`` groups by: ``attrgetter("backbone")`` for the backbones' board): its
+    candidates counted by status and its best, the first of its candidates in the pick's order (so the overall
+    pick is its group's entry); ``best`` None when none completed. Scores are named by the metric they are
+    (``best_val_top1``, ``best_val_macro_f1``, …: ``tune.metric``); each best names its backbone and method."""
     metric = chosen.chosen.metric
     board, grouped, first = {}, defaultdict(list), {}
     for c in candidates:
-        grouped[c.method].append(c)
+        grouped[by(c)].append(c)
     for c in chosen.order:
-        first.setdefault(c.method, c)
-    for method in shown:
-        mine, best = grouped[method], first.get(method)
-        board[method] = {
+        first.setdefault(by(c), c)
+    for group in shown:
+        mine, best = grouped[group], first.get(group)
+        board[group] = {
             "trials": sum(not c.baseline for c in mine),
             "completed": sum(c.status == "completed" for c in mine),
             "stopped_early": sum(c.status == "stopped" for c in mine),
             "failed": sum(c.status == "failed" for c in mine),
             "best_trial": best.id if best else None,
+            "best_backbone": best.backbone if best else None,
+            "best_method": best.method if best else None,
             f"best_val_{metric}": best.val_score if best else None,
             **({f"best_cv_{metric}": best.cv_score} if best and best.cv_score is not None else {}),
         }
@@ -48,19 +56,23 @@ def lift(scores: dict[str, float | None], method: str = methods.PROPOSED) -> flo
     return None if mine is None or not others else mine - max(others)
 
 
-def validation_numbers(board: dict[str, dict], metric: str) -> dict[str, float]:
-    """The leaderboard as flat numbers (a DVC metrics file, MLflow metrics): per method its best validation
-    ``metric`` and trial counts, and DR-Tune's lift over the best other method when both ran (negative when it
-    lost)."""
+def validation_numbers(
+    board: dict[str, dict], metric: str, backbones: dict[str, dict] | None = None
+) -> dict[str, float]:
+    """The leaderboard as flat numbers (a DVC metrics file, MLflow metrics): per method (and per backbone, as
+    ``backbone.<label>.*``, when the search chose one) its best validation ``metric`` and trial counts, and
+    DR-Tune's lift over the best other method when both ran (negative when it lost)."""
     out, key = {}, f"best_val_{metric}"
-    for method, e in board.items():
+    groups = [(method, e) for method, e in board.items()]
+    groups += [(f"backbone.{label}", e) for label, e in (backbones or {}).items()]
+    for group, e in groups:
         out |= {
-            f"{method}.trials": e["trials"],
-            f"{method}.completed": e["completed"],
-            f"{method}.stopped_early": e["stopped_early"],
+            f"{group}.trials": e["trials"],
+            f"{group}.completed": e["completed"],
+            f"{group}.stopped_early": e["stopped_early"],
         }
         if e[key] is not None:
-            out[f"{method}.{key}"] = e[key]
+            out[f"{group}.{key}"] = e[key]
     val_lift = lift({m: e[key] for m, e in board.items()})
     if val_lift is not None:
         out["drtune_val_lift_over_best_other"] = val_lift

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from drtune.config import ConfigError
 from drtune.prepared import prepared_stats
-from pipeline.config import PRETRAINED_WEIGHTS, PipelineConfig
+from pipeline.config import PRETRAINED_WEIGHTS, WEIGHT_SOURCES, PipelineConfig
 
 WEIGHTS = Path(PRETRAINED_WEIGHTS)
 OUTPUT = WEIGHTS.parent
@@ -29,6 +29,10 @@ class StartWeights:
 
     content: bytes | None
     sha256: str
+
+    def files(self) -> dict[str, bytes]:
+        """The weight files the workers need, by the ``model.pretrained`` that names them (none, or the stage's)."""
+        return {PRETRAINED_WEIGHTS: self.content} if self.content is not None else {}
 
 
 def start_weights(p: PipelineConfig, root: Path = Path(".")) -> StartWeights:
@@ -60,3 +64,19 @@ def pretrain_record(p: PipelineConfig, root: Path = Path(".")) -> dict | None:
     if p.pretrain.method == "none":
         return None
     return json.loads((root / RECORD).read_text())
+
+
+def backbone_files(p: PipelineConfig, start: StartWeights, root: Path = Path(".")) -> tuple[dict[str, bytes], str]:
+    """(every weight file the search's trials start from, by the ``model.pretrained`` that names it; a digest of
+    them all): the pretrain stage's output and each local checkpoint ``tune.models`` lists. They travel to the
+    workers through Ray's object store, so a worker on a node without the driver's disk trains from the same
+    bytes; the digest names the search, so a changed file starts a new one."""
+    files = start.files()
+    for c in p.tune.models or []:
+        weights = p.backbone_weights(c)
+        if weights not in WEIGHT_SOURCES and weights not in files:
+            files[weights] = (root / weights).read_bytes()  # an absolute path stays itself under root
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + hashlib.sha256(files[name]).digest())
+    return files, digest.hexdigest() if files else ""

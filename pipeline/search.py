@@ -42,7 +42,7 @@ from pipeline.early_stopping import replay_rungs, scheduler
 from pipeline.experiment_state import restore_tuner
 from pipeline.searcher import MethodSpace, PruningOptunaSearch, search_space
 from pipeline.selection import Candidate, Outcomes
-from pipeline.space import across_methods, starting_points, trial_config
+from pipeline.space import define_by_run, starting_points, trial_config
 from pipeline.training import ReportToTune, SharedData, run_training
 
 
@@ -112,16 +112,16 @@ def build_tuner(
     failed because a file or a disk was bad succeeds on the rerun once that is fixed; a diverged trial is not an
     error and stays failed."""
     t = config.tune
-    # group=True: TPE models each method's conditional subspace on the trials that drew it.
+    # group=True: TPE models each method's (and backbone's) conditional subspace on the trials that drew it.
     sampler = optuna.samplers.TPESampler(
         seed=t.seed,
         multivariate=True,
         constant_liar=True,
         n_startup_trials=t.startup_trials,
-        group=across_methods(config),
+        group=define_by_run(config),
     )
     metric = config.tune_metric()
-    space = {"space": MethodSpace(config), "metric": metric, "mode": "max"} if across_methods(config) else {}
+    space = {"space": MethodSpace(config), "metric": metric, "mode": "max"} if define_by_run(config) else {}
     searcher = PruningOptunaSearch(
         points_to_evaluate=starting_points(config) or None, sampler=sampler, max_epochs=config.train.epochs, **space
     )
@@ -173,11 +173,12 @@ def trial_candidates(
     method: str,
     metric: str = "top1",
     filesystem: pyarrow.fs.FileSystem | None = None,
+    backbone: str = "",
 ) -> list[Candidate]:
     """Every trial of a search as a :class:`~pipeline.selection.Candidate`, in Tune's order: completed
-    (every epoch, a finite score), stopped (by ASHA) or failed (an error or a divergence). ``method`` is
-    the one a trial without a sampled method trained; ``metric`` is ``tune.metric``, the score read from
-    each trial's last validation; ``ref`` is its last checkpoint.
+    (every epoch, a finite score), stopped (by ASHA) or failed (an error or a divergence). ``method`` and
+    ``backbone`` are what a trial without a sampled method or backbone trained; ``metric`` is ``tune.metric``,
+    the score read from each trial's last validation; ``ref`` is its last checkpoint.
 
     ``filesystem`` is the storage's (:func:`pipeline.cluster.storage_filesystem`): the checkpoint
     path Tune reports is relative to it."""
@@ -196,6 +197,7 @@ def trial_candidates(
                 n_val=n_val,
                 status=status,
                 metric=metric,
+                backbone=r.config.get("backbone", backbone),
                 config=dict(r.config),
                 ref=Checkpoint(m["checkpoint_path"], filesystem=filesystem) if status == "completed" else None,
             )

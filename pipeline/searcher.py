@@ -5,7 +5,8 @@ score, as if that were its final result. :class:`PruningOptunaSearch` tells such
 instead; TPE then ranks them by how far they got and their last intermediate value, the way
 Optuna's own pruners work. Failed trials are told as FAIL and never sampled around, until a rerun
 retries one and it finishes: then its result is recorded too. Across methods the space is
-define-by-run (:class:`MethodSpace`): the method first, then its own hyperparameters.
+define-by-run (:class:`MethodSpace`), and so is it across backbones: the backbone, the method, then the
+method's own hyperparameters.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from pipeline.config import PipelineConfig
-from pipeline.space import across_methods, ranges
+from pipeline.space import define_by_run, ranges
 
 
 class PruningOptunaSearch(OptunaSearch):
@@ -75,9 +76,9 @@ class PruningOptunaSearch(OptunaSearch):
 
 
 def search_space(config: PipelineConfig) -> dict:
-    """Ray Tune distributions of :func:`~pipeline.space.ranges`; empty when the search spans methods, whose
-    space is Optuna's define-by-run :class:`MethodSpace` instead."""
-    if across_methods(config):
+    """Ray Tune distributions of :func:`~pipeline.space.ranges`; empty when the search spans methods or
+    backbones, whose space is Optuna's define-by-run :class:`MethodSpace` instead."""
+    if define_by_run(config):
         return {}
     return {
         name: tune.choice(drawn) if isinstance(drawn, list) else tune.loguniform(*drawn)
@@ -86,15 +87,19 @@ def search_space(config: PipelineConfig) -> dict:
 
 
 class MethodSpace:
-    """Optuna define-by-run space across ``tune.methods``: first the method, then its own names only,
-    each called ``<method>.<name>`` so TPE models every method apart (a linear-probe trial never draws λ).
-    Plain data and a ``__call__``, so the searcher's saved state pickles it."""
+    """Optuna define-by-run space across ``tune.models`` and ``tune.methods``: first the backbone (when
+    ``tune.models`` lists them), then the method, then its own names only, each called ``<method>.<name>``
+    so TPE models every method apart (a linear-probe trial never draws λ). Plain data and a ``__call__``,
+    so the searcher's saved state pickles it."""
 
     def __init__(self, config: PipelineConfig) -> None:
+        self.backbones = [str(c.label) for c in config.tune.models or []]
         self.methods = config.search_methods()
         self.draws = {m: [(f"{m}.{name}", drawn) for name, drawn in ranges(config, m).items()] for m in self.methods}
 
     def __call__(self, trial: optuna.Trial) -> None:
+        if self.backbones:
+            trial.suggest_categorical("backbone", self.backbones)
         method = trial.suggest_categorical("method", self.methods)
         for key, drawn in self.draws[method]:
             if isinstance(drawn, list):

@@ -96,6 +96,7 @@ class Candidate:
     ref: Any = None
     outcomes: Outcomes | None = None  # per image behind its score: validation, then each extra fold in order
     metric: str = "top1"  # tune.metric: what the scores are
+    backbone: str = ""  # the label of the backbone it fine-tuned (tune.models, else model.*'s)
 
     @property
     def score(self) -> float:

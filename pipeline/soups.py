@@ -2,7 +2,8 @@
 
 :mod:`drtune.soup` averages; this module chooses the ingredients. They are the completed candidates in
 the pick's order (the pick first, then the others best first on validation): every trial that ran all
-its epochs and the CE baseline, all fine-tuned from the same pretrained weights of the same backbone.
+its epochs and the CE baseline, those fine-tuned from the same pretrained weights of the same backbone
+as the pick (with ``tune.models``, the others cannot be averaged with it).
 Each soup is scored on the validation split with ``tune.metric``, on the driver:
 
 * ``greedy``: a candidate joins when the soup does not fall on validation, so the soup scores at
@@ -34,7 +35,8 @@ def make_soup(p: PipelineConfig, chosen: Pick, val: ArraySplit) -> tuple[ModelFi
     alone; (None, None) with ``tune.soup: off``, a single completed candidate, or a pick that is plain fine-tuning
     by the conservative rule (a tie it won because it is the safe choice)."""
     recipe, metric = p.tune.soup, p.tune.metric
-    order = [c for c in chosen.order if c.ref is not None]
+    backbone = chosen.chosen.backbone  # weights average only across fine-tunings of one architecture and start
+    order = [c for c in chosen.order if c.ref is not None and c.backbone == backbone]
     if recipe == "off" or len(order) < 2:
         return None, None
     if chosen.rule == "conservative" and chosen.chosen.baseline:

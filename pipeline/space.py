@@ -45,17 +45,42 @@ def across_methods(config: PipelineConfig) -> bool:
     return len(config.search_methods()) > 1
 
 
+def chooses_backbone(config: PipelineConfig) -> bool:
+    """Whether the search chooses the backbone too (``tune.models`` is set)."""
+    return config.tune.models is not None
+
+
+def define_by_run(config: PipelineConfig) -> bool:
+    """Whether the space is conditional (:class:`pipeline.searcher.MethodSpace`): the backbone, then the method,
+    then that method's names, each called ``<method>.<name>``."""
+    return across_methods(config) or chooses_backbone(config)
+
+
 def starting_points(config: PipelineConfig) -> list[dict]:
     """``tune.points_to_evaluate`` for this method: names it does not search are dropped, names it
     searches but a point leaves out take the config's value; a name :data:`SEARCHED` lacks is an error.
 
     Across methods every method starts from one point, the config's own values (an equal start for
-    each); ``tune.points_to_evaluate`` is for single-method searches."""
+    each); ``tune.points_to_evaluate`` is for single-method searches. Across backbones (``tune.models``)
+    every backbone starts from each of those points, prefixed as :class:`pipeline.searcher.MethodSpace`
+    names them."""
     if across_methods(config):
-        return [
+        points = [
             {"method": m, **{f"{m}.{name}": _config_value(config, name) for name in searched_names(config, m)}}
             for m in config.search_methods()
         ]
+    else:
+        points = _method_points(config)
+        if chooses_backbone(config):
+            m = config.train.method
+            points = [{"method": m, **{f"{m}.{k}": v for k, v in point.items()}} for point in points]
+    if not chooses_backbone(config):
+        return points
+    return [{"backbone": c.label, **point} for c in config.tune.models or [] for point in points]
+
+
+def _method_points(config: PipelineConfig) -> list[dict]:
+    """``tune.points_to_evaluate`` for ``train.method``, validated and completed with the config's values."""
     names = searched_names(config)
     points = []
     for i, given in enumerate(config.tune.points_to_evaluate):
@@ -82,10 +107,14 @@ def _config_value(config: PipelineConfig, name: str) -> float | int:
 
 def trial_config(base: PipelineConfig, sampled: dict) -> Config:
     """One trial's library :class:`Config`: ``base``'s library sections with the sampled values set
-    (and the sampled ``method``, when the search spans methods; its names are ``<method>.<name>``)."""
+    (and the sampled ``method``, when the search spans methods; its names are ``<method>.<name>``; and the
+    sampled ``backbone``'s model and weights, when the search spans ``tune.models``)."""
     config = base.library()
     config.train.progress = False
     config.train.method = sampled.get("method", base.train.method)
+    if "backbone" in sampled:
+        choice = base.backbone(sampled["backbone"])
+        config.model.name, config.model.pretrained = choice.name, base.backbone_weights(choice)
     for name, value in unprefixed(sampled).items():
         section, key = field_of(name).split(".")
         setattr(getattr(config, section), key, int(value) if methods.knob(name).choice else float(value))
@@ -93,8 +122,8 @@ def trial_config(base: PipelineConfig, sampled: dict) -> Config:
 
 
 def unprefixed(sampled: dict) -> dict:
-    """A trial's sampled values under their searched names (``drtune.lam`` → ``lam``), method left out."""
-    return {k.split(".", 1)[1] if "." in k else k: v for k, v in sampled.items() if k != "method"}
+    """A trial's sampled values under their searched names (``drtune.lam`` → ``lam``), method and backbone left out."""
+    return {k.split(".", 1)[1] if "." in k else k: v for k, v in sampled.items() if k not in ("method", "backbone")}
 
 
 def ranges(config: PipelineConfig, method: str | None = None) -> dict[str, list | tuple[float, float]]:
@@ -118,3 +147,15 @@ def random_point(config: PipelineConfig, rng: random.Random) -> dict:
         else math.exp(rng.uniform(math.log(drawn[0]), math.log(drawn[1])))
         for name, drawn in ranges(config).items()
     }
+
+
+def largest_runs(config: PipelineConfig) -> list[tuple[str, Config]]:
+    """(where its backbone is set, the largest run on it): per backbone the search may train (``model`` alone,
+    or each of ``tune.models``), its config with the largest queue size, for the checks before Ray starts."""
+    labels = [None] if not chooses_backbone(config) else [c.label for c in config.tune.models or []]
+    out = []
+    for i, label in enumerate(labels):
+        run = trial_config(config, {} if label is None else {"backbone": label})
+        run.drtune.queue_size = max(config.tune.queue_sizes)
+        out.append(("model" if label is None else f"tune.models[{i}]", run))
+    return out

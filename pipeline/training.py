@@ -64,11 +64,13 @@ class SharedData:
         return ray.get(self.ref)
 
 
-def share_data(data: PreparedData, weights: bytes | None = None) -> SharedData:
+def share_data(data: PreparedData, weights: dict[str, bytes] | None = None) -> SharedData:
     """Put the training and validation splits in Ray's object store (the test split stays with the driver),
-    with ``weights``, the bytes of the pretrain stage's backbone (``model.pretrained`` names that file, which
-    a worker on another node does not have)."""
-    return SharedData(ray.put({"train": data.train, "val": data.val, "classes": data.classes, "weights": weights}))
+    with ``weights``, the bytes of the weight files the runs start from, by the ``model.pretrained`` that names
+    each (the pretrain stage's backbone, ``tune.models``' checkpoints): a worker on another node has not the
+    driver's disk."""
+    shared = {"train": data.train, "val": data.val, "classes": data.classes, "weights": weights or {}}
+    return SharedData(ray.put(shared))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -110,7 +112,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             faults.lose_worker(metrics["epoch"])
 
         try:
-            fit(config, train, val, data["classes"], scratch, report=report, device=device, weights=data["weights"])
+            fit(
+                config,
+                train,
+                val,
+                data["classes"],
+                scratch,
+                report=report,
+                device=device,
+                weights=data["weights"].get(config.model.pretrained),
+            )
         except DivergedError as err:
             ray.train.report(
                 {

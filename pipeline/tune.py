@@ -58,12 +58,12 @@ from pipeline.mlflow_store import (
     run_outcome,
 )
 from pipeline.placement_watch import PlacementGroupWatch
-from pipeline.pretrained import start_weights
+from pipeline.pretrained import backbone_files, start_weights
 from pipeline.progress import Progress
 from pipeline.search import build_tuner, require_finished, trial_candidates
 from pipeline.selection import rank
 from pipeline.soups import make_soup
-from pipeline.space import starting_points
+from pipeline.space import largest_runs, starting_points
 from pipeline.stage import flat, stage_main
 from pipeline.time_budget import TimeBudget, read_spent, write_spent
 from pipeline.training import run_name, share_data
@@ -86,19 +86,20 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             "disjoint folds the size of the validation split (per class); lower it"
         )
     backbone = start_weights(p, root)  # the pretrain stage's backbone, or None: model.pretrained as configured
-    baseline = baseline_candidate(root, p, data.checksum, len(data.val), backbone.sha256)
-    largest = p.library()
-    largest.drtune.queue_size = max(p.tune.queue_sizes)
-    # Everything a worker would reject, before Ray starts; each trial keeps one checkpoint in storage.
-    preflight(
-        largest,
-        local_storage(p, root),
-        field="ray.storage_path",
-        checkpoints=(p.tune.num_samples or p.tune.startup_trials) + p.tune.finalists * p.tune.finalist_folds + 1,
-    )
+    baseline = baseline_candidate(root, p, data.checksum, len(data.val), backbone.sha256, p.default_backbone())
+    weight_files, weights_digest = backbone_files(p, backbone, root)
+    # Everything a worker would reject, before Ray starts, for every backbone; each trial keeps one checkpoint.
+    for field, largest in largest_runs(p):
+        preflight(
+            largest,
+            local_storage(p, root),
+            field="ray.storage_path",
+            checkpoints=(p.tune.num_samples or p.tune.startup_trials) + p.tune.finalists * p.tune.finalist_folds + 1,
+            model_field=field,
+        )
     start_ray(p)
     storage = storage_uri(p, root)
-    ray_run = run_name("search", p, data.checksum + backbone.sha256)  # the Ray Tune experiment (a folder under storage)
+    ray_run = run_name("search", p, data.checksum + weights_digest)  # the Ray Tune experiment (a folder under storage)
     experiment_path = join_uri(storage, ray_run)
     shown = redact(experiment_path)  # what is printed, tagged and written: never the storage's credentials
     with search_lock(storage, ray_run):  # one run of a stored search at a time
@@ -132,7 +133,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             client.log_inputs(parent, datasets=inputs)
             trial_runs = TrialRuns(client, mlflow_experiment, parent, p.train.epochs, inputs, base=p)
             progress = Progress(p.train.epochs, p.tune.metric)
-            shared = share_data(data, backbone.content)
+            shared = share_data(data, weight_files)
             watch = PlacementGroupWatch()  # removes a trial's leaked worker reservation (see its module)
             budget = None
             if p.tune.time_budget_s is not None:  # counted across resumes (pipeline/time_budget.py)
@@ -168,7 +169,13 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 results
             )  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
             candidates = trial_candidates(
-                results, p.train.epochs, len(data.val), p.train.method, p.tune.metric, storage_filesystem(storage)
+                results,
+                p.train.epochs,
+                len(data.val),
+                p.train.method,
+                p.tune.metric,
+                storage_filesystem(storage),
+                p.default_backbone(),
             )
             errored = [c.id for c, r in zip(candidates, results, strict=True) if r.error is not None]
             if errored and not p.tune.allow_partial:

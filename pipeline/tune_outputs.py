@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from operator import attrgetter
 from pathlib import Path
 
 import pandas as pd
@@ -82,9 +83,11 @@ def write_outputs(
     m = best.metric  # tune.metric: the scores below are named by it (best_val_top1, best_val_macro_f1, …)
     shown = list(dict.fromkeys(p.search_methods() + [c.method for c in candidates if c.baseline]))
     keys = sorted({name for m in p.search_methods() for name in searched_names(p, m)})
+    labels = [str(c.label) for c in p.tune.models or []]
     rows = [
         {
             "trial": c.id,
+            **({"backbone": c.backbone} if labels else {}),
             "method": c.method,
             **{k: unprefixed(c.config).get(k) for k in keys},
             "val_score": c.val_score,  # tune.metric on validation: what the DVC plots draw
@@ -93,6 +96,7 @@ def write_outputs(
         for c, t in zip(candidates[: len(trials)], trials, strict=True)
     ]
     board = leaderboard(candidates, chosen, shown)
+    backbones = leaderboard(candidates, chosen, labels, by=attrgetter("backbone")) if labels else {}
     write_models(board, candidates, models / "leaderboard")
     assert board[best.method]["best_trial"] == best.id, (board, best.id)  # the pick is its method's entry
     soup_model, soup_record = soup
@@ -138,16 +142,18 @@ def write_outputs(
         ),
     }
     (metrics_dir / "tune.json").write_text(json.dumps(metrics, indent=2))
-    (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board, m), indent=2))
+    (metrics_dir / "leaderboard.json").write_text(json.dumps(validation_numbers(board, m, backbones), indent=2))
     finalist_rows = [{"trial": c.id, f"val_{m}": c.val_score, f"cv_{m}": c.cv_score, "folds": c.folds} for c in scored]
     return metrics, {
         "best_sha256": hashlib.sha256((models / "best.safetensors").read_bytes()).hexdigest(),  # the file it describes
         "best_trial": best.id,
         "best_method": best.method,
+        "best_backbone": best.backbone,
         "best_is_baseline": best.baseline,
         "best_config": best.config,
         "metric": m,
         "leaderboard": board,
+        **({"backbones": backbones} if backbones else {}),
         "selection": record,
         "finalists": finalist_rows,
         **({"budget": budget} if budget else {}),
@@ -162,6 +168,7 @@ def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> N
     for tag, value in {
         "best_trial": best.id,
         "best_method": best.method,
+        "best_backbone": best.backbone,
         "selection": chosen.rule,
         "selection_reason": chosen.reason,
     }.items():
@@ -181,7 +188,14 @@ def log_pick(client: MlflowClient, parent: str, chosen: Pick, record: dict) -> N
         pd.DataFrame([{"method": m, **e} for m, e in board.items()]).to_dict(orient="split"),
         "leaderboard_val.json",
     )
-    for key, value in validation_numbers(board, best.metric).items():
+    backbones = record.get("backbones")
+    if backbones:
+        client.log_dict(
+            parent,
+            pd.DataFrame([{"backbone": b, **e} for b, e in backbones.items()]).to_dict(orient="split"),
+            "backbones_val.json",
+        )
+    for key, value in validation_numbers(board, best.metric, backbones).items():
         client.log_metric(parent, f"leaderboard.{key}", value)
     # The parent's own params are the base params.yaml values; the winner's are logged beside them.
     log_params(client, parent, {f"best.{k}": v for k, v in best.config.items()})
