@@ -39,6 +39,7 @@ def leaderboard(
             "trials": sum(not c.baseline for c in mine),
             "completed": sum(c.status == "completed" for c in mine),
             "stopped_early": sum(c.status == "stopped" for c in mine),
+            "cut_by_budget": sum(c.status == "cut" for c in mine),
             "failed": sum(c.status == "failed" for c in mine),
             "best_trial": best.id if best else None,
             "best_backbone": best.backbone if best else None,

@@ -36,17 +36,23 @@ def learning_curves(history: list[dict], path: Path, title: str, metric: str = "
 
 
 def search_landscape(rows: list[dict], keys: list[str], path: Path, metric: str = "top1") -> Path:
-    """Each searched hyperparameter against the trial's validation score (``val_score``: ``metric``); stopped
-    and failed trials marked."""
+    """Each searched hyperparameter against the trial's validation score (``val_score``: ``metric``); stopped,
+    cut and failed trials marked."""
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
-    styles = {"completed": ("tab:blue", "o"), "stopped": ("tab:gray", "v"), "failed": ("tab:red", "x")}
+    styles = {
+        "completed": ("tab:blue", "o"),
+        "stopped": ("tab:gray", "v"),
+        "cut": ("tab:orange", "s"),
+        "failed": ("tab:red", "x"),
+    }
     for ax, key in zip(axes[0], keys, strict=True):
         for status, (color, marker) in styles.items():
             pts = [
                 (r[key], r["val_score"] if np.isfinite(r["val_score"]) else 0.0) for r in rows if r["status"] == status
             ]
             if pts:
-                ax.scatter(*zip(*pts, strict=True), c=color, marker=marker, label=status)
+                shown = {"stopped": "stopped (ASHA)", "cut": "cut (time budget)"}.get(status, status)
+                ax.scatter(*zip(*pts, strict=True), c=color, marker=marker, label=shown)
         if key != "queue_size":
             ax.set_xscale("log")
         ax.set(xlabel=key, ylabel=f"validation {METRIC_NAMES[metric]}")

@@ -174,9 +174,11 @@ def trial_candidates(
     metric: str = "top1",
     filesystem: pyarrow.fs.FileSystem | None = None,
     backbone: str = "",
+    ended: set[str] | None = None,
 ) -> list[Candidate]:
     """Every trial of a search as a :class:`~pipeline.selection.Candidate`, in Tune's order: completed
-    (every epoch, a finite score), stopped (by ASHA) or failed (an error or a divergence). ``method`` and
+    (every epoch, a finite score), stopped (by ASHA), cut (by the time budget: ``ended`` is given, the trials
+    that ended on their own, and it is not among them) or failed (an error or a divergence). ``method`` and
     ``backbone`` are what a trial without a sampled method or backbone trained; ``metric`` is ``tune.metric``,
     the score read from each trial's last validation; ``ref`` is its last checkpoint.
 
@@ -186,11 +188,15 @@ def trial_candidates(
     for r in results:
         m = r.metrics or {}
         score = float(m.get(f"val_{metric}", math.nan))
-        failed = r.error is not None or bool(m.get("diverged")) or not math.isfinite(score)
+        # no score without an epoch: a trial stopped before its first one (the budget, an interrupt) did not fail
+        failed = r.error is not None or bool(m.get("diverged")) or ("epoch" in m and not math.isfinite(score))
         status = "failed" if failed else ("completed" if m.get("epoch", 0) >= max_epochs else "stopped")
+        trial_id = m.get("trial_id") or str(r.path).rsplit("/", 1)[-1]
+        if status == "stopped" and ended is not None and trial_id not in ended:
+            status = "cut"
         out.append(
             Candidate(
-                id=m.get("trial_id") or str(r.path).rsplit("/", 1)[-1],
+                id=trial_id,
                 method=r.config.get("method", method),
                 val_score=score,
                 val_loss=float(m.get("val_loss", math.nan)),

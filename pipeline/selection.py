@@ -88,7 +88,7 @@ class Candidate:
     val_score: float  # validation ``metric``
     val_loss: float
     n_val: int
-    status: str = "completed"  # completed | stopped | failed
+    status: str = "completed"  # completed | stopped (by ASHA) | cut (by the time budget) | failed
     config: dict = field(default_factory=dict)
     baseline: bool = False
     cv_score: float | None = None  # ``metric`` over its own split and the extra folds, once re-validated

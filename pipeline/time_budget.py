@@ -1,7 +1,8 @@
 """A wall-clock budget for the search (``tune.time_budget_s``), counted across interrupts and resumes.
 
 When the budget runs out, Tune stops every running trial and starts no new one; the pick is then among
-the trials that finished their schedule, as always (a trial cut short is not a finished model).
+the trials that finished their schedule, as always (a trial cut short is not a finished model). Those
+trials are reported as cut by the budget (status ``cut``, the MLflow run's ``outcome``), not as stopped by ASHA.
 
 Ray's own ``TuneConfig(time_budget_s)`` starts counting again when a search is restored, so a search
 interrupted twice could run three budgets. Here the time spent is stored beside the search
@@ -25,10 +26,15 @@ SPENT_FILE = "drtune-time.json"
 
 
 class TimeBudget(tune.Stopper):
-    """Stop the whole search once ``spent_s`` (before this attempt) plus this attempt's time reaches ``budget_s``."""
+    """Stop the whole search once ``spent_s`` (before this attempt) plus this attempt's time reaches ``budget_s``.
 
-    def __init__(self, budget_s: float, spent_s: float = 0.0) -> None:
+    ``ended`` holds the trials that ended on their own, finished or stopped by ASHA (:class:`TrialEnds` adds
+    them, :func:`write_spent` keeps them across resumes): when the budget stops the search, a trial short of
+    its last epoch that is not among them was cut by the budget, not judged by ASHA."""
+
+    def __init__(self, budget_s: float, spent_s: float = 0.0, ended: set[str] | None = None) -> None:
         self.budget_s, self.spent_before = budget_s, spent_s
+        self.ended = set(ended or ())
         self.started = time.monotonic()
         self.fired = False  # whether it stopped the search (not merely: whether time has run out since)
 
@@ -47,18 +53,40 @@ class TimeBudget(tune.Stopper):
         return self.fired
 
 
-def read_spent(experiment: str) -> float:
-    """Seconds a stored search has already spent (0 for a new one)."""
+class TrialEnds(tune.Callback):
+    """Adds to ``budget.ended`` each trial that ended on its own: one Tune reports complete before the budget
+    stopped the search (finished, or stopped by ASHA). What ends after that was stopped by the budget."""
+
+    def __init__(self, budget: TimeBudget) -> None:
+        self.budget = budget
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if not self.budget.fired:
+            self.budget.ended.add(trial.trial_id)
+
+
+def _stored(experiment: str) -> dict:
     fs, path = filesystem_and_path(experiment)
     if fs.get_file_info(f"{path}/{SPENT_FILE}").type != pyarrow.fs.FileType.File:
-        return 0.0
+        return {}
     with fs.open_input_stream(f"{path}/{SPENT_FILE}") as f:
-        return float(json.loads(f.read())["spent_s"])
+        return json.loads(f.read())
 
 
-def write_spent(experiment: str, spent_s: float) -> None:
-    """Store the time spent beside the search (the folder exists once Tune has started it)."""
+def read_spent(experiment: str) -> float:
+    """Seconds a stored search has already spent (0 for a new one)."""
+    return float(_stored(experiment).get("spent_s", 0.0))
+
+
+def read_ended(experiment: str) -> set[str]:
+    """The trials of a stored search that ended on their own (see :class:`TimeBudget`)."""
+    return set(_stored(experiment).get("ended", []))
+
+
+def write_spent(experiment: str, spent_s: float, ended: set[str] | None = None) -> None:
+    """Store the time spent and the trials that ended on their own beside the search (the folder exists once
+    Tune has started it)."""
     fs, path = filesystem_and_path(experiment)
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/{SPENT_FILE}") as f:
-        f.write(json.dumps({"spent_s": round(spent_s, 3)}).encode())
+        f.write(json.dumps({"spent_s": round(spent_s, 3), "ended": sorted(ended or ())}).encode())

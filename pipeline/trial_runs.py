@@ -25,6 +25,7 @@ from pipeline.config import PipelineConfig
 from pipeline.mlflow_connect import TrackingUnavailableError, unreachable
 from pipeline.mlflow_store import METRIC_KEYS, PARENT_TAG, TRIAL_TAG, literal, log_params
 from pipeline.space import trial_config
+from pipeline.time_budget import TimeBudget
 
 _LIVE: TrialRuns | None = None  # the stage's TrialRuns; a restored Tuner's pickled copy resolves to it
 
@@ -63,6 +64,7 @@ class TrialRuns(Callback):
     ) -> None:
         self.client, self.experiment, self.parent_id, self.max_epochs = client, experiment, parent_id, max_epochs
         self.base = base  # the search's configuration: what a trial's sampled values are applied to
+        self.budget: TimeBudget | None = None  # the search's time budget, when it has one
         self.inputs = list(inputs)
         self.runs: dict[str, str] = {}
         self.logged: dict[str, set[int]] = {}  # epochs each run already has (asked of the store once per run)
@@ -168,8 +170,9 @@ class TrialRuns(Callback):
             restarts = len(self.client.get_metric_history(run_id, "resumed_from_epoch"))
             self.client.set_tag(run_id, "attempts", str(restarts + 1))
 
-    def _finish(self, trial_id: str, last: dict, error: str | None) -> None:
-        """Tag the run with its outcome and end it: FINISHED (completed or stopped early) or FAILED."""
+    def _finish(self, trial_id: str, last: dict, error: str | None, cut: bool = False) -> None:
+        """Tag the run with its outcome and end it: FINISHED (completed, stopped early by ASHA, or ``cut`` short by
+        the time budget) or FAILED."""
         run_id = self._run(trial_id)
         epochs = int(last.get("epoch", 0))
         if error is None and last.get("diverged"):
@@ -179,9 +182,10 @@ class TrialRuns(Callback):
             self.client.set_tag(run_id, "error", error[-4000:])
             self.client.set_terminated(run_id, "FAILED")
             return
-        self.client.set_tag(
-            run_id, "outcome", "completed" if epochs >= self.max_epochs else f"stopped by ASHA after {epochs} epochs"
-        )
+        outcome = "completed" if epochs >= self.max_epochs else f"stopped by ASHA after {epochs} epochs"
+        if cut and epochs < self.max_epochs:
+            outcome = f"cut by the time budget after {epochs} epochs"
+        self.client.set_tag(run_id, "outcome", outcome)
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -194,7 +198,8 @@ class TrialRuns(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         trial_id, last = trial.trial_id, dict(trial.last_result or {})
-        self._write(lambda: self._finish(trial_id, last, None))
+        cut = self.budget is not None and self.budget.fired  # what ends once the budget stopped the search
+        self._write(lambda: self._finish(trial_id, last, None, cut))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         trial_id = trial.trial_id
@@ -203,10 +208,10 @@ class TrialRuns(Callback):
         last = dict(trial.last_result or {})
         self._write(lambda: self._finish(trial_id, last, error))
 
-    def reconcile(self, results, wait_s: float = 60.0) -> None:
+    def reconcile(self, results, wait_s: float = 60.0, cut: set[str] = frozenset()) -> None:
         """Make every trial's run agree with Tune's ``results`` (a ``ResultGrid``): params, every reported
-        epoch exactly once, outcome and status. Writes held during an outage come first; for them the
-        tracking server is waited for up to ``wait_s`` seconds."""
+        epoch exactly once, outcome and status (``cut``: the trials the time budget cut short). Writes held
+        during an outage come first; for them the tracking server is waited for up to ``wait_s`` seconds."""
         deadline = time.time() + wait_s
         self.held.append(lambda: self.client.search_experiments(max_results=1))  # the server answers
         while not self.flush() and time.time() < deadline:
@@ -228,7 +233,7 @@ class TrialRuns(Callback):
                     trial_id, {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
                 )
             error = None if r.error is None else f"{type(r.error).__name__}: {r.error}"[-4000:]
-            self._finish(trial_id, metrics, error)
+            self._finish(trial_id, metrics, error, trial_id in cut)
 
     def close_open_runs(self) -> None:
         """Mark child runs still RUNNING (an interrupted search) KILLED; a resume reopens them. With the

@@ -65,7 +65,7 @@ from pipeline.selection import rank
 from pipeline.soups import make_soup
 from pipeline.space import largest_runs, starting_points
 from pipeline.stage import flat, stage_main
-from pipeline.time_budget import TimeBudget, read_spent, write_spent
+from pipeline.time_budget import TimeBudget, TrialEnds, read_ended, read_spent, write_spent
 from pipeline.training import run_name, share_data
 from pipeline.trial_runs import TrialRuns
 from pipeline.tune_outputs import LAST, log_pick, staged, write_outputs
@@ -137,19 +137,21 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             watch = PlacementGroupWatch()  # removes a trial's leaked worker reservation (see its module)
             budget = None
             if p.tune.time_budget_s is not None:  # counted across resumes (pipeline/time_budget.py)
-                budget = TimeBudget(p.tune.time_budget_s, read_spent(experiment_path))
+                budget = TimeBudget(p.tune.time_budget_s, read_spent(experiment_path), read_ended(experiment_path))
                 print(
                     f"time budget: {p.tune.time_budget_s:g} s, {budget.spent_before:.0f} s spent before this run",
                     flush=True,
                 )
-            tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress, watch], budget)
+            trial_runs.budget = budget
+            ends = [TrialEnds(budget)] if budget is not None else []
+            tuner = build_tuner(p, shared, storage, ray_run, [trial_runs, progress, watch, *ends], budget)
             start = time.time()
             try:
                 results = tuner.fit()
             finally:
                 trial_runs.close_open_runs()
                 if budget is not None:
-                    write_spent(experiment_path, budget.spent())
+                    write_spent(experiment_path, budget.spent(), budget.ended)
             out_of_time = budget is not None and budget.fired  # the budget stopped it, not a Ctrl-C near its end
             if not out_of_time:  # the budget's end is the search's end; anything else that stops it is an interrupt
                 require_finished(
@@ -165,9 +167,6 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 if budget is not None
                 else {}
             )
-            trial_runs.reconcile(
-                results
-            )  # every trial's MLflow run as Tune has it, whatever an outage or restore missed
             candidates = trial_candidates(
                 results,
                 p.train.epochs,
@@ -176,7 +175,10 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 p.tune.metric,
                 storage_filesystem(storage),
                 p.default_backbone(),
+                ended=budget.ended if out_of_time else None,  # the others were cut by the budget
             )
+            # every trial's MLflow run as Tune has it, whatever an outage or restore missed
+            trial_runs.reconcile(results, cut={c.id for c in candidates if c.status == "cut"})
             errored = [c.id for c, r in zip(candidates, results, strict=True) if r.error is not None]
             if errored and not p.tune.allow_partial:
                 raise RuntimeError(

@@ -115,7 +115,7 @@ def write_outputs(
     plots.search_landscape(rows, keys, plots_dir / "landscape.png", m)
     record = chosen.record()
     gap = record["comparison"] or {}
-    count = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped", "failed")}
+    count = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped", "cut", "failed")}
     # Numbers go to the DVC metrics file; what identifies the winner goes beside its model.
     metrics = {
         f"best_val_{m}": best.val_score,
@@ -123,6 +123,7 @@ def write_outputs(
         "trials": len(rows),
         "completed": count["completed"],
         "stopped_early": count["stopped"],
+        **({"cut_by_budget": count["cut"]} if budget else {}),
         "failed": count["failed"],
         "wall_s": round(wall_s, 1),
         "best_is_baseline": int(best.baseline),

@@ -222,6 +222,14 @@ def test_trials_become_candidates_with_their_status() -> None:
     ]
     assert cands[3].ref.path == "/ck/d" and cands[1].ref is None and cands[0].n_val == 40
     assert [c.id for c in rank(cands)] == ["d", "a"]  # tie on top-1 → lower loss
+    # the time budget ran out: a trial short of its last epoch that did not end on its own was cut by it
+    ended = {"a", "d"}  # finished (ASHA stopped none here)
+    cut = trial_candidates(results + [_result("f", 0.5, 1)], max_epochs=10, n_val=40, method="drtune", ended=ended)
+    assert [c.status for c in cut] == ["completed", "cut", "failed", "completed", "failed", "cut"]
+    ended |= {"b"}  # b was stopped by ASHA: it ended on its own
+    unstarted = SimpleNamespace(error=None, metrics={"trial_id": "g"}, config={"lam": 1.0}, path="/runs/g")
+    cut = trial_candidates([*results, unstarted], max_epochs=10, n_val=40, method="drtune", ended=ended)
+    assert cut[1].status == "stopped" and cut[5].status == "cut"  # stopped before its first epoch: no failure
 
 
 def test_refits_pool_into_the_finalists_scores_and_a_fold_they_diverge_on_scores_zero() -> None:

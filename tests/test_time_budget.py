@@ -7,7 +7,7 @@ import time
 import pytest
 
 from pipeline.config import load
-from pipeline.time_budget import TimeBudget, read_spent, write_spent
+from pipeline.time_budget import TimeBudget, TrialEnds, read_ended, read_spent, write_spent
 
 
 def test_the_time_spent_is_stored_beside_the_search_and_counted_on_resume(tmp_path, monkeypatch) -> None:
@@ -55,14 +55,16 @@ def test_a_search_stops_when_its_budget_runs_out_and_a_rerun_runs_nothing_more(t
             tune.report({"epoch": epoch, "val_top1": config["x"], "trial_id": tune.get_context().get_trial_id()})
 
     def attempt(budget_s: float):
-        budget = TimeBudget(budget_s, read_spent(experiment))
+        budget = TimeBudget(budget_s, read_spent(experiment), read_ended(experiment))
         space = {"x": tune.uniform(0, 1)}
-        tuner = search._tuner(p, trainable, str(tmp_path / "ray"), "budget", [], space, stop=budget, num_samples=-1)
+        tuner = search._tuner(
+            p, trainable, str(tmp_path / "ray"), "budget", [TrialEnds(budget)], space, stop=budget, num_samples=-1
+        )
         started = time.monotonic()
         try:
             results = tuner.fit()
         finally:
-            write_spent(experiment, budget.spent())
+            write_spent(experiment, budget.spent(), budget.ended)
         return results, time.monotonic() - started, budget
 
     cluster.start_ray(p)
@@ -71,9 +73,60 @@ def test_a_search_stops_when_its_budget_runs_out_and_a_rerun_runs_nothing_more(t
         done = [r for r in results if (r.metrics or {}).get("done")]
         assert budget.fired and seconds < 8 + 10  # stopped by the budget (Tune's own shutdown aside)
         assert 1 <= len(done) < len(results)  # at least one trial finished; the running one was cut
+        ids = {r.metrics["trial_id"] for r in results if r.metrics}
+        assert budget.ended == {r.metrics["trial_id"] for r in done} and budget.ended < ids  # Tune told of no cut one
         with pytest.raises(KeyboardInterrupt):  # the cut trial is no finished trial: the stage must not require them
             search.require_finished(results, None, "cut")
         again, seconds, budget = attempt(8)
         assert budget.spent_before >= 8 and len(again) == len(results) and seconds < 10  # nothing more runs
+        assert budget.ended == {r.metrics["trial_id"] for r in done}  # kept across the rerun
     finally:
         ray.shutdown()
+
+
+NOTHING_FINISHES = """
+import sys
+from pathlib import Path
+from drtune.prepared import write_prepared
+from pipeline import tune
+from pipeline.config import load
+
+root = Path(sys.argv[1])
+p = load(sys.argv[2], ["train.epochs=200", "tune.num_samples=null", "tune.time_budget_s=25",
+                       f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"])
+data = p.data.model_copy()
+data.prepared_dir = f"{root}/{p.data.prepared_dir}"
+write_prepared(data)
+sys.exit(tune.main(["--params", sys.argv[2], "--set", "train.epochs=200", "--set", "tune.num_samples=null",
+                    "--set", "tune.time_budget_s=25", "--set", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"]))
+"""
+
+
+@pytest.mark.slow
+def test_the_stage_fails_and_writes_nothing_when_no_trial_finishes_in_the_budget(tmp_path) -> None:
+    """The tune stage, on a budget no 200-epoch trial fits: a one-line error that names the budget, no outputs,
+    and the trial it cut is recorded as cut by the budget (not as stopped by ASHA) in its MLflow run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    quick = Path(__file__).resolve().parent.parent / "configs" / "quick.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [sys.executable, "-c", NOTHING_FINISHES, str(tmp_path), str(quick)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "tune: the time budget (tune.time_budget_s = 25 s) ran out before any of the" in done.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    trials = [r for r in client.search_runs([client.get_experiment_by_name("drtune-digits").experiment_id])]
+    outcomes = {r.data.tags.get("outcome", "") for r in trials if "outcome" in r.data.tags}
+    assert outcomes and all(o.startswith("cut by the time budget after") for o in outcomes), outcomes
