@@ -1,5 +1,6 @@
-"""Worker start-up: what a Ray Train run pays before its first report, with the workers' environment set
-through a ``runtime_env`` (as the pipeline did) or inherited from the driver (``pipeline.cluster.start_ray`` now).
+"""A Ray Train run's fixed cost: what it pays before its training function starts and after it returns, with
+the workers' environment set through a ``runtime_env`` (as the pipeline did) or inherited from the driver, with
+Ray Train's default 2 s poll of the workers or the pipeline's (``pipeline.cluster.TRAIN_POLL_S``).
 
     python bench/worker_startup.py --runs 6
 
@@ -8,19 +9,26 @@ the other, each one worker whose loop reports once and returns, as a trial's Tra
 The time from ``TorchTrainer.fit()`` to its return is the fixed cost every trial and every re-validation
 pays on top of its epochs, split into the time until the training function starts and the time from its
 end to ``fit()``'s return (the worker group's teardown). The first run warms Ray up and is reported apart.
-Prints one table, the two forms side by side, and the ratio.
+Prints one table, the three forms side by side, and the ratio to the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+FORMS = {
+    "runtime_env": "runtime_env, 2 s poll (before)",
+    "driver_env_ray_poll": "driver env, 2 s poll",
+    "driver_env": "driver env, 0.25 s poll (now)",
+}
 
 
 def one_form(form: str, runs: int) -> dict:
@@ -33,18 +41,21 @@ def one_form(form: str, runs: int) -> dict:
     from pipeline.config import load
 
     config = load(None, ["ray.num_cpus=2"])
-    if form == "runtime_env":  # the pipeline before: the variables in a runtime_env for every worker
+    if form == "driver_env":  # the pipeline now
+        cluster.start_ray(config)
+    else:
+        env = cluster.worker_environment(config) | {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}  # Ray's default
+        if form == "driver_env_ray_poll":
+            os.environ.update(env)
         ray.init(
             address="local",
             num_cpus=2,
             resources={cluster.DRIVER_RESOURCE: 10_000},
-            runtime_env={"env_vars": cluster.worker_environment(config)},
+            runtime_env={"env_vars": env} if form == "runtime_env" else None,  # the pipeline before
             log_to_driver=False,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
         )
-    else:
-        cluster.start_ray(config)
 
     def loop(stamps: dict) -> None:
         Path(stamps["start"]).write_text(str(time.time()))  # same machine: wall clocks compare
@@ -73,13 +84,13 @@ def one_form(form: str, runs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=6)
-    parser.add_argument("--form", choices=["runtime_env", "driver_env"], help=argparse.SUPPRESS)
+    parser.add_argument("--form", choices=list(FORMS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.form:  # a child: one form, its JSON on the last line
         print(json.dumps(one_form(args.form, args.runs)))
         return
     rows = {}
-    for form in ("runtime_env", "driver_env"):
+    for form in FORMS:
         done = subprocess.run(
             [sys.executable, __file__, "--form", form, "--runs", str(args.runs)], capture_output=True, text=True
         )
@@ -88,14 +99,14 @@ def main() -> None:
         rows[form] = json.loads(done.stdout.strip().splitlines()[-1])
     print(
         "| workers' environment | first run (s) | later runs, mean (s) | fit → loop starts | loop ends → fit returns "
-        "| × runtime_env |"
+        "| × before |"
     )
     print("|---|---|---|---|---|---|")
     base = statistics.mean(rows["runtime_env"]["seconds"][1:])
     for form, r in rows.items():
         later = statistics.mean(r["seconds"][1:])
         print(
-            f"| {form} | {r['seconds'][0]:.2f} | {later:.2f} | {statistics.mean(r['to_loop'][1:]):.2f} "
+            f"| {FORMS[form]} | {r['seconds'][0]:.2f} | {later:.2f} | {statistics.mean(r['to_loop'][1:]):.2f} "
             f"| {statistics.mean(r['after_loop'][1:]):.2f} | {later / base:.2f} |"
         )
 

@@ -144,6 +144,13 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(
         1, ge=1, le=10_000, description="epochs between resumable checkpoints (last.pt); the last epoch is always saved"
     )
+    validate_every: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="epochs between validations (and reports); the last epoch, and in a search ASHA's rung epochs, "
+        "are always validated",
+    )
 
     @field_validator("num_workers")
     @classmethod

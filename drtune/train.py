@@ -22,7 +22,7 @@ import os
 import pickle
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,13 +237,17 @@ def fit(
     resume: bool = True,
     device: torch.device | None = None,
     weights: bytes | None = None,
+    validate_at: Collection[int] = (),
 ) -> FitResult:
     """Fine-tune once. Works alone, under torchrun and inside a Ray Train worker (gloo or nccl).
 
-    ``report(metrics, checkpoint_path)`` is called after every epoch on every rank (metrics are
-    already all-reduced). ``last.pt`` is written every ``train.checkpoint_every`` epochs and after
-    the last; on the epochs between, the report's checkpoint is None (a long schedule over a few
-    images is hundreds of short epochs, and writing each would cost more than training it).
+    The epochs validated are every ``train.validate_every``-th, the last and those in ``validate_at`` (1-based: a
+    search's ASHA rungs, where trials are judged). ``report(metrics, checkpoint_path)`` is called after each of
+    them on every rank, and the history holds them (metrics are already all-reduced; ``epoch_s``, ``val_s`` and,
+    on rank 0 when it wrote one, ``checkpoint_s`` time the epoch's training steps, its validation and its
+    checkpoint). ``last.pt`` is written every ``train.checkpoint_every`` epochs and after the last; a report
+    hands over the one written since the previous report, else None (a long schedule over a few images is
+    hundreds of short epochs, and writing each would cost more than training it).
     With ``train.steps`` the epochs are :func:`epochs_for_steps`'s, set before the optimiser and
     its cosine schedule are built; the resolved ``config.yaml`` shows both. Rank 0 prints one line
     naming each setting a preset changed (:meth:`Config.preset_changes`).
@@ -319,6 +323,7 @@ def fit(
 
     model = DistributedDataParallel(task.model) if distributed else task.model
     show = t.progress and rank == 0
+    unreported = False  # a checkpoint written since the last report
     if start_epoch >= epochs and result.history and report is not None:
         report(result.history[-1], ckpt)
     for epoch in range(start_epoch, epochs):
@@ -343,7 +348,16 @@ def fit(
         rates = {"lr_backbone": opt.param_groups[0]["lr"]} if len(opt.param_groups) > 1 else {}
         rates["lr_head"] = opt.param_groups[-1]["lr"]
         sched.step()
+        written = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == epochs
+        validated = (epoch + 1) % t.validate_every == 0 or epoch + 1 == epochs or epoch + 1 in validate_at
+        if not validated:
+            if rank == 0 and written:
+                save_checkpoint(ckpt, task, opt, sched, epoch, resolved, classes, result.history)
+                unreported = True
+            continue
+        started = time.perf_counter()
         scores = evaluate(model, val_loader, device, amp=amp)
+        val_s = time.perf_counter() - started
         steps = len(train_loader)
         metrics = {
             "val_top1": scores["top1"],
@@ -357,15 +371,18 @@ def fit(
             "train_reg": totals[2].item() / steps,
             **rates,
             "epoch_s": train_s,
+            "val_s": val_s,
             "images_per_s": steps * t.batch_size * world / train_s,
         }
         result.history.append(metrics)
-        written = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == epochs
         if rank == 0 and written:
+            started = time.perf_counter()
             save_checkpoint(ckpt, task, opt, sched, epoch, resolved, classes, result.history)
+            metrics = metrics | {"checkpoint_s": time.perf_counter() - started}  # reported, not in the history
         if show:
             tqdm.write(f"epoch {epoch + 1}: val top1 {metrics['val_top1']:.4f} loss {metrics['val_loss']:.4f}")
         if report is not None:
-            report(metrics, ckpt if written else None)
+            report(metrics, ckpt if written or unreported else None)
+        unreported = False
     result.task = task
     return result

@@ -29,6 +29,7 @@ from pipeline.config import PRETRAINED_WEIGHTS, PipelineConfig, redact
 from pipeline.search import build_finalist_tuner, cross_validated, require_finished
 from pipeline.selection import BASELINE, Candidate, Outcomes, Pick, pick, rank, tied_with_best
 from pipeline.selection import finalists as selection_finalists
+from pipeline.time_budget import TimeBudget
 from pipeline.training import SharedData, read_checkpoint
 
 
@@ -135,21 +136,37 @@ def choose(
 
 
 def revalidation(
-    p: PipelineConfig, data: PreparedData, shared: SharedData, storage: str, name: str, callbacks: list
+    p: PipelineConfig,
+    data: PreparedData,
+    shared: SharedData,
+    storage: str,
+    name: str,
+    callbacks: list,
+    budget: TimeBudget | None = None,
 ) -> Callable[[list[Candidate]], list[Candidate]]:
     """The ``revalidate`` of :func:`choose` for a search stored at ``storage/name``: the finalists, scored on
     validation image by image, trained again on ``tune.finalist_folds`` extra folds (a grid of Ray Train
-    runs, ``storage/name-finalists``, resumable like the search) and scored on each fold's held-out images."""
+    runs, ``storage/name-finalists``, resumable like the search) and scored on each fold's held-out images.
+
+    Under a time budget the re-validation spends what the search left of it: none left, or none left before
+    every refit finished, and it returns no finalist (the tie then goes to the conservative rule, on
+    validation alone)."""
     fs = storage_filesystem(storage)
 
     def revalidate(finalists: list[Candidate]) -> list[Candidate]:
+        if budget is not None and budget.exhausted():
+            print("no re-validation: the time budget is spent; the tie goes to the conservative rule", flush=True)
+            return []
         classes = len(data.classes)
         finalists = [scored_on(c, data.val, classes) for c in finalists]  # revalidate: always may add unscored ones
         print(
             f"re-validating {', '.join(c.id for c in finalists)} on {p.tune.finalist_folds} more held-out folds",
             flush=True,
         )
-        refits = build_finalist_tuner(p, shared, storage, f"{name}-finalists", finalists, callbacks).fit()
+        refits = build_finalist_tuner(p, shared, storage, f"{name}-finalists", finalists, callbacks, budget).fit()
+        if budget is not None and budget.fired:
+            print("the time budget ran out during re-validation: the tie goes to the conservative rule", flush=True)
+            return []
         require_finished(
             refits,
             len(finalists) * p.tune.finalist_folds,

@@ -115,6 +115,17 @@ def scheduler(config: PipelineConfig):
     )
 
 
+def rung_epochs(config: PipelineConfig) -> list[int]:
+    """The epochs where ASHA judges trials (``tune.grace_period`` × ``tune.reduction_factor``^k before the last
+    epoch; a fractional one is judged at the first whole epoch past it): a trial validates on each of them
+    whatever ``train.validate_every`` says. Empty without early stopping."""
+    t = config.tune
+    if not t.early_stopping:
+        return []
+    count = int(math.log(config.train.epochs / t.grace_period) / math.log(t.reduction_factor) + 1)
+    return sorted({math.ceil(t.grace_period * t.reduction_factor**k) for k in range(count)})
+
+
 def replay_rungs(scheduler, results, metric: str) -> int:
     """Feed every stored trial's per-epoch ``metric`` (``results``: a restored search's ResultGrid) into the
     rungs of ``scheduler``, in epoch order, as the uninterrupted search fed them; returns how many trials."""

@@ -49,6 +49,9 @@ METRIC_KEYS = (
     "lr_backbone",  # absent for a method that does not train the backbone (the linear probe)
     "lr_head",
     "epoch_s",
+    "val_s",
+    "checkpoint_s",
+    "startup_s",  # the first epoch only: from the Train run's start to its first training step
     "images_per_s",
 )
 

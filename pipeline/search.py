@@ -228,10 +228,17 @@ def finalist_driver(
 
 
 def build_finalist_tuner(
-    config: PipelineConfig, data: SharedData, storage: str, name: str, finalists: list[Candidate], callbacks: list
+    config: PipelineConfig,
+    data: SharedData,
+    storage: str,
+    name: str,
+    finalists: list[Candidate],
+    callbacks: list,
+    budget: tune.Stopper | None = None,
 ) -> tune.Tuner:
     """Every finalist on every one of ``tune.finalist_folds`` extra folds (:mod:`drtune.folds`), all epochs, no
-    early stopping and no sampler: a grid. Restored, like :func:`build_tuner`'s search, when it is stored."""
+    early stopping and no sampler: a grid, stopped by ``budget`` (what is left of the search's time budget).
+    Restored, like :func:`build_tuner`'s search, when it is stored."""
     driver_fn = tune.with_parameters(
         finalist_driver,
         base=config,
@@ -244,7 +251,7 @@ def build_finalist_tuner(
         "finalist": tune.grid_search(list(range(len(finalists)))),
         "fold": tune.grid_search(list(range(1, config.tune.finalist_folds + 1))),
     }
-    return _tuner(config, driver_fn, storage, name, callbacks, space)
+    return _tuner(config, driver_fn, storage, name, callbacks, space, stop=budget)
 
 
 def cross_validated(

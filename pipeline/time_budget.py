@@ -3,6 +3,8 @@
 When the budget runs out, Tune stops every running trial and starts no new one; the pick is then among
 the trials that finished their schedule, as always (a trial cut short is not a finished model). Those
 trials are reported as cut by the budget (status ``cut``, the MLflow run's ``outcome``), not as stopped by ASHA.
+The re-validation of tied finalists (:func:`pipeline.choosing.revalidation`) spends what is left of the budget:
+with none left, or none left before every refit finished, the tie goes to the conservative rule.
 
 Ray's own ``TuneConfig(time_budget_s)`` starts counting again when a search is restored, so a search
 interrupted twice could run three budgets. Here the time spent is stored beside the search

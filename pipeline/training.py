@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from drtune.prepared import PreparedData
 from drtune.train import DivergedError, fit
 from pipeline import faults
 from pipeline.config import PipelineConfig
+from pipeline.early_stopping import rung_epochs
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def share_data(data: PreparedData, weights: dict[str, bytes] | None = None) -> S
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; ``loop_config`` = {"config": the trial's :class:`Config`, "data": :class:`SharedData`,
     "threads": torch threads, "fold": 0 for the prepared split, j ≥ 1 for :func:`drtune.folds.extra_fold` j,
-    "specs": the method's spec, by value (:func:`drtune.methods.adopt`)}."""
+    "specs": the method's spec, by value (:func:`drtune.methods.adopt`), "launched": when the run was started,
+    "validate_at": the epochs validated whatever ``train.validate_every`` says (ASHA's rungs)}."""
     methods.adopt(loop_config["specs"])
     config: Config = loop_config["config"]
     torch.set_num_threads(max(1, math.ceil(loop_config["threads"])))
@@ -100,6 +103,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if restarted:  # this attempt's first report
                 metrics = metrics | {"resumed_from_epoch": float(metrics["epoch"] - 1)}
                 restarted = False
+            elif metrics["epoch"] == 1:  # the run's fixed start-up cost: Ray, the workers, the model, the data
+                spent = sum(metrics.get(k, 0.0) for k in ("epoch_s", "val_s", "checkpoint_s"))
+                metrics = metrics | {"startup_s": time.time() - loop_config["launched"] - spent}
             if rank == 0:
                 metrics = metrics | system_metrics(device)
             if rank != 0 or checkpoint_path is None:  # an epoch between checkpoints: metrics only
@@ -121,6 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 report=report,
                 device=device,
                 weights=data["weights"].get(config.model.pretrained),
+                validate_at=loop_config["validate_at"],
             )
         except DivergedError as err:
             ray.train.report(
@@ -186,6 +193,8 @@ def run_training(
         "threads": pipeline.ray.cpus_per_worker,
         "fold": fold,
         "specs": [methods.get(config.train.method)],
+        "launched": time.time(),  # wall clock: the workers' start-up is timed against it (one machine, or NTP)
+        "validate_at": rung_epochs(pipeline),  # validated whatever train.validate_every says: ASHA judges there
     }
     return run_workers(train_loop_per_worker, loop_config, pipeline, storage, name, callbacks)
 

@@ -201,7 +201,14 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                     "checkpoints"
                 )
             candidates = near_the_top(candidates, data.val, len(data.classes))
-            chosen, scored = choose(p, candidates, revalidation(p, data, shared, storage, ray_run, [progress, watch]))
+            try:  # re-validation spends what is left of the time budget
+                revalidate = revalidation(p, data, shared, storage, ray_run, [progress, watch], budget)
+                chosen, scored = choose(p, candidates, revalidate)
+            finally:
+                if budget is not None:
+                    write_spent(experiment_path, budget.spent(), budget.ended)
+            if budget is not None:
+                budget_record |= {"search_and_revalidation_s": round(budget.spent(), 1), "revalidated": len(scored)}
             for c in scored:
                 if c.baseline:
                     client.log_metric(

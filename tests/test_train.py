@@ -317,7 +317,10 @@ def test_a_finished_run_resumed_reports_its_last_epoch_again(tmp_path) -> None:
     fit(config, train, val, classes, tmp_path, report=lambda m, c: first.append(dict(m)))
     again = []
     result = fit(config, train, val, classes, tmp_path, report=lambda m, c: again.append((dict(m), c)), resume=True)
-    assert [m["epoch"] for m, _ in again] == [2] and again[0][0] == first[-1]
+    assert "checkpoint_s" in first[-1]  # the time that attempt took to write it: not part of the epoch's record
+    assert [m["epoch"] for m, _ in again] == [2] and again[0][0] == {
+        k: v for k, v in first[-1].items() if k != "checkpoint_s"
+    }
     assert again[0][1] == tmp_path / "last.pt" and len(result.history) == 2
 
 
@@ -402,3 +405,28 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path) -> N
     with pytest.raises(ValueError, match="holds more than tensors and numbers"):
         save_inference_checkpoint(crafted, tmp_path / "m.safetensors")
     assert not marker.exists()
+
+
+def test_validation_every_third_epoch_keeps_the_rungs_and_the_last_and_hands_over_each_checkpoint(tmp_path) -> None:
+    """train.validate_every = 3 over 7 epochs with a rung at 2: epochs 2, 3, 6 and 7 are validated and reported
+    (nothing else), the history holds them alone, and the checkpoint written at epoch 4, which is not validated,
+    is handed over with epoch 6's report; validation skipped changes nothing in the model trained."""
+    train, val, classes = _data()
+    reports = []
+    config = load_config(None, [*QUICK, "train.epochs=7", "train.validate_every=3", "train.checkpoint_every=4"])
+    sparse = fit(
+        config,
+        train,
+        val,
+        classes,
+        tmp_path / "a",
+        report=lambda m, c: reports.append((m["epoch"], c is not None)),
+        validate_at={2},
+    )
+    assert reports == [(2, False), (3, False), (6, True), (7, True)]
+    assert [h["epoch"] for h in sparse.history] == [2, 3, 6, 7]
+    config.train.validate_every = 1
+    every = fit(config, train, val, classes, tmp_path / "b")
+    assert len(every.history) == 7 and every.history[-1]["val_top1"] == sparse.history[-1]["val_top1"]
+    for a, b in zip(every.task.state_dict().values(), sparse.task.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
