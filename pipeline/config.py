@@ -12,6 +12,7 @@ that need the epochs (``tune.grace_period``) run then.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,11 @@ class Range(Section):
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         return self
+
+
+def _weights_name(pretrained: str) -> str:
+    """A short name for a backbone's weights in its label: the source, or the file's stem made label-safe."""
+    return pretrained if pretrained in WEIGHT_SOURCES else re.sub(r"[^\w.\-]", "-", Path(pretrained).stem)
 
 
 def _default(name: str) -> Range:
@@ -171,14 +177,15 @@ class TuneConfig(Section):
         names = [c.name for c in v]
         for c in v:
             if c.label is None:
-                weights = Path(c.pretrained).stem if c.pretrained not in WEIGHT_SOURCES else c.pretrained
-                c.label = c.name if names.count(c.name) == 1 else f"{c.name}/{weights}"
+                c.label = c.name if names.count(c.name) == 1 else f"{c.name}/{_weights_name(c.pretrained)}"
         labels = [c.label for c in v]
         if len(set(labels)) != len(labels):
             raise ValueError(f"two choices share a label ({labels}): give each a distinct label")
-        bad = [label for label in labels if not label or "," in label]
+        bad = [label for label in labels if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", label)]
         if bad:
-            raise ValueError(f"labels must be non-empty and free of commas: {bad}")
+            raise ValueError(
+                f"labels {bad}: letters, digits, _ . - and one / only (they name MLflow metrics and Ray folders)"
+            )
         return v
 
     @field_validator("methods")
@@ -362,8 +369,8 @@ class PipelineConfig(Config):
             if c.name == model.name and self.backbone_weights(c) == model.pretrained:
                 return str(c.label)
         taken = {c.label for c in self.tune.models or []}
-        weights = Path(model.pretrained).stem if model.pretrained not in WEIGHT_SOURCES else model.pretrained
-        return model.name if model.name not in taken else f"{model.name}/{weights}"
+        label = model.name if model.name not in taken else f"{model.name}/{_weights_name(model.pretrained)}"
+        return label if label not in taken else f"{label}-model"
 
     def search_methods(self) -> list[str]:
         """The methods the search tries: ``tune.methods``, or ``train.method`` alone."""

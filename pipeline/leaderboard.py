@@ -71,6 +71,7 @@ def validation_numbers(
             f"{group}.trials": e["trials"],
             f"{group}.completed": e["completed"],
             f"{group}.stopped_early": e["stopped_early"],
+            f"{group}.cut_by_budget": e["cut_by_budget"],
         }
         if e[key] is not None:
             out[f"{group}.{key}"] = e[key]

@@ -51,7 +51,7 @@ METRIC_KEYS = (
     "epoch_s",
     "val_s",
     "checkpoint_s",
-    "startup_s",  # the first epoch only: from the Train run's start to its first training step
+    "startup_s",  # epoch 1 only (when reported): from the Train run's start to its first training step
     "images_per_s",
 )
 

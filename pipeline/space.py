@@ -79,6 +79,19 @@ def starting_points(config: PipelineConfig) -> list[dict]:
     return [{"backbone": c.label, **point} for c in config.tune.models or [] for point in points]
 
 
+def checked_starting_points(config: PipelineConfig) -> list[dict]:
+    """:func:`starting_points`, refused when ``tune.num_samples`` cannot run them all (every backbone × every
+    point or method: some would never be tried)."""
+    points = starting_points(config)
+    if config.tune.num_samples is not None and len(points) > config.tune.num_samples:
+        raise ConfigError(
+            f"tune.num_samples = {config.tune.num_samples} is fewer than the search's {len(points)} starting "
+            "points (each backbone × each of tune.points_to_evaluate, or × each method): some would never run; "
+            "raise it, or list fewer points, methods or models"
+        )
+    return points
+
+
 def _method_points(config: PipelineConfig) -> list[dict]:
     """``tune.points_to_evaluate`` for ``train.method``, validated and completed with the config's values."""
     names = searched_names(config)

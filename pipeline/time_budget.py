@@ -57,14 +57,30 @@ class TimeBudget(tune.Stopper):
 
 class TrialEnds(tune.Callback):
     """Adds to ``budget.ended`` each trial that ended on its own: one Tune reports complete before the budget
-    stopped the search (finished, or stopped by ASHA). What ends after that was stopped by the budget."""
+    stopped the search (finished, or stopped by ASHA). What ends after that was stopped by the budget.
+
+    A restored search brings back the callbacks pickled with it; this one pickles as a reference to the
+    instance of the running stage (as :class:`pipeline.trial_runs.TrialRuns` does), whose budget is the live
+    stopper, so the trials that end after a resume are counted too."""
+
+    _live: TrialEnds | None = None
 
     def __init__(self, budget: TimeBudget) -> None:
         self.budget = budget
+        TrialEnds._live = self
+
+    def __reduce__(self):
+        return _live_trial_ends, ()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if not self.budget.fired:
             self.budget.ended.add(trial.trial_id)
+
+
+def _live_trial_ends() -> TrialEnds:
+    if TrialEnds._live is None:
+        raise RuntimeError("a stored search's TrialEnds was restored before this stage created its own")
+    return TrialEnds._live
 
 
 def _stored(experiment: str) -> dict:

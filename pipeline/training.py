@@ -103,7 +103,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if restarted:  # this attempt's first report
                 metrics = metrics | {"resumed_from_epoch": float(metrics["epoch"] - 1)}
                 restarted = False
-            elif metrics["epoch"] == 1:  # the run's fixed start-up cost: Ray, the workers, the model, the data
+            elif metrics["epoch"] == 1:  # the run's fixed start-up: Ray, the workers, the model, the data
                 spent = sum(metrics.get(k, 0.0) for k in ("epoch_s", "val_s", "checkpoint_s"))
                 metrics = metrics | {"startup_s": time.time() - loop_config["launched"] - spent}
             if rank == 0:

@@ -63,7 +63,7 @@ from pipeline.progress import Progress
 from pipeline.search import build_tuner, require_finished, trial_candidates
 from pipeline.selection import rank
 from pipeline.soups import make_soup
-from pipeline.space import largest_runs, starting_points
+from pipeline.space import checked_starting_points, largest_runs
 from pipeline.stage import flat, stage_main
 from pipeline.time_budget import TimeBudget, TrialEnds, read_ended, read_spent, write_spent
 from pipeline.training import run_name, share_data
@@ -78,7 +78,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
     data = load_prepared(root / p.data.prepared_dir)
     p = p.with_steps_resolved(len(data.train))  # train.steps → train.epochs, now that the split's size is known
     client = connect(p.tracking_uri(), p.mlflow.timeout_s)
-    starting_points(p)  # validates tune.points_to_evaluate before Ray starts
+    checked_starting_points(p)  # tune.points_to_evaluate, and room for them in tune.num_samples, before Ray starts
     folds = max_extra_folds(data.train, data.val)
     if p.tune.revalidate != "never" and p.tune.finalist_folds > folds:
         raise ConfigError(
@@ -87,7 +87,6 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
         )
     backbone = start_weights(p, root)  # the pretrain stage's backbone, or None: model.pretrained as configured
     baseline = baseline_candidate(root, p, data.checksum, len(data.val), backbone.sha256, p.default_backbone())
-    weight_files, weights_digest = backbone_files(p, backbone, root)
     # Everything a worker would reject, before Ray starts, for every backbone; each trial keeps one checkpoint.
     for field, largest in largest_runs(p):
         preflight(
@@ -97,6 +96,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             checkpoints=(p.tune.num_samples or p.tune.startup_trials) + p.tune.finalists * p.tune.finalist_folds + 1,
             model_field=field,
         )
+    weight_files, weights_digest = backbone_files(p, backbone, root)  # read once checked, for the workers
     start_ray(p)
     storage = storage_uri(p, root)
     ray_run = run_name("search", p, data.checksum + weights_digest)  # the Ray Tune experiment (a folder under storage)

@@ -37,6 +37,36 @@ def test_a_choice_of_one_backbone_or_two_of_one_label_is_refused_naming_the_fiel
         load(QUICK, ["tune.models=[{name: test_efficientnet}, {name: test_efficientnet, pretrained: pretrain}]"])
 
 
+def test_labels_name_mlflow_metrics_so_a_label_mlflow_refuses_is_refused_and_a_file_stem_is_made_safe() -> None:
+    with pytest.raises(ConfigError, match=r"labels \['resnet \(ssl\)'\]"):
+        load(QUICK, ["tune.models=[{name: test_resnet, label: 'resnet (ssl)'}, {name: test_vit}]"])
+    p = load(QUICK, ["tune.models=[{name: test_vit}, {name: test_vit, pretrained: /w/dino+ft.pth}]"])
+    assert [c.label for c in p.tune.models] == ["test_vit/none", "test_vit/dino-ft"]
+
+
+def test_a_trial_count_that_cannot_run_every_starting_point_is_refused() -> None:
+    from pipeline.space import checked_starting_points
+
+    p = load(QUICK, [TWO, "tune.points_to_evaluate=[{lam: 1.0}, {lam: 2.0}]", "tune.num_samples=3"])
+    with pytest.raises(ConfigError, match=r"tune\.num_samples = 3 is fewer than the search's 4 starting points"):
+        checked_starting_points(p)
+    p.tune.num_samples = 4
+    assert len(checked_starting_points(p)) == 4
+
+
+def test_the_trial_ends_callback_restored_with_a_search_is_the_running_stages() -> None:
+    """Tune restores the callbacks pickled with a search; the restored one must count into the live budget."""
+    import pickle
+
+    from pipeline.time_budget import TimeBudget, TrialEnds
+
+    stored = pickle.dumps(TrialEnds(TimeBudget(60)))
+    live = TrialEnds(TimeBudget(60, 10.0))  # the rerun's
+    restored = pickle.loads(stored)
+    restored.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
+    assert restored is live and live.budget.ended == {"t1"}
+
+
 def test_one_model_twice_is_labelled_by_its_weights_and_model_star_is_found_among_the_choices(tmp_path) -> None:
     p = load(
         QUICK,
@@ -126,6 +156,15 @@ from drtune.prepared import write_prepared
 from pipeline import tune
 from pipeline.config import load
 
+
+def read_then_remove(p, start, root):
+    # the driver reads the weight files, then they are gone: the workers can only train from the bytes sent
+    out = read(p, start, root)
+    Path(sys.argv[4]).unlink()
+    return out
+
+
+read, tune.backbone_files = tune.backbone_files, read_then_remove
 root = Path(sys.argv[1])
 p = load(sys.argv[2], [sys.argv[3], "tune.num_samples=2", "train.epochs=2", "tune.grace_period=1",
                        "tune.points_to_evaluate=[{}]", "tune.revalidate=never",
@@ -140,7 +179,8 @@ tune.run(p, root)
 @pytest.mark.slow
 def test_a_quick_search_chooses_between_two_backbones_one_from_a_local_file(tmp_path) -> None:
     """Both backbones train (each from its starting point), the local file reaches the workers through the
-    object store, and the outputs name each trial's backbone and the best per backbone."""
+    object store (it is removed once the driver has read it), and the outputs name each trial's backbone and
+    the best per backbone."""
     weights = tmp_path / "weights" / "resnet.safetensors"
     weights.parent.mkdir()
     from safetensors.torch import save_file
@@ -152,7 +192,7 @@ def test_a_quick_search_chooses_between_two_backbones_one_from_a_local_file(tmp_
     )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run(
-        [sys.executable, "-c", SEARCH, str(tmp_path), str(QUICK), models],
+        [sys.executable, "-c", SEARCH, str(tmp_path), str(QUICK), models, str(weights)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
