@@ -75,8 +75,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two pytest-xdist workers, a test file at a time each (the tests of a file may share a module's fixture, built
+# once): the end-to-end tests spend much of their time waiting on Ray, MLflow and DVC processes, so two at once
+# keep both cores busy.
 test: lint
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

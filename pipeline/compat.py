@@ -91,6 +91,14 @@ def tuner_scheduler(tuner):
     return tuner._local_tuner._tune_config.scheduler
 
 
+def trials_of(results) -> list[tuple[str, dict]]:
+    """(trial id, sampled config) of every trial of a Tune ``ResultGrid``, in its order. ``Result.config`` and
+    ``Result.metrics["trial_id"]`` come from a trial's last result, so a trial stopped before it reported once (the
+    time budget ran out while it started) has neither; the Trial objects the grid was built from have both, and
+    ``ResultGrid`` has no public accessor for them."""
+    return [(trial.trial_id, dict(trial.config)) for trial in results._experiment_analysis.trials]
+
+
 def set_tuner_stopper(tuner, stopper) -> None:
     """Give a restored ``tuner`` the stopper ``stopper``. ``Tuner.restore`` re-creates the RunConfig pickled when
     the search was created, whose stopper (:class:`pipeline.time_budget.TimeBudget`) counts from a clock reading

@@ -185,26 +185,25 @@ def trial_candidates(
     ``filesystem`` is the storage's (:func:`pipeline.cluster.storage_filesystem`): the checkpoint
     path Tune reports is relative to it."""
     out = []
-    for r in results:
+    for r, (trial_id, config) in zip(results, compat.trials_of(results), strict=True):
         m = r.metrics or {}
         score = float(m.get(f"val_{metric}", math.nan))
         # no score without an epoch: a trial stopped before its first one (the budget, an interrupt) did not fail
         failed = r.error is not None or bool(m.get("diverged")) or ("epoch" in m and not math.isfinite(score))
         status = "failed" if failed else ("completed" if m.get("epoch", 0) >= max_epochs else "stopped")
-        trial_id = m.get("trial_id") or str(r.path).rsplit("/", 1)[-1]
         if status == "stopped" and ended is not None and trial_id not in ended:
             status = "cut"
         out.append(
             Candidate(
                 id=trial_id,
-                method=r.config.get("method", method),
+                method=config.get("method", method),
                 val_score=score,
                 val_loss=float(m.get("val_loss", math.nan)),
                 n_val=n_val,
                 status=status,
                 metric=metric,
-                backbone=r.config.get("backbone", backbone),
-                config=dict(r.config),
+                backbone=config.get("backbone", backbone),
+                config=config,
                 ref=Checkpoint(m["checkpoint_path"], filesystem=filesystem) if status == "completed" else None,
             )
         )
@@ -271,14 +270,14 @@ def cross_validated(
     splits is fragile. A refit that failed or did not finish is an error: its fold would be missing from the mean."""
     folds: dict[int, dict[int, float]] = {i: {} for i in range(len(finalists))}
     per_image: dict[int, dict[int, Outcomes]] = {i: {} for i in range(len(finalists))}
-    for r in refits:
+    for r, (_, point) in zip(refits, compat.trials_of(refits), strict=True):  # point: even without a report
         m = r.metrics or {}
+        i, fold = point["finalist"], point["fold"]
         if r.error is not None or not (m.get("diverged") or m.get("epoch", 0) >= max_epochs):
             raise RuntimeError(
-                f"finalist {finalists[r.config['finalist']].id} on extra fold {r.config['fold']} "
+                f"finalist {finalists[i].id} on extra fold {fold} "
                 "did not finish; run the stage again: it continues from its last checkpoint"
             )
-        i, fold = r.config["finalist"], r.config["fold"]
         folds[i][fold] = 0.0 if m.get("diverged") else float(m[f"val_{metric}"])
         if outcomes is not None:
             per_image[i][fold] = outcomes(fold, None if m.get("diverged") else r)

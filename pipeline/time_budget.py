@@ -31,7 +31,7 @@ class TimeBudget(tune.Stopper):
     """Stop the whole search once ``spent_s`` (before this attempt) plus this attempt's time reaches ``budget_s``.
 
     ``ended`` holds the trials that ended on their own, finished or stopped by ASHA (:class:`TrialEnds` adds
-    them, :func:`write_spent` keeps them across resumes): when the budget stops the search, a trial short of
+    them, :meth:`store` keeps them across resumes): when the budget stops the search, a trial short of
     its last epoch that is not among them was cut by the budget, not judged by ASHA."""
 
     def __init__(self, budget_s: float, spent_s: float = 0.0, ended: set[str] | None = None) -> None:
@@ -39,6 +39,27 @@ class TimeBudget(tune.Stopper):
         self.ended = set(ended or ())
         self.started = time.monotonic()
         self.fired = False  # whether it stopped the search (not merely: whether time has run out since)
+
+    @classmethod
+    def resumed(cls, budget_s: float, experiment: str) -> TimeBudget:
+        """The budget of the search stored at ``experiment`` (a local folder or an object-storage URI): what it
+        spent and which trials ended on their own, read from ``drtune-time.json`` (nothing stored: a new one)."""
+        fs, path = filesystem_and_path(experiment)
+        stored = {}
+        if fs.get_file_info(f"{path}/{SPENT_FILE}").type == pyarrow.fs.FileType.File:
+            with fs.open_input_stream(f"{path}/{SPENT_FILE}") as f:
+                stored = json.loads(f.read())
+        return cls(budget_s, float(stored.get("spent_s", 0.0)), set(stored.get("ended", [])))
+
+    def store(self, experiment: str) -> float:
+        """Write the time spent and the trials that ended on their own beside the search (the folder exists
+        once Tune has started it); returns the seconds written, one reading for the stage's outputs too."""
+        spent = self.spent()
+        fs, path = filesystem_and_path(experiment)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{SPENT_FILE}") as f:
+            f.write(json.dumps({"spent_s": round(spent, 3), "ended": sorted(self.ended)}).encode())
+        return spent
 
     def spent(self) -> float:
         """Seconds spent on this search, this attempt included."""
@@ -81,30 +102,3 @@ def _live_trial_ends() -> TrialEnds:
     if TrialEnds._live is None:
         raise RuntimeError("a stored search's TrialEnds was restored before this stage created its own")
     return TrialEnds._live
-
-
-def _stored(experiment: str) -> dict:
-    fs, path = filesystem_and_path(experiment)
-    if fs.get_file_info(f"{path}/{SPENT_FILE}").type != pyarrow.fs.FileType.File:
-        return {}
-    with fs.open_input_stream(f"{path}/{SPENT_FILE}") as f:
-        return json.loads(f.read())
-
-
-def read_spent(experiment: str) -> float:
-    """Seconds a stored search has already spent (0 for a new one)."""
-    return float(_stored(experiment).get("spent_s", 0.0))
-
-
-def read_ended(experiment: str) -> set[str]:
-    """The trials of a stored search that ended on their own (see :class:`TimeBudget`)."""
-    return set(_stored(experiment).get("ended", []))
-
-
-def write_spent(experiment: str, spent_s: float, ended: set[str] | None = None) -> None:
-    """Store the time spent and the trials that ended on their own beside the search (the folder exists once
-    Tune has started it)."""
-    fs, path = filesystem_and_path(experiment)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{SPENT_FILE}") as f:
-        f.write(json.dumps({"spent_s": round(spent_s, 3), "ended": sorted(ended or ())}).encode())

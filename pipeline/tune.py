@@ -65,7 +65,7 @@ from pipeline.selection import rank
 from pipeline.soups import make_soup
 from pipeline.space import checked_starting_points, largest_runs
 from pipeline.stage import flat, stage_main
-from pipeline.time_budget import TimeBudget, TrialEnds, read_ended, read_spent, write_spent
+from pipeline.time_budget import TimeBudget, TrialEnds
 from pipeline.training import run_name, share_data
 from pipeline.trial_runs import TrialRuns
 from pipeline.tune_outputs import LAST, log_pick, staged, write_outputs
@@ -137,7 +137,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             watch = PlacementGroupWatch()  # removes a trial's leaked worker reservation (see its module)
             budget = None
             if p.tune.time_budget_s is not None:  # counted across resumes (pipeline/time_budget.py)
-                budget = TimeBudget(p.tune.time_budget_s, read_spent(experiment_path), read_ended(experiment_path))
+                budget = TimeBudget.resumed(p.tune.time_budget_s, experiment_path)
                 print(
                     f"time budget: {p.tune.time_budget_s:g} s, {budget.spent_before:.0f} s spent before this run",
                     flush=True,
@@ -151,7 +151,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             finally:
                 trial_runs.close_open_runs()
                 if budget is not None:
-                    write_spent(experiment_path, budget.spent(), budget.ended)
+                    spent = budget.store(experiment_path)  # what a resume reads is what best.json says
             out_of_time = budget is not None and budget.fired  # the budget stopped it, not a Ctrl-C near its end
             if not out_of_time:  # the budget's end is the search's end; anything else that stops it is an interrupt
                 require_finished(
@@ -160,7 +160,7 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
             budget_record = (
                 {
                     "time_budget_s": p.tune.time_budget_s,
-                    "search_s": round(budget.spent(), 1),
+                    "search_s": round(spent, 1),
                     "budget_exhausted": out_of_time,
                     "trials_run": len(results),
                 }
@@ -206,9 +206,9 @@ def run(p: PipelineConfig, root: Path = Path("."), fresh: bool = False) -> dict:
                 chosen, scored = choose(p, candidates, revalidate)
             finally:
                 if budget is not None:
-                    write_spent(experiment_path, budget.spent(), budget.ended)
+                    spent = budget.store(experiment_path)
             if budget is not None:
-                budget_record |= {"search_and_revalidation_s": round(budget.spent(), 1), "revalidated": len(scored)}
+                budget_record |= {"search_and_revalidation_s": round(spent, 1), "revalidated": len(scored)}
             for c in scored:
                 if c.baseline:
                     client.log_metric(

@@ -31,3 +31,15 @@ class TinyEncoder(nn.Module):
 def tiny_encoder() -> TinyEncoder:
     torch.manual_seed(0)
     return TinyEncoder()
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves the environment as it found it. Code under test writes to ``os.environ`` for the processes
+    it starts (MLflow's ``set_registry_uri`` sets ``MLFLOW_REGISTRY_URI``, a private Ray start sets Ray's
+    variables), and a later test's subprocess would inherit it: a leaked registry URI once sent a model lookup to
+    another test's store."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

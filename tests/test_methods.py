@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.nn.functional as F
+from fresh_search import run_search_script
 
 from drtune import methods
 from drtune.config import ConfigError, load_config
@@ -69,15 +67,10 @@ def test_a_registered_method_is_searched_over_its_own_knob_and_trains_with_its_l
     )
 
 
-# A fresh interpreter (the search starts Ray and points MLflow at its own store, which must not leak into
-# other tests) in which the method exists only as this script defines it: never importable by a worker.
+# The method exists only as this script defines it, in a fresh interpreter: never importable by a worker.
 SEARCH = """
-import sys
 import torch.nn.functional as F
 from drtune import methods
-from drtune.prepared import write_prepared
-from pipeline import tune
-from pipeline.config import load
 
 def head_decay_loss(task, features, logits, y):
     ce = F.cross_entropy(logits, y)
@@ -86,13 +79,9 @@ def head_decay_loss(task, features, logits, y):
 
 methods.register(methods.MethodSpec("head_decay", "head decay", "CE-tuning with a decayed head", head_decay_loss,
                                     knobs=(methods.Knob("head_decay", "baselines.l2sp_beta", 1e-3, 1e-1),)))
-root = sys.argv[1]
-p = load(sys.argv[2], ["tune.methods=[ce, head_decay]", "tune.num_samples=2", "train.epochs=1", "tune.grace_period=1",
-                       "tune.revalidate=never", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"])
-data = p.data.model_copy()
-data.prepared_dir = f"{root}/{p.data.prepared_dir}"
-write_prepared(data)
-board = tune.run(p, __import__("pathlib").Path(root))["leaderboard"]
+p = settings("tune.methods=[ce, head_decay]", "tune.num_samples=2", "train.epochs=1", "tune.grace_period=1",
+             "tune.revalidate=never")
+board = tune.run(p, root)["leaderboard"]
 print("BOARD", board["head_decay"]["completed"], board["ce"]["completed"], board["head_decay"]["best_val_top1"])
 """
 
@@ -100,9 +89,7 @@ print("BOARD", board["head_decay"]["completed"], board["ce"]["completed"], board
 @pytest.mark.slow
 def test_a_quick_search_over_a_method_registered_only_in_the_driver(tmp_path) -> None:
     """The spec travels to Ray's trial and training workers by value with the trial (drtune.methods.adopt)."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    cmd = [sys.executable, "-c", SEARCH, str(tmp_path), str(REPO / "configs" / "quick.yaml")]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = run_search_script(SEARCH, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     completed_mine, completed_ce, best = done.stdout.split("BOARD ")[1].split()
     assert (completed_mine, completed_ce) == ("1", "1") and 0 < float(best) <= 1

@@ -4,9 +4,6 @@ backbone with its own rungs, weights and preprocessing, and a quick search that 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +11,7 @@ import optuna
 import pytest
 import timm
 import torch
+from fresh_search import run_search_script
 
 from drtune.backbones import data_config
 from drtune.config import ConfigError
@@ -150,13 +148,6 @@ def test_local_weights_travel_by_the_name_the_trial_config_gives_them(tmp_path) 
 
 
 SEARCH = """
-import sys
-from pathlib import Path
-from drtune.prepared import write_prepared
-from pipeline import tune
-from pipeline.config import load
-
-
 def read_then_remove(p, start, root):
     # the driver reads the weight files, then they are gone: the workers can only train from the bytes sent
     out = read(p, start, root)
@@ -165,13 +156,8 @@ def read_then_remove(p, start, root):
 
 
 read, tune.backbone_files = tune.backbone_files, read_then_remove
-root = Path(sys.argv[1])
-p = load(sys.argv[2], [sys.argv[3], "tune.num_samples=2", "train.epochs=2", "tune.grace_period=1",
-                       "tune.points_to_evaluate=[{}]", "tune.revalidate=never",
-                       f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"])
-data = p.data.model_copy()
-data.prepared_dir = f"{root}/{p.data.prepared_dir}"
-write_prepared(data)
+p = settings(sys.argv[3], "tune.num_samples=2", "train.epochs=2", "tune.grace_period=1", "tune.points_to_evaluate=[{}]",
+             "tune.revalidate=never")
 tune.run(p, root)
 """
 
@@ -190,15 +176,7 @@ def test_a_quick_search_chooses_between_two_backbones_one_from_a_local_file(tmp_
     models = (
         f"tune.models=[{{name: test_efficientnet, pretrained: none}}, {{name: test_resnet, pretrained: {weights}}}]"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run(
-        [sys.executable, "-c", SEARCH, str(tmp_path), str(QUICK), models, str(weights)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_search_script(SEARCH, tmp_path, models, str(weights))
     assert done.returncode == 0, done.stderr[-3000:]
     best = json.loads((tmp_path / "models" / "best.json").read_text())
     board = best["backbones"]

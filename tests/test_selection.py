@@ -204,6 +204,23 @@ def _result(trial_id: str, top1: float, epoch: int, loss: float = 1.0, error=Non
     )
 
 
+class _Grid(list):
+    """A Tune ``ResultGrid`` as :func:`trial_candidates` reads it: its results, and the trials they came from
+    (:func:`pipeline.compat.trials_of`), which keep a trial's id and config when it never reported."""
+
+    def __init__(self, results: list, trials: dict | None = None) -> None:
+        super().__init__(results)
+        trials = trials or {}
+        self._experiment_analysis = SimpleNamespace(
+            trials=[
+                trials[r.path]
+                if r.config is None
+                else SimpleNamespace(trial_id=r.metrics.get("trial_id"), config=r.config)
+                for r in results
+            ]
+        )
+
+
 def test_trials_become_candidates_with_their_status() -> None:
     results = [
         _result("a", 0.70, 10),
@@ -212,7 +229,7 @@ def test_trials_become_candidates_with_their_status() -> None:
         _result("d", 0.70, 10, loss=0.5, method="l2sp"),
         _result("e", float("nan"), 2),
     ]
-    cands = trial_candidates(results, max_epochs=10, n_val=40, method="drtune")
+    cands = trial_candidates(_Grid(results), max_epochs=10, n_val=40, method="drtune")
     assert [(c.id, c.method, c.status) for c in cands] == [
         ("a", "drtune", "completed"),
         ("b", "drtune", "stopped"),
@@ -224,12 +241,16 @@ def test_trials_become_candidates_with_their_status() -> None:
     assert [c.id for c in rank(cands)] == ["d", "a"]  # tie on top-1 → lower loss
     # the time budget ran out: a trial short of its last epoch that did not end on its own was cut by it
     ended = {"a", "d"}  # finished (ASHA stopped none here)
-    cut = trial_candidates(results + [_result("f", 0.5, 1)], max_epochs=10, n_val=40, method="drtune", ended=ended)
+    grid = _Grid(results + [_result("f", 0.5, 1)])
+    cut = trial_candidates(grid, max_epochs=10, n_val=40, method="drtune", ended=ended)
     assert [c.status for c in cut] == ["completed", "cut", "failed", "completed", "failed", "cut"]
     ended |= {"b"}  # b was stopped by ASHA: it ended on its own
-    unstarted = SimpleNamespace(error=None, metrics={"trial_id": "g"}, config={"lam": 1.0}, path="/runs/g")
-    cut = trial_candidates([*results, unstarted], max_epochs=10, n_val=40, method="drtune", ended=ended)
+    # stopped before its first report: Tune's result has no metrics and no config, its trial has both
+    unstarted = SimpleNamespace(error=None, metrics={}, config=None, path="/runs/g")
+    trial = SimpleNamespace(trial_id="g", config={"lam": 2.0, "method": "l2sp"})
+    cut = trial_candidates(_Grid([*results, unstarted], {"/runs/g": trial}), 10, 40, "drtune", ended=ended)
     assert cut[1].status == "stopped" and cut[5].status == "cut"  # stopped before its first epoch: no failure
+    assert (cut[5].id, cut[5].method, cut[5].config) == ("g", "l2sp", {"lam": 2.0, "method": "l2sp"})
 
 
 def test_refits_pool_into_the_finalists_scores_and_a_fold_they_diverge_on_scores_zero() -> None:
@@ -240,14 +261,19 @@ def test_refits_pool_into_the_finalists_scores_and_a_fold_they_diverge_on_scores
         return SimpleNamespace(error=None, metrics=metrics, config={"finalist": finalist, "fold": fold})
 
     refits = [refit(0, 1, 0.70), refit(0, 2, 0.74), refit(1, 1, 0.80), refit(1, 2, 0.81)]
-    scored = cross_validated(chosen, refits, max_epochs=10)
+    scored = cross_validated(chosen, _Grid(refits), max_epochs=10)
     assert [c.id for c in scored] == ["b", "a"] and [c.folds for c in scored] == [3, 3]
     assert scored[0].cv_score == pytest.approx((0.82 + 0.70 + 0.74) / 3)
     assert scored[1].cv_score == pytest.approx((0.80 + 0.80 + 0.81) / 3)
-    diverged = cross_validated(chosen, refits[:3] + [refit(1, 2, float("nan"), diverged=True, epoch=2)], 10)
+    diverged = cross_validated(chosen, _Grid(refits[:3] + [refit(1, 2, float("nan"), diverged=True, epoch=2)]), 10)
     assert diverged[1].cv_score == pytest.approx((0.80 + 0.80 + 0.0) / 3)
     with pytest.raises(RuntimeError, match="finalist a on extra fold 2 did not finish"):
-        cross_validated(chosen, refits[:3] + [refit(1, 2, 0.5, epoch=6)], max_epochs=10)
+        cross_validated(chosen, _Grid(refits[:3] + [refit(1, 2, 0.5, epoch=6)]), max_epochs=10)
+    # a refit that failed before its first report: Tune's result has no config, its trial names the finalist
+    unreported = SimpleNamespace(error=RuntimeError("no worker"), metrics={}, config=None, path="/runs/r")
+    trial = SimpleNamespace(trial_id="r", config={"finalist": 1, "fold": 2})
+    with pytest.raises(RuntimeError, match="finalist a on extra fold 2 did not finish"):
+        cross_validated(chosen, _Grid([*refits[:3], unreported], {"/runs/r": trial}), max_epochs=10)
     # per image: each fold's results appended in fold order; a fold it diverged on is every image wrong
     scored_on_val = [c.with_outcomes(outcomes((True, False))) for c in chosen]
     images = {(0, 1): (True, True), (0, 2): (False, False), (1, 1): (True, False), (1, 2): (False, True)}
@@ -257,7 +283,7 @@ def test_refits_pool_into_the_finalists_scores_and_a_fold_they_diverge_on_scores
 
     scored = cross_validated(
         [replace(c, n_val=2) for c in scored_on_val],
-        refits[:3] + [refit(1, 2, float("nan"), True, 2)],
+        _Grid(refits[:3] + [refit(1, 2, float("nan"), True, 2)]),
         10,
         "top1",
         on_fold,
@@ -464,7 +490,7 @@ def _imbalanced_candidates(metric: str) -> list[Candidate]:
         scores = metric_scores(confusion_of(labels, guess, 2))
         results.append(_result(trial, scores["top1"], 10))
         results[-1].metrics |= {f"val_{k}": v for k, v in scores.items()}
-    cands = trial_candidates(results, max_epochs=10, n_val=100, method="drtune", metric=metric)
+    cands = trial_candidates(_Grid(results), max_epochs=10, n_val=100, method="drtune", metric=metric)
     return [c.with_outcomes(Outcomes(tuple(labels), tuple(predicted[c.id]), 2)) for c in cands]
 
 
