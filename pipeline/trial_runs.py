@@ -21,6 +21,7 @@ from mlflow.entities import DatasetInput, Metric
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
+from pipeline import compat
 from pipeline.config import PipelineConfig
 from pipeline.mlflow_connect import TrackingUnavailableError, unreachable
 from pipeline.mlflow_store import METRIC_KEYS, PARENT_TAG, TRIAL_TAG, literal, log_params
@@ -221,12 +222,10 @@ class TrialRuns(Callback):
                 "the MLflow tracking server went away during the search and has not come "
                 "back; the search itself is stored: run the stage again when it answers"
             )
-        for r in results:
+        # every trial, those that never reported included (cut by the budget as they started, or failed then)
+        for r, (trial_id, config) in zip(results, compat.trials_of(results), strict=True):
             metrics = r.metrics or {}
-            trial_id = metrics.get("trial_id")
-            if trial_id is None:  # failed before its first result: on_trial_error recorded it
-                continue
-            self._start(trial_id, dict(r.config))
+            self._start(trial_id, config)
             history = r.metrics_dataframe
             for row in [] if history is None else history.to_dict("records"):
                 self._log_epoch(

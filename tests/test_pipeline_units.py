@@ -470,6 +470,27 @@ def test_trial_runs_hold_writes_while_the_server_is_away_and_log_each_epoch_once
     assert finished.info.status == "FINISHED" and finished.data.tags["outcome"] == "completed"
 
 
+def test_reconcile_ends_the_run_of_a_trial_the_budget_cut_before_its_first_report(tmp_path) -> None:
+    """Such a trial has no result (no metrics, no config in Tune's Result) and Tune tells no callback of its end:
+    reconcile finds it by Tune's trial and records it as cut, not left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.trial_runs import TrialRuns
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("e")
+    runs = TrialRuns(client, exp, client.create_run(exp).info.run_id, max_epochs=2)
+    trial = SimpleNamespace(trial_id="t1", config={"lam": 1.0})
+    runs.on_trial_start(0, [], trial)
+    unreported = SimpleNamespace(metrics={}, config=None, metrics_dataframe=None, error=None)
+    grid = type("Grid", (list,), {})([unreported])  # a ResultGrid: its results and the trials behind them
+    grid._experiment_analysis = SimpleNamespace(trials=[trial])
+    runs.reconcile(grid, cut={"t1"})
+    run = client.get_run(runs.runs["t1"])
+    assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "cut by the time budget after 0 epochs"
+    assert run.data.params == {"lam": "1.0"}
+
+
 def test_a_search_across_methods_draws_each_methods_own_hyperparameters_only() -> None:
     """Define-by-run: the method first, then only its names; a linear-probe trial never receives λ, and its
     Config keeps the base λ while its method is set."""
