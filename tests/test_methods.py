@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch.nn.functional as F
-from fresh_search import run_search_script
+from fresh_search import QUICK, run_search_script
 
 from drtune import methods
 from drtune.config import ConfigError, load_config
@@ -15,7 +13,6 @@ from drtune.train import fit
 from pipeline.config import load
 from pipeline.space import ranges, searched_names, trial_config
 
-REPO = Path(__file__).resolve().parent.parent
 BETA = 0.05
 
 
@@ -48,7 +45,7 @@ def test_an_unknown_method_is_refused_naming_the_known_ones() -> None:
 
 
 def test_a_registered_method_is_searched_over_its_own_knob_and_trains_with_its_loss(head_decay, tmp_path) -> None:
-    p = load(REPO / "configs" / "quick.yaml", ["train.method=head_decay"])
+    p = load(QUICK, ["train.method=head_decay"])
     assert searched_names(p) == ["lr_head", "lr_backbone", "head_decay"]
     assert ranges(p)["head_decay"] == (1e-3, 1e-1)  # params.yaml has no tune.head_decay: the knob's own range
     config = trial_config(p, {"lr_head": 0.05, "lr_backbone": 0.01, "head_decay": BETA})

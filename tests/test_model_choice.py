@@ -4,14 +4,13 @@ backbone with its own rungs, weights and preprocessing, and a quick search that 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
 import timm
 import torch
-from fresh_search import run_search_script
+from fresh_search import QUICK, run_search_script
 
 from drtune.backbones import data_config
 from drtune.config import ConfigError
@@ -21,8 +20,6 @@ from pipeline.pretrained import StartWeights, backbone_files
 from pipeline.searcher import MethodSpace, search_space
 from pipeline.space import largest_runs, starting_points, trial_config, unprefixed
 
-REPO = Path(__file__).resolve().parent.parent
-QUICK = REPO / "configs" / "quick.yaml"
 TWO = "tune.models=[{name: test_efficientnet, pretrained: none}, {name: test_resnet, pretrained: none}]"
 
 
